@@ -1,0 +1,1 @@
+"""Checkpoint manager: atomic, verified, retained checkpoints (no MLX import at module top)."""

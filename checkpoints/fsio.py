@@ -1,0 +1,107 @@
+"""Durable file-system primitives: private modes, fsync, atomic replace.
+
+Everything the project writes that must survive a crash or power loss goes through
+here: a file is written to a temporary sibling, fsynced, renamed over the target, and
+the parent directory is fsynced so the rename itself is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+TMP_PREFIX = ".tmp-"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Given a directory path, create it (and parents) user-only and return it."""
+    path = Path(path)
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Given a directory, flush its entries (new names, renames) to disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Given a file written by someone else (numpy, safetensors), flush it to disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_durable(path: Path, data: bytes) -> None:
+    """Given a path that does not need atomic replacement (inside a temporary
+    directory), write data user-only and fsync it."""
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Given a target path and its new content, replace it atomically and durably.
+
+    Readers see either the old file or the new one, never a torn mix. On any error
+    the temporary file is removed and the old file is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        write_bytes_durable(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Given a target path and text, replace it atomically (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def publish_dir(tmp_dir: Path, final_dir: Path) -> bool:
+    """Given a fully written and fsynced temporary directory, rename it into place.
+
+    Return True when it was published, False when `final_dir` already existed (another
+    writer won; the temporary copy is removed). The parent is fsynced either way.
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    fsync_dir(tmp_dir)
+    try:
+        os.rename(tmp_dir, final_dir)
+    except OSError:
+        if final_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            fsync_dir(final_dir.parent)
+            return False
+        raise
+    fsync_dir(final_dir.parent)
+    return True
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Given a file, return the hex SHA-256 of its bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,125 @@
+"""`mathlora-daemon` command line: parse arguments, dispatch to one action, map errors
+to the documented exit codes (78 for configuration and input errors)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from daemon import __version__
+from daemon.config import CONFIG_FILE, load_config
+from daemon.errors import EXIT_CONFIG, InputError
+
+DEMO_DIR = "mathlora-demo"
+DESCRIPTION = ("Resumable LoRA fine-tuning daemon for MLX: trains overnight in checkpointed segments "
+               "and writes adapters that mlx-lm and PEFT can use.")
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_run_dir: str = ".") -> None:
+    p.add_argument("--run-dir", default=default_run_dir, type=Path,
+                   help=f"the run directory (default: {default_run_dir})")
+    p.add_argument("--config", type=Path, default=None, help=f"config file (default: <run-dir>/{CONFIG_FILE})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key; repeatable, e.g. --set train.learning_rate=2e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mathlora-daemon", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"mathlora-daemon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train in the foreground (what launchd starts)")
+    _add_run_args(p)
+    p.add_argument("--debug", action="store_true",
+                   help="quick check: the first 10 rows, a few steps, adapters to <run-dir>/debug/adapters")
+
+    p = sub.add_parser("prepare", help="tokenize the dataset into the token cache and report counts")
+    _add_run_args(p)
+
+    p = sub.add_parser("generate", help="answer a problem with the trained adapters (or the base model)")
+    _add_run_args(p)
+    p.add_argument("--prompt", required=True, help="the math problem")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--adapter-path", type=Path, default=None,
+                   help="adapters directory (default: <run-dir>/adapters when it exists)")
+    p.add_argument("--no-adapters", action="store_true", help="use the base model alone")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="tiny model + synthetic math data: prepare, train, generate (offline)")
+    p.add_argument("--run-dir", default=DEMO_DIR, type=Path, help=f"where to build the demo (default: ./{DEMO_DIR})")
+    p.add_argument("--prepare-only", action="store_true", help="write model, data and config, then stop")
+    return parser
+
+
+def _config(args):
+    path = args.config if args.config is not None else args.run_dir / CONFIG_FILE
+    if args.config is not None and not path.is_file():
+        raise InputError(f"--config {path}: no such file")
+    return load_config(path, args.overrides)
+
+
+def _cmd_run(args) -> int:
+    from daemon.run import run_training
+
+    cfg = _config(args)  # validated before anything is loaded or written
+    return run_training(args.run_dir, cfg, debug=args.debug).exit_code
+
+
+def _cmd_prepare(args) -> int:
+    from daemon.model import load_base
+    from daemon.logs import close_logging, setup_logging
+    from daemon.prepare import prepare_tokens
+    from daemon.run import model_dir
+
+    cfg = _config(args)
+    log = setup_logging(args.run_dir, args.run_dir.resolve().name)
+    try:
+        mdir = model_dir(cfg, args.run_dir)
+        _model, tokenizer, _ = load_base(mdir)
+        cache = prepare_tokens(cfg.data, args.run_dir, mdir, tokenizer, log)
+    finally:
+        close_logging()
+    m = cache.meta
+    print(f"rows {m['rows']}, used {m['used_rows']}, skipped {m['skipped_rows']}, sequences {m['sequences']}, "
+          f"tokens {m['tokens']}, over max_seq_len {m['exceeded_max_seq_len']} "
+          f"({100 * m['exceeded_max_seq_len'] / max(m['used_rows'], 1):.1f}%) -> {cache.path}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from daemon.generate import default_adapter_path, main_generate
+    from daemon.run import model_dir
+
+    cfg = _config(args)
+    adapters = None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
+    return main_generate(model_dir(cfg, args.run_dir), args.prompt, adapters, args.max_new_tokens,
+                         args.temperature, args.seed)
+
+
+def _cmd_demo(args) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(args.run_dir, prepare_only=args.prepare_only)
+
+
+COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "generate": _cmd_generate, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.umask(0o077)  # everything the daemon creates is user-only (0600 files, 0700 dirs)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"mathlora-daemon {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

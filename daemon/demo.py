@@ -1,0 +1,101 @@
+"""`demo`: the embedded default, runnable offline in a few minutes on two CPU cores.
+
+Given a run directory, write a tiny Llama-architecture model (tokenizer trained on the
+demo data, same layout as a converted model) in `mlx_model/`, synthetic step-by-step
+math problems in `data/` (train + held-out test), and a `mathlora.toml` pointing at
+them; then train, and show the loss and a generation before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from daemon.config import CONFIG_FILE, Config, DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config, to_toml
+from daemon.errors import InputError
+
+MARKER = "mathlora-daemon demo run directory"
+# What a demo run directory may already hold (anything else: refuse, lose nothing).
+DEMO_ENTRIES = {CONFIG_FILE, "mlx_model", "data", "cache", "checkpoints", "adapters", "logs", "state", "debug",
+                "daemon.lock"}
+N_TRAIN, N_TEST = 800, 60
+
+
+def demo_config() -> Config:
+    """Return the demo's config: the tiny model and the synthetic data, with a learning
+    rate and step count sized so that the loss visibly falls within a couple of minutes."""
+    return Config(
+        model=ModelConfig(name="demo/tiny-llama", path="mlx_model"),
+        data=DataConfig(name="data/train.jsonl", max_seq_len=256),
+        lora=LoraConfig(rank=16, alpha=32.0, dropout=0.0,
+                        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        train=TrainConfig(epochs=1, batch_size=4, grad_accumulation_steps=2, learning_rate=3e-3, seed=0),
+    )
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Given a directory, raise InputError unless it is absent, empty or a demo run
+    directory (so the demo never writes over a user's files)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir}: exists and is not a directory")
+    config = run_dir / CONFIG_FILE
+    if config.exists() and MARKER not in config.read_text(errors="replace").splitlines()[0]:
+        raise InputError(f"--run-dir {run_dir}: holds a {CONFIG_FILE} that is not the demo's; "
+                         "choose another directory for the demo")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in DEMO_ENTRIES)
+    if foreign:
+        raise InputError(f"--run-dir {run_dir}: not empty ({', '.join(foreign[:5])}); choose an empty or new "
+                         "directory for the demo")
+
+
+def prepare_demo(run_dir: Path) -> Config:
+    """Given a run directory, write the demo model, data and config there (reusing any
+    already written) and return the config."""
+    from daemon.demo_assets import build_demo_model_dir
+    from daemon.mathgen import write_demo_dataset
+    from daemon.template import format_example
+
+    check_run_dir(run_dir)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    train_path = run_dir / "data" / "train.jsonl"
+    if not train_path.exists():
+        write_demo_dataset(run_dir / "data", n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    if not (run_dir / "mlx_model" / "model.safetensors").exists():
+        rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+        build_demo_model_dir(run_dir / "mlx_model", [format_example(r["problem"], r["solution"]) for r in rows],
+                             seed=0, vocab_size=512)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        config_path.write_text(to_toml(demo_config(), comment=f"{MARKER}: tiny model, synthetic math data.\n"
+                                                              "Every key is documented in README.md."))
+    return load_config(config_path)
+
+
+def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
+    """Given a run directory, prepare the demo and, unless prepare_only, train it and
+    show a generation; return the exit code."""
+    from daemon.generate import generate_text
+    from daemon.run import run_training
+
+    cfg = prepare_demo(run_dir)
+    print(f"demo prepared in {run_dir}: model {run_dir / 'mlx_model'}, data {run_dir / 'data'}, "
+          f"config {run_dir / CONFIG_FILE}")
+    if prepare_only:
+        return 0
+    test = json.loads((run_dir / "data" / "test.jsonl").read_text().splitlines()[0])
+    print(f"\nproblem: {test['problem']}\nexpected answer: {test['answer']}\n\nbase model, greedy:")
+    generate_text(run_dir / "mlx_model", test["problem"], None, max_new_tokens=80, temperature=0.0, out=sys.stdout)
+
+    print("\ntraining ...")
+    result = run_training(run_dir, cfg)
+    print(f"\nloss: first step {result.first_loss:.3f} -> last step {result.last_loss:.3f} "
+          f"over {result.steps} steps; adapters in {result.adapters}")
+    print("\nwith adapters, greedy:")
+    generate_text(run_dir / "mlx_model", test["problem"], result.adapters, max_new_tokens=80, temperature=0.0,
+                  out=sys.stdout)
+    print(f"\nlogs: {run_dir / 'logs' / 'daemon.jsonl'}\ntry: mathlora-daemon generate --run-dir {run_dir} "
+          f"--prompt \"Solve for x: 3x + 7 = 22\"")
+    return 0 if result.exit_code == 0 else result.exit_code

@@ -1,0 +1,87 @@
+"""Structured logs: one JSON object per line in `logs/daemon.jsonl`, size-rotated.
+
+Every line carries `ts` (UTC ISO-8601), `level`, `event` and `run`. The same events are
+rendered readably on stderr; `train.step` is left to the progress bar when one is drawn.
+Built on structlog over the standard library's RotatingFileHandler.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+
+import structlog
+
+from checkpoints.fsio import ensure_private_dir
+
+LOG_FILE = Path("logs") / "daemon.jsonl"
+MAX_BYTES = 10 * 1024 * 1024
+BACKUPS = 5
+_LOGGER_NAME = "mathlora"
+
+
+class _DropEvents(logging.Filter):
+    """Hide chatty events from one handler (the console while a progress bar draws)."""
+
+    def __init__(self, events: set[str]):
+        super().__init__()
+        self.events = events
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        return not (isinstance(msg, dict) and msg.get("event") in self.events)
+
+
+def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
+                  quiet_events: set[str] = frozenset()) -> structlog.stdlib.BoundLogger:
+    """Given the run directory (None: console only) and the run's name, configure
+    logging and return a logger bound to `run`. Safe to call again (tests, demo)."""
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+    ]
+    structlog.configure(
+        processors=shared + [structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger(_LOGGER_NAME)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+
+    if run_dir is not None:
+        path = Path(run_dir) / LOG_FILE
+        ensure_private_dir(path.parent)
+        file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS,
+                                                            encoding="utf-8")
+        file_handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        structlog.processors.dict_tracebacks,
+                        structlog.processors.JSONRenderer(sort_keys=False)]))
+        root.addHandler(file_handler)
+    if console:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setLevel(logging.INFO)
+        stream.setFormatter(structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=22)]))
+        if quiet_events:
+            stream.addFilter(_DropEvents(set(quiet_events)))
+        root.addHandler(stream)
+    return structlog.get_logger(_LOGGER_NAME).bind(run=run_name)
+
+
+def close_logging() -> None:
+    """Flush and close every handler (before exit, or before a test reads the file)."""
+    root = logging.getLogger(_LOGGER_NAME)
+    for handler in list(root.handlers):
+        handler.flush()
+        handler.close()
+        root.removeHandler(handler)

@@ -1,0 +1,128 @@
+"""The model: load an MLX model directory through mlx-lm, add LoRA, save adapters.
+
+Adapters are written in mlx-lm's own format (`adapters.safetensors` with mlx-lm's key
+names + `adapter_config.json` with `fine_tune_type`, `num_layers`, `lora_parameters`),
+so `mlx_lm.generate --adapter-path` and `mlx_lm.utils.load(adapter_path=...)` use them
+unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from checkpoints.fsio import atomic_write_text, ensure_private_dir, fsync_dir, fsync_file
+from daemon.config import Config
+from daemon.errors import InputError
+
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def load_base(model_dir: Path):
+    """Given an MLX model directory (config.json, *.safetensors, tokenizer files), return
+    (model, tokenizer wrapper, model config dict); raise InputError when it is missing or
+    not loadable by mlx-lm."""
+    from mlx_lm.utils import load
+
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"model.path: {model_dir} is not an MLX model directory (no config.json). "
+                         "Convert the model first (e.g. `mlx_lm.convert --hf-path <repo> --mlx-path "
+                         f"{model_dir}`), or point model.path at a converted model.")
+    try:
+        model, tokenizer, config = load(str(model_dir), return_config=True)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise InputError(f"model.path: {model_dir} could not be loaded by mlx-lm: {exc}") from None
+    return model, tokenizer, config
+
+
+def lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
+    """Given a model and target module names ("q_proj" or "self_attn.q_proj"), return
+    the matching module paths inside a layer; raise InputError for a target that matches
+    no linear layer, listing the names that exist."""
+    linear_types = (nn.Linear, nn.QuantizedLinear)
+    names = [name for name, mod in model.layers[0].named_modules() if isinstance(mod, linear_types)]
+    keys, missing = [], []
+    for target in targets:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        keys.extend(h for h in hits if h not in keys)
+        if not hits:
+            missing.append(target)
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise InputError(f"lora.targets: {missing} match no linear layer of this model; allowed: {leaves}")
+    return keys
+
+
+def lora_parameters(cfg: Config, keys: list[str]) -> dict:
+    return {"rank": cfg.lora.rank, "scale": cfg.lora_scale, "dropout": cfg.lora.dropout, "keys": keys}
+
+
+def apply_lora(model: nn.Module, cfg: Config) -> list[str]:
+    """Given a loaded model and the config, freeze the base, wrap the `targets` of every
+    layer with LoRA (scale = alpha / rank, the configured dropout) and return the keys.
+
+    The LoRA A matrices are initialised from `train.seed`, so two runs start equal.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    keys = lora_keys(model, cfg.lora.targets)
+    model.freeze()
+    mx.random.seed(cfg.train.seed)
+    linear_to_lora_layers(model, len(model.layers), lora_parameters(cfg, keys))
+    return keys
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Given a model, return the number of trainable parameters."""
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def total_count(model: nn.Module) -> int:
+    """Given a model, return its parameter count (quantized weights counted unpacked)."""
+    from mlx_lm.utils import get_total_parameters
+
+    return get_total_parameters(model)
+
+
+def adapter_config(cfg: Config, num_layers: int, keys: list[str]) -> dict:
+    """Given the config, return mlx-lm's adapter_config.json content (plus provenance)."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": lora_parameters(cfg, keys),
+        "model": cfg.model.name,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_targets": cfg.lora.targets,
+        "trained_by": "mathlora-daemon",
+    }
+
+
+def save_safetensors_durable(path: Path, arrays: dict) -> None:
+    """Given a target path ending in .safetensors and MLX arrays, replace the file
+    atomically and durably (temporary sibling, fsync, rename, fsync the directory)."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def save_adapters(model: nn.Module, out_dir: Path, config: dict) -> Path:
+    """Given a LoRA model, an output directory and its adapter config, write
+    adapters.safetensors and adapter_config.json there (each atomically) and return the
+    weights path."""
+    ensure_private_dir(out_dir)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    save_safetensors_durable(out_dir / ADAPTER_WEIGHTS, weights)
+    atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_dir / ADAPTER_WEIGHTS
