@@ -82,10 +82,21 @@ def write_cache(root: Path, key: str, sequences: list[np.ndarray], meta: dict) -
         tokens = np.concatenate(sequences).astype(np.int32) if sequences else np.zeros(0, np.int32)
         for name, array in (("tokens.npy", tokens), ("offsets.npy", offsets)):
             np.save(tmp / name, array, allow_pickle=False)
+            (tmp / name).chmod(0o600)  # np.save leaves the umask's mode; run-dir files are user-only
             fsync_file(tmp / name)
         meta = {**meta, "format": FORMAT_VERSION, "key": key, "sequences": len(sequences),
                 "tokens": int(tokens.shape[0])}
         write_bytes_durable(tmp / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+        if final.exists() and load_cache(final) is None:
+            # A damaged cache under this key is never trusted: move it aside so the fresh
+            # copy can take its place (publish_dir would otherwise keep the damaged one).
+            trash = root / f"{TMP_PREFIX}damaged-{key}.{os.getpid()}"
+            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(final, trash)
+            except FileNotFoundError:
+                pass  # another writer moved it first
+            shutil.rmtree(trash, ignore_errors=True)
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

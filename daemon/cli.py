@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny model + synthetic math data: prepare, train, generate (offline)")
     p.add_argument("--run-dir", default=DEMO_DIR, type=Path, help=f"where to build the demo (default: ./{DEMO_DIR})")
     p.add_argument("--prepare-only", action="store_true", help="write model, data and config, then stop")
+    p.add_argument("--base-steps", type=int, default=None, metavar="N",
+                   help="steps to pretrain the tiny base model (default 150, about a minute; 0 = random base)")
     return parser
 
 
@@ -102,7 +104,12 @@ def _cmd_generate(args) -> int:
 def _cmd_demo(args) -> int:
     from daemon.demo import run_demo
 
-    return run_demo(args.run_dir, prepare_only=args.prepare_only)
+    from daemon.demo import BASE_STEPS
+
+    base_steps = BASE_STEPS if args.base_steps is None else args.base_steps
+    if base_steps < 0:
+        raise InputError(f"--base-steps {base_steps}: expected an integer >= 0")
+    return run_demo(args.run_dir, prepare_only=args.prepare_only, base_steps=base_steps)
 
 
 COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "generate": _cmd_generate, "demo": _cmd_demo}

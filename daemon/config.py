@@ -195,6 +195,8 @@ def _read_toml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:  # a directory, no permission ...: still a config error (exit 78)
+        raise InputError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -264,7 +266,10 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(value)  # JSON strings and string lists are valid TOML
+    # JSON strings and string lists are valid TOML, provided characters outside the BMP
+    # stay literal (JSON's \ud83d\ude00 surrogate escapes are invalid TOML) and DEL,
+    # which TOML requires escaped, is escaped.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def to_toml(cfg: Config, comment: str = "") -> str:

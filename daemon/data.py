@@ -8,6 +8,7 @@ parquet row, `#17` for a hub row (1-based).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,12 @@ def source_identity(source: DataSource, cfg: DataConfig) -> dict:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}: line {lineno} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -142,9 +147,10 @@ def iter_rows(source: DataSource, cfg: DataConfig, stats: RowStats) -> Iterator[
                    (_jsonl_records(path) if path.suffix == ".jsonl" else _parquet_records(path, fields)))
     else:
         records = _hub_records(source, cfg)
+    if cfg.limit:
+        # Stop before reading row limit + 1: a broken line after the limit is not read.
+        records = itertools.islice(records, cfg.limit)
     for label, record in records:
-        if cfg.limit and stats.rows >= cfg.limit:
-            break
         stats.rows += 1
         values = []
         for name in fields:

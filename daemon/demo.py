@@ -9,6 +9,8 @@ them; then train, and show the loss and a generation before and after.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,9 +19,13 @@ from daemon.errors import InputError
 
 MARKER = "mathlora-daemon demo run directory"
 # What a demo run directory may already hold (anything else: refuse, lose nothing).
-DEMO_ENTRIES = {CONFIG_FILE, "mlx_model", "data", "cache", "checkpoints", "adapters", "logs", "state", "debug",
+DEMO_ENTRIES = {CONFIG_FILE, ".tmp-mlx_model", "mlx_model", "data", "cache", "checkpoints", "adapters", "logs", "state", "debug",
                 "daemon.lock"}
 N_TRAIN, N_TEST = 800, 60
+# The base model is pretrained on these kinds only; LoRA then has to teach percentages
+# and derivatives, which the base has never seen.
+BASE_KINDS = ("linear_equation", "order_of_operations", "fractions", "gcd_lcm")
+BASE_ROWS, BASE_STEPS = 2000, 150
 
 
 def demo_config() -> Config:
@@ -30,7 +36,7 @@ def demo_config() -> Config:
         data=DataConfig(name="data/train.jsonl", max_seq_len=256),
         lora=LoraConfig(rank=16, alpha=32.0, dropout=0.0,
                         targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-        train=TrainConfig(epochs=1, batch_size=4, grad_accumulation_steps=2, learning_rate=3e-3, seed=0),
+        train=TrainConfig(epochs=1, batch_size=4, grad_accumulation_steps=2, learning_rate=1e-3, seed=0),
     )
 
 
@@ -51,11 +57,12 @@ def check_run_dir(run_dir: Path) -> None:
                          "directory for the demo")
 
 
-def prepare_demo(run_dir: Path) -> Config:
-    """Given a run directory, write the demo model, data and config there (reusing any
-    already written) and return the config."""
-    from daemon.demo_assets import build_demo_model_dir
-    from daemon.mathgen import write_demo_dataset
+def prepare_demo(run_dir: Path, base_steps: int = BASE_STEPS) -> Config:
+    """Given a run directory and how many steps to pretrain the tiny base model (0 = a
+    random base), write the demo model, data and config there (reusing any already
+    written) and return the config."""
+    from daemon.demo_assets import build_demo_model_dir, pretrain_base
+    from daemon.mathgen import generate_problems, write_demo_dataset
     from daemon.template import format_example
 
     check_run_dir(run_dir)
@@ -65,8 +72,18 @@ def prepare_demo(run_dir: Path) -> Config:
         write_demo_dataset(run_dir / "data", n_train=N_TRAIN, n_test=N_TEST, seed=0)
     if not (run_dir / "mlx_model" / "model.safetensors").exists():
         rows = [json.loads(line) for line in train_path.read_text().splitlines()]
-        build_demo_model_dir(run_dir / "mlx_model", [format_example(r["problem"], r["solution"]) for r in rows],
-                             seed=0, vocab_size=512)
+        tmp = run_dir / ".tmp-mlx_model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_demo_model_dir(tmp, [format_example(r["problem"], r["solution"]) for r in rows], seed=0, vocab_size=512)
+        if base_steps:
+            test = {json.loads(line)["problem"] for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()}
+            base = [format_example(r["problem"], r["solution"]) for r in generate_problems(BASE_ROWS, 1, BASE_KINDS)
+                    if r["problem"] not in test]
+            print(f"pretraining the tiny base model on {len(base)} problems of {len(BASE_KINDS)} kinds "
+                  f"({base_steps} steps) ...", file=sys.stderr)
+            losses = pretrain_base(tmp, base, base_steps, seed=0)
+            print(f"base model loss {losses[0]:.3f} -> {losses[-1]:.3f}", file=sys.stderr)
+        os.rename(tmp, run_dir / "mlx_model")  # the model appears whole or not at all
     config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         config_path.write_text(to_toml(demo_config(), comment=f"{MARKER}: tiny model, synthetic math data.\n"
@@ -74,13 +91,13 @@ def prepare_demo(run_dir: Path) -> Config:
     return load_config(config_path)
 
 
-def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
+def run_demo(run_dir: Path, prepare_only: bool = False, base_steps: int = BASE_STEPS) -> int:
     """Given a run directory, prepare the demo and, unless prepare_only, train it and
     show a generation; return the exit code."""
     from daemon.generate import generate_text
     from daemon.run import run_training
 
-    cfg = prepare_demo(run_dir)
+    cfg = prepare_demo(run_dir, base_steps)
     print(f"demo prepared in {run_dir}: model {run_dir / 'mlx_model'}, data {run_dir / 'data'}, "
           f"config {run_dir / CONFIG_FILE}")
     if prepare_only:

@@ -16,6 +16,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from checkpoints.fsio import atomic_write_text, ensure_private_dir
+from daemon.model import save_safetensors_durable
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Order fixes the ids: the trainer assigns special tokens 0, 1, 2 in this order.
@@ -152,17 +153,7 @@ def write_tiny_model(
     weights = {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
     mx.eval(weights)
 
-    path = out_dir / "model.safetensors"
-    # save_safetensors picks the file mode itself; write to a private temporary name
-    # and rename so a half-written model is never visible under the final name.
-    tmp = out_dir / f".tmp-model.{os.getpid()}.safetensors"
-    try:
-        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-        tmp.chmod(0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_safetensors_durable(out_dir / "model.safetensors", weights)
     _write_json(out_dir / "config.json", config)
     return config
 
@@ -185,3 +176,39 @@ def build_demo_model_dir(
     real_vocab = Tokenizer.from_file(str(out_dir / "tokenizer.json")).get_vocab_size()
     write_tiny_model(out_dir, vocab_size=real_vocab, seed=seed, **dims)
     return out_dir
+
+
+def pretrain_base(model_dir: Path, texts: list[str], steps: int, seed: int = 0, batch_size: int = 8,
+                  learning_rate: float = 3e-3) -> list[float]:
+    """Given a demo model directory, training texts and a step count, train every weight
+    of the model for that many Adam steps on random batches of the texts, save it back
+    in place and return the per-step losses.
+
+    A random base gives LoRA nothing to build on (its generations stay noise), so the
+    demo makes its base the way real ones are made, only smaller: pretrain first, then
+    fine-tune. Deterministic for the same arguments.
+    """
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm.utils import load
+
+    from daemon.batches import pad_batch
+    from daemon.prepare import encode_example
+    from daemon.trainer import masked_loss
+
+    model, tokenizer = load(str(model_dir))
+    sequences = [np.asarray(encode_example(tokenizer, t), dtype=np.int32) for t in texts]
+    optimizer = optim.Adam(learning_rate=learning_rate)
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(steps):
+        picked = rng.choice(len(sequences), size=min(batch_size, len(sequences)), replace=False)
+        tokens, lengths = pad_batch([sequences[i] for i in picked])
+        (loss, _), grads = loss_and_grad(model, mx.array(tokens), mx.array(lengths))
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        losses.append(loss.item())
+    save_safetensors_durable(model_dir / "model.safetensors", dict(tree_flatten(model.parameters())))
+    return losses

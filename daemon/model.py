@@ -109,6 +109,7 @@ def save_safetensors_durable(path: Path, arrays: dict) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
+        tmp.chmod(0o600)  # save_safetensors leaves the umask's mode; run-dir files are user-only
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

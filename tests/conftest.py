@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny loadable MLX model directory, its tokenizer, a log recorder
+and small dataset writers. Everything is built locally; nothing touches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# The tiny models load from local directories; make any stray hub access fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_DIMS = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def training_texts(n: int = 60, seed: int = 0) -> list[str]:
+    from daemon.mathgen import generate_problems
+    from daemon.template import format_example
+
+    return [format_example(r["problem"], r["solution"]) for r in generate_problems(n, seed=seed)]
+
+
+class RecordingLog:
+    """A structlog-like logger that records (event, fields) for every call."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def _record(self, event: str, **fields) -> None:
+        self.events.append((event, fields))
+
+    info = warning = error = debug = _record
+
+    def names(self) -> list[str]:
+        return [event for event, _ in self.events]
+
+    def fields(self, event: str) -> dict:
+        matches = [f for e, f in self.events if e == event]
+        assert len(matches) == 1, f"expected one {event!r} event, got {self.names()}"
+        return matches[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A loadable MLX model dir (byte-level BPE tokenizer + 2-layer Llama, hidden 32).
+    Session-scoped: tests must not modify it (copy it first)."""
+    from daemon.demo_assets import build_demo_model_dir
+
+    return build_demo_model_dir(tmp_path_factory.mktemp("tiny") / "model", training_texts(), seed=0, **TINY_DIMS)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer wrapper, as the daemon loads it."""
+    from daemon.model import load_base
+
+    return load_base(tiny_model_dir)[1]
+
+
+@pytest.fixture
+def recording_log() -> RecordingLog:
+    return RecordingLog()
+
+
+@pytest.fixture
+def write_jsonl():
+    """Return write(path, rows) -> path: one JSON object per line (rows may also be raw
+    strings, written as they are)."""
+
+    def write(path: Path, rows) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def math_rows() -> list[dict]:
+    """Twelve synthetic math rows with problem/solution fields (shared, do not mutate)."""
+    from daemon.mathgen import generate_problems
+
+    return generate_problems(12, seed=3)
+
+
+@pytest.fixture
+def make_token_cache(tmp_path):
+    """Return make(sequences) -> TokenCache held in memory (same layout as on disk)."""
+    import numpy as np
+
+    from daemon.cache import TokenCache
+
+    def make(seqs) -> TokenCache:
+        arrays = [np.asarray(s, dtype=np.int32) for s in seqs]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        return TokenCache(tmp_path / "cache" / "mem", tokens, offsets,
+                          {"sequences": len(arrays), "tokens": int(tokens.shape[0])})
+
+    return make
