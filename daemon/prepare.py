@@ -53,7 +53,7 @@ def split_chunks(ids: list[int], max_seq_len: int) -> list[list[int]]:
     """
     if len(ids) <= max_seq_len:
         return [ids]
-    stride = max_seq_len
+    stride = max_seq_len - 1
     return [ids[start:start + max_seq_len] for start in range(0, len(ids) - 1, stride)]
 
 

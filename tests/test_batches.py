@@ -190,12 +190,14 @@ def test_gradient_accumulation_equals_a_larger_batch(tiny_model_dir, make_token_
     assert r_batched.tokens == r_accumulated.tokens == 2 * 13
 
 
-def run_steps(model_dir, cache, steps: int, *overrides, out=None):
+def run_steps(model_dir, cache, steps: int, *overrides, out=None, disturb_rng: bool = False):
     model, _, cfg, keys = lora_model(model_dir, *overrides)
     schedule = Schedule(len(cache), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs)
     optimizer = make_optimizer(cfg.train.learning_rate)
     losses = []
     for step in range(steps):
+        if disturb_rng:  # anything else drawing random numbers (an eval, a restart) in between
+            mx.eval(mx.random.uniform(shape=(step + 3,)))
         epoch, _ = schedule.cursor(step)
         order = epoch_order(len(cache), cfg.train.seed, epoch)
         losses.append(train_step(model, optimizer, cache, step_micro_batches(schedule, order, step),
@@ -233,3 +235,15 @@ def test_dropout_is_active_and_deterministic_per_seed(tiny_model_dir, make_token
     no_dropout, weights_plain = run_steps(tiny_model_dir, cache, 3, *TRAIN)
     assert losses_a[1:] != no_dropout[1:]
     assert any(not np.array_equal(weights_a[k], weights_plain[k]) for k in weights_a)
+
+
+def test_dropout_masks_come_from_seed_and_step_not_history(tiny_model_dir, make_token_cache):
+    # A resumed run must draw the same masks as an uninterrupted one, so each step's
+    # randomness may depend only on (seed, step), not on what drew numbers before it.
+    cache = make_token_cache(random_sequences(8, 12, seed=9))
+    dropout = (*TRAIN, "lora.dropout=0.5")
+    losses, weights = run_steps(tiny_model_dir, cache, 3, *dropout)
+    losses_disturbed, weights_disturbed = run_steps(tiny_model_dir, cache, 3, *dropout, disturb_rng=True)
+    assert losses_disturbed == losses
+    for key in weights:
+        assert np.array_equal(weights_disturbed[key], weights[key]), key
