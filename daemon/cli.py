@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daemon import __version__
 from daemon.config import CONFIG_FILE, load_config
-from daemon.errors import EXIT_CONFIG, InputError
+from daemon.errors import EXIT_CONFIG, InputError, TemporaryFailure
 
 DEMO_DIR = "mathlora-demo"
 DESCRIPTION = ("Resumable LoRA fine-tuning daemon for MLX: trains overnight in checkpointed segments "
@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapters directory (default: <run-dir>/adapters when it exists)")
     p.add_argument("--no-adapters", action="store_true", help="use the base model alone")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("checkpoints", help="list, verify or prune the run's checkpoints")
+    cp = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (("list", "every checkpoint, newest last (reads manifests only)"),
+                       ("verify", "check sizes and SHA-256 of every file; exit 1 when any fails"),
+                       ("prune", "keep the newest daemon.keep_checkpoints (or --keep N) plus the best by eval loss")):
+        q = cp.add_parser(name, help=text)
+        _add_run_args(q)
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "prune":
+            q.add_argument("--keep", type=int, default=None, help="how many of the newest to keep")
 
     p = sub.add_parser("demo", help="tiny model + synthetic math data: prepare, train, generate (offline)")
     p.add_argument("--run-dir", default=DEMO_DIR, type=Path, help=f"where to build the demo (default: ./{DEMO_DIR})")
@@ -101,6 +112,17 @@ def _cmd_generate(args) -> int:
                          args.temperature, args.seed)
 
 
+def _cmd_checkpoints(args) -> int:
+    from daemon.checkpoints_cli import checkpoints_command
+
+    cfg = _config(args)
+    keep = getattr(args, "keep", None)
+    if keep is not None and keep < 1:
+        raise InputError(f"--keep {keep}: expected an integer >= 1")
+    return checkpoints_command(args.action, args.run_dir / "checkpoints", keep or cfg.daemon.keep_checkpoints,
+                               as_json=args.json, out=sys.stdout)
+
+
 def _cmd_demo(args) -> int:
     from daemon.demo import run_demo
 
@@ -112,7 +134,8 @@ def _cmd_demo(args) -> int:
     return run_demo(args.run_dir, prepare_only=args.prepare_only, base_steps=base_steps)
 
 
-COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "generate": _cmd_generate, "demo": _cmd_demo}
+COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "generate": _cmd_generate, "checkpoints": _cmd_checkpoints,
+            "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"mathlora-daemon {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except TemporaryFailure as exc:
+        print(f"mathlora-daemon {args.command}: temporary failure (exit 75, safe to retry): {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -67,6 +67,7 @@ class DaemonConfig:
     budget_hours: float = 16.0
     segment_minutes: float = 10.0
     keep_checkpoints: int = 3
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = by time only)
     window: str = ""
     prevent_sleep: bool = True
     pause_on_battery: bool = True
@@ -122,6 +123,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "daemon.budget_hours": (lambda v: 0 < v <= 24 * 365, "a number of hours > 0"),
     "daemon.segment_minutes": (lambda v: 0 < v <= 24 * 60, "a number of minutes > 0 and <= 1440"),
     "daemon.keep_checkpoints": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "daemon.checkpoint_every_steps": (lambda v: v >= 0, "an integer >= 0 (0 = by time only)"),
     "daemon.window": (_window_ok, "\"\" (any time) or \"HH:MM-HH:MM\" with different start and end, e.g. \"22:00-07:00\""),
 }
 

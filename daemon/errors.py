@@ -13,3 +13,10 @@ class InputError(Exception):
     """
 
     exit_code = EXIT_CONFIG
+
+
+class TemporaryFailure(Exception):
+    """A failure that a later start can get past (a full disk, an MLX out-of-memory
+    error) once the last good checkpoint is safe: exit 75 so launchd retries."""
+
+    exit_code = EXIT_TEMPFAIL

@@ -14,6 +14,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+from daemon import testhooks
 from daemon.batches import pad_batch, step_seed
 from daemon.cache import TokenCache
 
@@ -54,6 +55,7 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, 
         losses.append(loss)
         ntoks.append(n)
         mx.eval(grads, losses, ntoks)  # bounds memory to one micro-batch's graph
+        testhooks.hold_point("micro", global_step + 1)
     scale = 1.0 / len(micro_batches)
     grads = tree_map(lambda g: g * scale, grads)
     optimizer.update(model, grads)

@@ -10,7 +10,8 @@ import pytest
 from daemon.config import Config, config_to_dict, load_config, parse_override, to_toml
 from daemon.errors import EXIT_CONFIG, InputError
 
-# DESIGN.md, "Config file" (plus train.max_steps, the daemon's own cap, default off).
+# DESIGN.md, "Config file" (plus train.max_steps and daemon.checkpoint_every_steps, the
+# daemon's own additions, both off by default).
 DESIGN_DEFAULTS = {
     "model": {"name": "deepseek-ai/deepseek-math-7b-instruct", "path": "mlx_model", "quantize_bits": 0},
     "data": {"name": "open-r1/OpenR1-Math-220k", "subset": "all", "split": "train", "problem_field": "problem",
@@ -18,8 +19,8 @@ DESIGN_DEFAULTS = {
     "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
     "train": {"epochs": 1, "batch_size": 1, "grad_accumulation_steps": 8, "learning_rate": 1e-5, "seed": 0,
               "max_steps": 0},
-    "daemon": {"budget_hours": 16.0, "segment_minutes": 10.0, "keep_checkpoints": 3, "window": "",
-               "prevent_sleep": True, "pause_on_battery": True},
+    "daemon": {"budget_hours": 16.0, "segment_minutes": 10.0, "keep_checkpoints": 3, "checkpoint_every_steps": 0,
+               "window": "", "prevent_sleep": True, "pause_on_battery": True},
 }
 
 

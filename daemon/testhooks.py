@@ -1,0 +1,52 @@
+"""Fault-injection points for the crash tests, inert unless their variables are set.
+
+The crash and resume tests kill the real daemon process at exact moments (between two
+micro-batches, halfway through a checkpoint save) and make a save fail with ENOSPC.
+Timing a kill from outside would be a race; instead the daemon announces that it
+reached the point by creating a marker file and then blocks until it is killed:
+
+    MATHLORA_TEST_HOLD="<point>@<step>:<marker path>"   point: micro | save
+    MATHLORA_TEST_ENOSPC="<step>"                      the save of that step fails
+
+Nothing here runs in normal use: with the variables unset each call is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+
+HOLD_VAR = "MATHLORA_TEST_HOLD"
+ENOSPC_VAR = "MATHLORA_TEST_ENOSPC"
+
+
+def hold_point(point: str, step: int) -> None:
+    """Given a point name and the global step, block forever (until killed) when the
+    hold variable names this point and step, after creating its marker file."""
+    spec = os.environ.get(HOLD_VAR)
+    if not spec:
+        return
+    where, _, marker = spec.partition(":")
+    if where != f"{point}@{step}":
+        return
+    Path(marker).write_text(str(os.getpid()))
+    while True:  # the test SIGKILLs us here
+        signal.pause()
+
+
+def failing_writer(step: int, writer):
+    """Given the step being saved and the real writer, return a writer that raises
+    ENOSPC on the second file when the ENOSPC variable names this step, else `writer`."""
+    if os.environ.get(ENOSPC_VAR) != str(step):
+        return writer
+    calls = []
+
+    def write(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        writer(path, data)
+
+    return write

@@ -1,0 +1,273 @@
+"""Crash safety and bit-exact resume, with real processes and real SIGKILLs.
+
+A run is killed at exact moments (between the micro-batches of a step, halfway through
+writing a checkpoint, in a later epoch) through the daemon's test hold points, then
+restarted; its final adapters must be byte-identical to an uninterrupted run's, and
+every loss it logged (re-done steps included) must equal the uninterrupted loss of that
+step. Torn checkpoints, a full disk and a changed configuration are covered too.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from checkpoints.store import list_checkpoints, verify_checkpoint
+from daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+STEPS_PER_EPOCH, EPOCHS = 8, 4  # 64 rows, 4 x 2 sequences a step
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+
+
+def tiny_config() -> Config:
+    return Config(
+        model=ModelConfig(name="tests/tiny", path="mlx_model"),
+        data=DataConfig(name="data/train.jsonl", max_seq_len=512, limit=64),
+        lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj", "down_proj"]),
+        train=TrainConfig(epochs=EPOCHS, batch_size=4, grad_accumulation_steps=2, learning_rate=2e-3, seed=7),
+        daemon=DaemonConfig(keep_checkpoints=2, checkpoint_every_steps=4),
+    )
+
+
+@pytest.fixture(scope="session")
+def template_dir(tmp_path_factory) -> Path:
+    """A run directory with a tiny model, data and config (no training yet)."""
+    from daemon.demo_assets import build_demo_model_dir
+    from daemon.mathgen import write_demo_dataset
+    from daemon.template import format_example
+
+    run = tmp_path_factory.mktemp("resume") / "run"
+    train, _ = write_demo_dataset(run / "data", n_train=80, n_test=4, seed=3)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    build_demo_model_dir(run / "mlx_model", [format_example(r["problem"], r["solution"]) for r in rows], seed=0,
+                         vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    (run / "mathlora.toml").write_text(to_toml(tiny_config()))
+    return run
+
+
+def start(run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args],
+                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == expect, err
+    return err
+
+
+def kill_at(run_dir: Path, hold: str, tmp_path: Path) -> None:
+    """Start the daemon, wait until it reaches the hold point, SIGKILL it."""
+    marker = tmp_path / f"reached-{hold.replace('@', '-')}-{len(list(tmp_path.glob('reached-*')))}"
+    proc = start(run_dir, env={"MATHLORA_TEST_HOLD": f"{hold}:{marker}"})
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"daemon exited ({proc.returncode}) before reaching {hold}: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"never reached {hold}"
+        time.sleep(0.02)  # polling an event with a deadline, not timing a race
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def events(run_dir: Path, name: str | None = None) -> list[dict]:
+    lines = (run_dir / "logs" / "daemon.jsonl").read_text().splitlines()
+    out = [json.loads(line) for line in lines if line.strip()]
+    return [e for e in out if name is None or e["event"] == name]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def reference(template_dir, tmp_path_factory) -> dict:
+    """The uninterrupted run: per-step losses and the adapters' SHA-256."""
+    run = copy(template_dir, tmp_path_factory.mktemp("ref") / "run")
+    finish(start(run))
+    losses = {e["step"]: e["loss"] for e in events(run, "train.step")}
+    assert sorted(losses) == list(range(1, TOTAL + 1))
+    return {"losses": losses, "adapters": sha(run / "adapters" / "adapters.safetensors"), "dir": run}
+
+
+def assert_matches_reference(run: Path, reference: dict) -> None:
+    assert sha(run / "adapters" / "adapters.safetensors") == reference["adapters"]
+    logged = events(run, "train.step")
+    assert {e["step"] for e in logged} == set(range(1, TOTAL + 1))
+    for e in logged:  # every loss ever logged, re-done steps included, equals the reference
+        assert e["loss"] == reference["losses"][e["step"]], e
+
+
+def test_uninterrupted_runs_are_reproducible(template_dir, reference, tmp_path):
+    run = copy(template_dir, tmp_path / "again")
+    finish(start(run))
+    assert_matches_reference(run, reference)
+
+
+def test_sigkill_mid_accumulation_mid_save_and_in_a_later_epoch_resumes_bit_exactly(template_dir, reference,
+                                                                                      tmp_path):
+    run = copy(template_dir, tmp_path / "run")
+    kill_at(run, "micro@7", tmp_path)  # between the two micro-batches of step 7
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [4]
+
+    kill_at(run, "save@12", tmp_path)  # checkpoint 12 half written
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers, "the killed save left its temporary directory"
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [4, 8]  # 12 does not exist
+
+    kill_at(run, "micro@19", tmp_path)  # epoch 2 (steps 17-24)
+    kill_at(run, "micro@19", tmp_path)  # killed again at the very same point: still fine
+
+    finish(start(run))
+    assert_matches_reference(run, reference)
+    resumes = [e["from_step"] for e in events(run, "resume")]
+    assert resumes == [4, 8, 16, 16]
+    assert any(e["event"] == "checkpoint.cleaned" for e in events(run))
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    # retention: the newest 2, plus the one this last start resumed from
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [16, 28, 32]
+
+
+def test_a_finished_run_restarted_does_no_more_steps(reference, tmp_path):
+    run = copy(reference["dir"], tmp_path / "done")
+    finish(start(run))
+    last_start = max(i for i, e in enumerate(events(run)) if e["event"] == "daemon.start")
+    later = events(run)[last_start:]
+    assert not [e for e in later if e["event"] == "train.step"]
+    assert [e["from_step"] for e in later if e["event"] == "resume"] == [TOTAL]
+    assert sha(run / "adapters" / "adapters.safetensors") == reference["adapters"]
+
+
+@pytest.fixture(scope="session")
+def at_step_12(template_dir, tmp_path_factory) -> Path:
+    """A run stopped after step 12 with checkpoints 4, 8, 12 all kept."""
+    run = copy(template_dir, tmp_path_factory.mktemp("twelve") / "run")
+    finish(start(run, "--set", "train.max_steps=12", "--set", "daemon.keep_checkpoints=10"))
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [4, 8, 12]
+    return run
+
+
+def _truncate(ckpt: Path) -> None:
+    path = ckpt / "optimizer.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _flip_byte(ckpt: Path) -> None:
+    path = ckpt / "adapters.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated": (_truncate, "size mismatch for optimizer.safetensors"),
+    "flipped_byte": (_flip_byte, "sha256 mismatch for adapters.safetensors"),
+    "missing_file": (lambda c: (c / "trainer_state.json").unlink(), "missing file trainer_state.json"),
+    "no_manifest": (lambda c: (c / "MANIFEST.json").unlink(), "no MANIFEST.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_torn_checkpoint_is_rejected_and_the_previous_one_resumes_exactly(at_step_12, reference, tmp_path, case):
+    corrupt, reason = CORRUPTIONS[case]
+    run = copy(at_step_12, tmp_path / "run")
+    corrupt(run / "checkpoints" / "step-00000012")
+    finish(start(run, "--set", "daemon.keep_checkpoints=10"))
+    rejected = events(run, "checkpoint.rejected")
+    assert [Path(e["path"]).name for e in rejected] == ["step-00000012"]
+    assert reason in rejected[0]["why"]
+    assert [e["from_step"] for e in events(run, "resume")] == [8]
+    assert_matches_reference(run, reference)
+    assert verify_checkpoint(run / "checkpoints" / "step-00000012") is None  # rewritten whole
+
+
+def test_disk_full_during_a_save_exits_75_and_loses_nothing(at_step_12, reference, tmp_path):
+    run = copy(at_step_12, tmp_path / "run")
+    ckpts = run / "checkpoints"
+    before = {p.name: sha(f) for p in ckpts.iterdir() for f in sorted(p.iterdir())}
+    err = finish(start(run, "--set", "daemon.keep_checkpoints=10", env={"MATHLORA_TEST_ENOSPC": "16"}), expect=75)
+    assert "No space left on device" in err and "earlier checkpoints are intact" in err
+    failed = events(run, "checkpoint.failed")
+    assert len(failed) == 1 and failed[0]["level"] == "error" and failed[0]["errno"] == errno.ENOSPC
+    assert failed[0]["step"] == 16
+    for name in ("step-00000004", "step-00000008", "step-00000012"):
+        assert verify_checkpoint(ckpts / name) is None
+    assert {p.name: sha(f) for p in ckpts.iterdir() for f in sorted(p.iterdir())
+            if p.name in {"step-00000004", "step-00000008", "step-00000012"}} == before
+    assert not (ckpts / "step-00000016").exists()
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+
+    finish(start(run))  # space is back: the next start resumes from 12 and ends where it should
+    assert [e["from_step"] for e in events(run, "resume")][-1] == 12
+    assert_matches_reference(run, reference)
+
+
+def test_a_checkpoint_of_another_configuration_stops_with_78_and_names_the_fields(at_step_12, tmp_path):
+    run = copy(at_step_12, tmp_path / "run")
+    before = {f.name: sha(f) for f in sorted((run / "checkpoints" / "step-00000012").iterdir())}
+    proc = start(run, "--set", "lora.rank=8", "--set", "train.grad_accumulation_steps=4")
+    err = finish(proc, expect=78)
+    assert "lora.rank: 4 -> 8" in err and "train.grad_accumulation_steps: 2 -> 4" in err
+    assert {f.name: sha(f) for f in sorted((run / "checkpoints" / "step-00000012").iterdir())} == before
+    stop = events(run, "daemon.stop")[-1]
+    assert stop["exit_code"] == 78
+
+
+def test_a_checkpoint_is_taken_at_least_every_segment(at_step_12, tmp_path):
+    run = copy(at_step_12, tmp_path / "run")
+    # a segment shorter than any step: every step boundary is a checkpoint
+    finish(start(run, "--set", "train.max_steps=15", "--set", "daemon.checkpoint_every_steps=0",
+                 "--set", "daemon.segment_minutes=0.00001", "--set", "daemon.keep_checkpoints=10"))
+    saved = [e["step"] for e in events(run, "checkpoint.saved")]
+    assert saved[-3:] == [13, 14, 15]
+    assert all(e["seconds"] >= 0 and e["bytes"] > 0 for e in events(run, "checkpoint.saved"))
+
+
+def test_fields_that_may_change_across_a_resume_are_accepted(at_step_12, tmp_path):
+    run = copy(at_step_12, tmp_path / "run")
+    finish(start(run, "--set", "train.max_steps=14", "--set", "daemon.budget_hours=2",
+                 "--set", "daemon.segment_minutes=5", "--set", "daemon.keep_checkpoints=4"))
+    assert [e["from_step"] for e in events(run, "resume")] == [12]
+    assert max(e["step"] for e in events(run, "train.step")) == 14
+
+
+def cli(run: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon", "checkpoints", *args, "--run-dir", str(run)],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_checkpoints_cli_lists_verifies_and_prunes(at_step_12, tmp_path):
+    run = copy(at_step_12, tmp_path / "run")
+    listed = json.loads(cli(run, "list", "--json").stdout)["checkpoints"]
+    assert [c["step"] for c in listed] == [4, 8, 12] and all(c["bytes"] > 0 for c in listed)
+    human = cli(run, "list").stdout.splitlines()
+    assert len(human) == 3 and human[0].startswith("step        4")
+
+    ok = cli(run, "verify", "--json")
+    assert ok.returncode == 0 and all(c["valid"] for c in json.loads(ok.stdout)["checkpoints"])
+    _flip_byte(run / "checkpoints" / "step-00000008")
+    bad = cli(run, "verify")
+    assert bad.returncode == 1
+    assert "step        8" in bad.stdout and "INVALID: sha256 mismatch for adapters.safetensors" in bad.stdout
+
+    pruned = json.loads(cli(run, "prune", "--keep", "1", "--json").stdout)
+    assert [c["step"] for c in pruned["kept"]] == [12]
+    assert sorted(c["step"] for c in pruned["pruned"]) == [4, 8]
+    assert cli(run, "prune", "--keep", "0").returncode == 78
