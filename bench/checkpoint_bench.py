@@ -1,12 +1,17 @@
-"""Benchmark the checkpoint store on a DeepSeek-Math-7B-sized LoRA checkpoint.
+"""Benchmark checkpoint save and restore for a DeepSeek-Math-7B-sized LoRA adapter.
 
 LoRA rank 8 on q_proj and v_proj of 30 layers, hidden size 4096: per layer and
-projection lora_a (4096, 8) and lora_b (8, 4096), float32 = 3,932,160 parameters; plus
-Adam state (first and second moments of the same shapes and an int64 step counter).
+projection lora_a (4096, 8) and lora_b (8, 4096), float32 = 3,932,160 parameters, plus
+Adam's first and second moments, step and learning rate: the daemon's own checkpoint.
 
-Prints one JSON object: median seconds of save (serialize + write + fsync + publish),
-verify (hash every file), load (load_checkpoint, which verifies, plus reading every
-tensor into memory with safetensors) over --runs runs, and the checkpoint's bytes.
+It runs the daemon's code path, not a stand-in: `save_training_checkpoint` (MLX arrays
+serialized to safetensors, written to a temporary directory, every file and directory
+fsynced, manifest last, renamed into place) and `restore_training_checkpoint` (verify
+sizes and SHA-256 of every file, load adapters into the model and the optimizer state).
+The 7B base weights play no part in either, so the model here holds only the LoRA
+parameters, with mlx-lm's key names.
+
+Prints one JSON object with the median of --runs runs:
 
     .venv/bin/python bench/checkpoint_bench.py [--runs 5] [--dir /path/on/target/disk]
 """
@@ -24,28 +29,38 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoints import store  # noqa: E402
+from daemon.checkpointing import Progress, restore_training_checkpoint, save_training_checkpoint  # noqa: E402
+from daemon.config import Config  # noqa: E402
+from daemon.trainer import make_optimizer  # noqa: E402
 
 LAYERS, HIDDEN, RANK = 30, 4096, 8
 
 
-def make_groups(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    adapters, optimizer = {}, {}
-    for layer in range(LAYERS):
-        for proj in ("q_proj", "v_proj"):
-            prefix = f"model.layers.{layer}.self_attn.{proj}"
-            for name, shape in (("lora_a", (HIDDEN, RANK)), ("lora_b", (RANK, HIDDEN))):
-                key = f"{prefix}.{name}"
-                adapters[key] = rng.standard_normal(shape, dtype=np.float32)
-                optimizer[f"{key}.m"] = rng.standard_normal(shape, dtype=np.float32)
-                optimizer[f"{key}.v"] = np.abs(rng.standard_normal(shape, dtype=np.float32))
-    optimizer["step"] = np.array(1000, dtype=np.int64)
-    return {"adapters": adapters, "optimizer": optimizer}
+class LoraOnly(nn.Module):
+    """The trainable part of a LoRA'd 7B Llama: model.layers.N.self_attn.{q,v}_proj.lora_{a,b}."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = {"layers": [{"self_attn": {p: {"lora_a": mx.random.normal((HIDDEN, RANK)) * 0.01,
+                                                     "lora_b": mx.random.normal((RANK, HIDDEN)) * 0.01}
+                                                 for p in ("q_proj", "v_proj")}} for _ in range(LAYERS)]}
+
+
+def make_state(seed: int):
+    mx.random.seed(seed)
+    model = LoraOnly()
+    optimizer = make_optimizer(1e-5)
+    grads = {k: v for k, v in model.trainable_parameters().items()}  # any gradient fills the moments
+    optimizer.update(model, grads)
+    mx.eval(model.parameters(), optimizer.state)
+    return model, optimizer
 
 
 def main() -> int:
@@ -54,62 +69,53 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: temp dir)")
     args = parser.parse_args()
 
-    groups = make_groups()
-    params = sum(a.size for a in groups["adapters"].values())
+    cfg = Config()
+    model, optimizer = make_state(0)
+    params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     assert params == 3_932_160, params
-    state = {"global_step": 1000, "epoch": 0, "cursor": 8000, "eval_loss": 0.5}
+    progress = Progress(global_step=1000, tokens_seen=10**6, train_seconds=3600.0, recent_losses=[0.5] * 100)
+    fp = {"bench": True}
 
     base = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
-    save_s, verify_s, load_s, sizes = [], [], [], []
+    save_s, verify_s, restore_s, sizes = [], [], [], []
     try:
         for run in range(args.runs):
             root = base / f"run-{run}" / "checkpoints"
-
             t0 = time.perf_counter()
-            info = store.save_checkpoint(root, 1000, groups, state)
+            info = save_training_checkpoint(root, model, optimizer, progress, 0, 8000, fp, cfg)
             save_s.append(time.perf_counter() - t0)
             sizes.append(info.bytes)
 
             t0 = time.perf_counter()
-            reason = store.verify_checkpoint(info.path)
+            assert store.verify_checkpoint(info.path) is None
             verify_s.append(time.perf_counter() - t0)
-            assert reason is None, reason
 
+            fresh, fresh_opt = make_state(run + 1)  # different values, so the restore must overwrite them
             t0 = time.perf_counter()
-            loaded_state, files = store.load_checkpoint(info.path)
-            tensors = {g: _read(f) for g, f in files.items()}
-            load_s.append(time.perf_counter() - t0)
-            assert loaded_state == state
-            assert np.array_equal(
-                tensors["adapters"]["model.layers.29.self_attn.v_proj.lora_b"],
-                groups["adapters"]["model.layers.29.self_attn.v_proj.lora_b"],
-            )
+            _, restored = restore_training_checkpoint(info.path, fresh, fresh_opt, fp)
+            restore_s.append(time.perf_counter() - t0)
+            assert restored.global_step == 1000
+            same = [mx.array_equal(a, b).item() for (_, a), (_, b) in
+                    zip(tree_flatten(model.trainable_parameters()), tree_flatten(fresh.trainable_parameters()))]
+            assert all(same) and mx.array_equal(fresh_opt.state["step"], optimizer.state["step"]).item()
             shutil.rmtree(root.parent)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
     print(json.dumps({
         "trainable_params": params,
-        "adam_tensors": len(groups["optimizer"]),
+        "optimizer_tensors": len(tree_flatten(optimizer.state)),
         "bytes": statistics.median(sizes),
         "save_s": round(statistics.median(save_s), 4),
         "verify_s": round(statistics.median(verify_s), 4),
-        "load_s": round(statistics.median(load_s), 4),
+        "restore_s (verify + load + apply)": round(statistics.median(restore_s), 4),
         "runs": args.runs,
         "all_save_s": [round(x, 4) for x in save_s],
-        "all_verify_s": [round(x, 4) for x in verify_s],
-        "all_load_s": [round(x, 4) for x in load_s],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
+        "all_restore_s": [round(x, 4) for x in restore_s],
+        "mlx": mx.__version__, "device": str(mx.default_device()),
+        "platform": platform.platform(), "cpus": os.cpu_count(),
     }, indent=2))
     return 0
-
-
-def _read(path: Path) -> dict[str, np.ndarray]:
-    """Read every tensor of a safetensors file into memory (copies, not lazy views)."""
-    from safetensors.numpy import load_file
-
-    return {k: np.array(v, copy=True) for k, v in load_file(path).items()}
 
 
 if __name__ == "__main__":
