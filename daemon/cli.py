@@ -35,6 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="quick check: the first 10 rows, a few steps, adapters to <run-dir>/debug/adapters")
 
+    p = sub.add_parser("status", help="what the daemon is doing (or did last), fast, whether it runs or not")
+    p.add_argument("--run-dir", default=".", type=Path, help="the run directory (default: .)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("logs", help="show the structured log (last lines, follow, filter)")
+    p.add_argument("--run-dir", default=".", type=Path, help="the run directory (default: .)")
+    p.add_argument("-n", "--lines", type=int, default=20, help="how many of the last matching lines (default 20)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines, across rotation")
+    p.add_argument("--level", choices=["debug", "info", "warning", "error", "critical"], help="minimum level")
+    p.add_argument("--event", help="an event name or prefix, e.g. checkpoint or train.step")
+    p.add_argument("--json", action="store_true", help="raw JSON lines")
+
+    for name, text in (("pause", "pause training at the next step boundary (after a checkpoint)"),
+                       ("resume", "resume a paused daemon"),
+                       ("stop", "checkpoint at the next step boundary and exit 0")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--run-dir", default=".", type=Path, help="the run directory (default: .)")
+
     p = sub.add_parser("prepare", help="tokenize the dataset into the token cache and report counts")
     _add_run_args(p)
 
@@ -75,10 +93,40 @@ def _config(args):
 
 
 def _cmd_run(args) -> int:
-    from daemon.run import run_training
+    from daemon.run import run_command
 
-    cfg = _config(args)  # validated before anything is loaded or written
-    return run_training(args.run_dir, cfg, debug=args.debug).exit_code
+    path = args.config if args.config is not None else args.run_dir / CONFIG_FILE
+    if args.config is not None and not path.is_file():
+        raise InputError(f"--config {path}: no such file")
+    return run_command(args.run_dir, path, args.overrides, debug=args.debug)
+
+
+def _cmd_status(args) -> int:
+    from daemon.status import status_main
+
+    return status_main(args.run_dir, as_json=args.json, out=sys.stdout)
+
+
+def _cmd_logs(args) -> int:
+    from daemon.logview import logs_main
+
+    if args.lines < 0:
+        raise InputError(f"--lines {args.lines}: expected an integer >= 0")
+    return logs_main(args.run_dir, lines=args.lines, follow=args.follow, level=args.level, event=args.event,
+                     as_json=args.json, out=sys.stdout)
+
+
+def _cmd_control(args) -> int:
+    from daemon.control import write_request
+    from daemon.lock import probe_lock
+
+    running, pid = probe_lock(args.run_dir)
+    if not running:
+        print(f"no daemon is running in {args.run_dir}; nothing to {args.command}", file=sys.stderr)
+        return 1
+    request = write_request(args.run_dir, args.command)
+    print(f"{args.command} requested (id {request['id'][:8]}); daemon pid {pid} acts at the next step boundary")
+    return 0
 
 
 def _cmd_prepare(args) -> int:
@@ -134,8 +182,9 @@ def _cmd_demo(args) -> int:
     return run_demo(args.run_dir, prepare_only=args.prepare_only, base_steps=base_steps)
 
 
-COMMANDS = {"run": _cmd_run, "prepare": _cmd_prepare, "generate": _cmd_generate, "checkpoints": _cmd_checkpoints,
-            "demo": _cmd_demo}
+COMMANDS = {"run": _cmd_run, "status": _cmd_status, "logs": _cmd_logs, "pause": _cmd_control,
+            "resume": _cmd_control, "stop": _cmd_control, "prepare": _cmd_prepare, "generate": _cmd_generate,
+            "checkpoints": _cmd_checkpoints, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

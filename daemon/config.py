@@ -71,6 +71,10 @@ class DaemonConfig:
     window: str = ""
     prevent_sleep: bool = True
     pause_on_battery: bool = True
+    memory_warning_available_gb: float = 2.0  # below this much free system memory: clear MLX's cache, warn
+    memory_critical_available_gb: float = 0.5  # below this: checkpoint and pause until memory recovers
+    memory_limit_gb: float = 0.0  # MLX memory limit (0 = MLX's default)
+    max_crash_restarts: int = 3  # crashed starts in a row without a step before giving up (exit 0)
 
 
 @dataclass
@@ -124,6 +128,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "daemon.segment_minutes": (lambda v: 0 < v <= 24 * 60, "a number of minutes > 0 and <= 1440"),
     "daemon.keep_checkpoints": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "daemon.checkpoint_every_steps": (lambda v: v >= 0, "an integer >= 0 (0 = by time only)"),
+    "daemon.memory_warning_available_gb": (lambda v: 0 <= v <= 4096, "a number of GB from 0 to 4096 (0 = off)"),
+    "daemon.memory_critical_available_gb": (lambda v: 0 <= v <= 4096, "a number of GB from 0 to 4096 (0 = off)"),
+    "daemon.memory_limit_gb": (lambda v: 0 <= v <= 65536, "a number of GB >= 0 (0 = MLX's default)"),
+    "daemon.max_crash_restarts": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "daemon.window": (_window_ok, "\"\" (any time) or \"HH:MM-HH:MM\" with different start and end, e.g. \"22:00-07:00\""),
 }
 
@@ -253,6 +261,10 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
             continue
         setattr(getattr(cfg, section), key, converted)
 
+    d = cfg.daemon
+    if not errors and d.memory_critical_available_gb > d.memory_warning_available_gb > 0:
+        errors.append(f"daemon.memory_critical_available_gb = {d.memory_critical_available_gb!r} is not allowed: "
+                      f"expected at most daemon.memory_warning_available_gb ({d.memory_warning_available_gb!r})")
     if errors:
         raise InputError("invalid configuration:\n  " + "\n  ".join(errors))
     return cfg

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from daemon.config import CONFIG_FILE, Config, DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config, to_toml
@@ -91,13 +94,39 @@ def prepare_demo(run_dir: Path, base_steps: int = BASE_STEPS) -> Config:
     return load_config(config_path)
 
 
-def run_demo(run_dir: Path, prepare_only: bool = False, base_steps: int = BASE_STEPS) -> int:
-    """Given a run directory, prepare the demo and, unless prepare_only, train it and
-    show a generation; return the exit code."""
-    from daemon.generate import generate_text
-    from daemon.run import run_training
+def _steps_logged(run_dir: Path) -> list[dict]:
+    path = run_dir / "logs" / "daemon.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"train.step"' in line]
 
-    cfg = prepare_demo(run_dir, base_steps)
+
+def _train(run_dir: Path, interrupt_at: int | None) -> int:
+    """Run `mathlora-daemon run` as its own process, as launchd would; with interrupt_at,
+    send it SIGTERM once that step is logged. Return its exit code."""
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir)])
+    try:
+        while interrupt_at is not None and proc.poll() is None:
+            steps = _steps_logged(run_dir)
+            if steps and steps[-1]["step"] >= interrupt_at:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.2)
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        proc.wait()
+        raise
+
+
+def run_demo(run_dir: Path, prepare_only: bool = False, base_steps: int = BASE_STEPS) -> int:
+    """Given a run directory, prepare the demo and, unless prepare_only, train it the way
+    the daemon trains overnight: interrupted once by SIGTERM (checkpoint, exit 0), started
+    again (resume), then show `status`, the loss and a generation. Return the exit code."""
+    from daemon.generate import generate_text
+    from daemon.status import status_main
+
+    prepare_demo(run_dir, base_steps)
     print(f"demo prepared in {run_dir}: model {run_dir / 'mlx_model'}, data {run_dir / 'data'}, "
           f"config {run_dir / CONFIG_FILE}")
     if prepare_only:
@@ -106,13 +135,25 @@ def run_demo(run_dir: Path, prepare_only: bool = False, base_steps: int = BASE_S
     print(f"\nproblem: {test['problem']}\nexpected answer: {test['answer']}\n\nbase model, greedy:")
     generate_text(run_dir / "mlx_model", test["problem"], None, max_new_tokens=80, temperature=0.0, out=sys.stdout)
 
-    print("\ntraining ...")
-    result = run_training(run_dir, cfg)
-    print(f"\nloss: first step {result.first_loss:.3f} -> last step {result.last_loss:.3f} "
-          f"over {result.steps} steps; adapters in {result.adapters}")
+    print("\ntraining (mathlora-daemon run); it gets SIGTERM at step 40, as launchd would send at logout ...")
+    code = _train(run_dir, interrupt_at=40)
+    stopped = _steps_logged(run_dir)[-1]["step"] if _steps_logged(run_dir) else 0
+    print(f"\nthe daemon exited with {code} after checkpointing step {stopped}; status now:\n")
+    status_main(run_dir, as_json=False, out=sys.stdout)
+    if code != 0:
+        return code
+    print("\nstarting it again: it resumes from the checkpoint, exactly where it stopped ...")
+    code = _train(run_dir, interrupt_at=None)
+    if code != 0:
+        return code
+    print()
+    status_main(run_dir, as_json=False, out=sys.stdout)
+    steps = _steps_logged(run_dir)
+    first, last = steps[0]["loss"], sum(s["loss"] for s in steps[-10:]) / len(steps[-10:])
+    print(f"\nloss: first step {first:.3f} -> mean of the last 10 steps {last:.3f} over {steps[-1]['step']} steps")
     print("\nwith adapters, greedy:")
-    generate_text(run_dir / "mlx_model", test["problem"], result.adapters, max_new_tokens=80, temperature=0.0,
+    generate_text(run_dir / "mlx_model", test["problem"], run_dir / "adapters", max_new_tokens=80, temperature=0.0,
                   out=sys.stdout)
-    print(f"\nlogs: {run_dir / 'logs' / 'daemon.jsonl'}\ntry: mathlora-daemon generate --run-dir {run_dir} "
-          f"--prompt \"Solve for x: 3x + 7 = 22\"")
-    return 0 if result.exit_code == 0 else result.exit_code
+    print(f"\nnext: mathlora-daemon status --run-dir {run_dir} | mathlora-daemon logs --run-dir {run_dir} "
+          f"--event checkpoint | mathlora-daemon generate --run-dir {run_dir} --prompt \"Solve for x: 3x + 7 = 22\"")
+    return 0

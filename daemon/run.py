@@ -1,9 +1,11 @@
-"""`run`: the training loop, top to bottom.
+"""`run`: what launchd starts, top to bottom.
 
-Given a run directory and its config: load the model, prepare tokens, add LoRA, resume
-from the newest checkpoint that verifies, then take optimizer steps over the
-deterministic data order, checkpointing at step boundaries at least every
-`segment_minutes`, and write the final adapters in mlx-lm's format.
+`run_command` holds the run directory's lock and applies the guards that decide, before
+anything heavy is loaded, whether this start should train at all (crash loop, repeated
+config error, spent budget, outside the window). `train` then loads the model and data,
+adds LoRA, resumes from the newest checkpoint that verifies, and takes optimizer steps,
+asking the runtime at every step boundary whether to go on, pause or stop; it checkpoints
+at least every `segment_minutes` and on every exit, and writes the adapters.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
-from daemon import __version__
-from daemon.config import Config
-from daemon.errors import TemporaryFailure
+from daemon import __version__, crashguard
+from daemon.config import Config, load_config
+from daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
 from daemon.logs import close_logging, setup_logging
 
 DEBUG_ROWS = 10
@@ -31,6 +34,7 @@ class RunResult:
     first_loss: float | None
     last_loss: float | None
     adapters: Path | None
+    state: str = "finished"
 
 
 def model_dir(cfg: Config, run_dir: Path) -> Path:
@@ -39,48 +43,152 @@ def model_dir(cfg: Config, run_dir: Path) -> Path:
 
 
 def debug_config(cfg: Config) -> Config:
-    """Given a config, return the `--debug` variant: the first 10 rows, a few steps."""
+    """Given a config, return the `--debug` variant: the first 10 rows, a few steps, no
+    budget or window."""
     data = replace(cfg.data, limit=DEBUG_ROWS)
     train = replace(cfg.train, epochs=1, max_steps=min(cfg.train.max_steps or DEBUG_STEPS, DEBUG_STEPS))
-    return replace(cfg, data=data, train=train)
+    daemon = replace(cfg.daemon, window="", pause_on_battery=False, prevent_sleep=False)
+    return replace(cfg, data=data, train=train, daemon=daemon)
 
 
-def memory_fields() -> dict:
-    import mlx.core as mx
-    import psutil
+def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool = False,
+                progress: bool | None = None) -> int:
+    """Given the run directory, the config file and `--set` overrides, run the daemon and
+    return its exit code (DESIGN.md "Exit codes"); a second daemon on the same run
+    directory gets 75 and changes nothing."""
+    from daemon.budget import Budget, initial_used, read_used_seconds
+    from daemon.lock import LockHeld, acquire_lock
+    from daemon.schedule import inside, next_start, parse_window
+    from daemon.status import Heartbeat
 
-    gb = 1024 ** 3
-    return {"mem_active_gb": round(mx.get_active_memory() / gb, 3), "mem_peak_gb": round(mx.get_peak_memory() / gb, 3),
-            "rss_gb": round(psutil.Process().memory_info().rss / gb, 3),
-            "sys_available_gb": round(psutil.virtual_memory().available / gb, 3)}
+    if not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir}: no such directory")
+    config_text = config_path.read_text(errors="replace") if config_path and config_path.is_file() else None
+    chash = crashguard.config_hash(config_text, overrides)
+    try:
+        lock = acquire_lock(run_dir)
+    except LockHeld as exc:
+        print(f"mathlora-daemon run: {exc}; not starting a second daemon", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    with lock:
+        crashes = crashguard.begin_start(run_dir, os.getpid(), time.time())
+        # launchd restarts us after every non-zero exit; the guard ends such loops. A start
+        # from a terminal is a person trying again (after fixing data, freeing memory ...).
+        guarded = not debug and not sys.stdin.isatty()
+        if not guarded:
+            crashguard.clear_failure(run_dir)
+        try:
+            cfg = load_config(config_path, overrides)
+        except InputError as exc:
+            failure = crashguard.read_failure(run_dir)
+            if failure and failure.get("kind") == "config" and failure.get("config_hash") == chash:
+                print(f"mathlora-daemon run: not starting: the configuration error recorded earlier is unchanged "
+                      f"(fix {config_path} and start again):\n{exc}", file=sys.stderr)
+                crashguard.record_clean_exit(run_dir, EXIT_OK)
+                return EXIT_OK
+            crashguard.record_failure(run_dir, str(exc), "config", chash, time.time())
+            crashguard.record_clean_exit(run_dir, EXIT_CONFIG)
+            raise
+        if debug:
+            cfg = debug_config(cfg)
+        log = setup_logging(run_dir, run_dir.resolve().name, quiet_events=_quiet(progress))
+        heartbeat = Heartbeat(run_dir, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
+        exit_code = EXIT_CONFIG
+        try:
+            log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()),
+                     debug=debug, crashed_starts_before=crashes)
+            reason = crashguard.decide(run_dir, crashes, cfg.daemon.max_crash_restarts, chash) if guarded else None
+            if reason:
+                if crashguard.read_failure(run_dir) is None:
+                    crashguard.record_failure(run_dir, reason, "crash_loop", chash, time.time())
+                heartbeat.update(state="failed", phase="done", reason=reason)
+                log.error("daemon.failed", reason=reason)
+                exit_code = EXIT_OK  # launchd must stop restarting us
+                return exit_code
+            used = 0.0 if debug else initial_used(*read_used_seconds(run_dir))
+            budget = Budget(float("inf") if debug else cfg.daemon.budget_hours * 3600, used)
+            heartbeat.update(budget_used_s=budget.used_s, budget_total_s=budget.total_s,
+                             budget_left_s=budget.left_s, window=cfg.daemon.window)
+            if budget.exhausted:
+                log.info("budget.exhausted", budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
+                heartbeat.update(state="budget_exhausted", phase="done", reason="training budget spent")
+                exit_code = EXIT_OK
+                return exit_code
+            window = parse_window(cfg.daemon.window)
+            if not inside(window, datetime.now()):
+                opens = next_start(window, datetime.now())
+                log.info("schedule.outside_window", window=cfg.daemon.window, next_start=opens.isoformat())
+                heartbeat.update(state="stopped", phase="done",
+                                 reason=f"outside the training window {cfg.daemon.window}; opens {opens:%H:%M}")
+                exit_code = EXIT_OK
+                return exit_code
+            result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress)
+            exit_code = result.exit_code
+            return exit_code
+        except InputError as exc:
+            log.error("daemon.stop", reason="error", error=str(exc), exit_code=EXIT_CONFIG)
+            crashguard.record_failure(run_dir, str(exc), "config", chash, time.time())
+            heartbeat.update(state="failed", phase="done", reason=str(exc))
+            raise
+        except TemporaryFailure as exc:
+            log.error("daemon.stop", reason="temporary failure", error=str(exc), exit_code=EXIT_TEMPFAIL)
+            exit_code = EXIT_TEMPFAIL
+            raise
+        finally:
+            if exit_code in (EXIT_OK, EXIT_CONFIG, EXIT_TEMPFAIL):
+                crashguard.record_clean_exit(run_dir, exit_code)
+                heartbeat.update(pid=os.getpid())
+                heartbeat.stop()  # the final state is on disk before the lock is released
+            close_logging()
 
 
-def run_training(run_dir: Path, cfg: Config, debug: bool = False, progress: bool | None = None) -> RunResult:
-    """Given a run directory and a validated config, train (resuming when a checkpoint
-    exists) and return the RunResult; raise InputError (exit 78) for a bad model, dataset,
-    target list or a checkpoint of another configuration, TemporaryFailure (exit 75) when
-    a checkpoint cannot be written."""
+def _quiet(progress: bool | None) -> set[str]:
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    return {"train.step"} if show_bar else set()
+
+
+def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
+          debug: bool = False, progress: bool | None = None) -> RunResult:
+    """Given a locked run directory, a validated config and the runtime's pieces, train
+    until done, stopped, out of budget or window; return the RunResult. Raise InputError
+    (exit 78) for a bad model, dataset, target list or a checkpoint of another
+    configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written."""
     import mlx.nn as nn
     from tqdm import tqdm
 
     from checkpoints.store import cleanup_temporaries, find_latest_valid, prune
+    from daemon import signals
     from daemon.batches import Schedule, epoch_order, step_micro_batches
     from daemon.checkpointing import Progress, fingerprint, restore_training_checkpoint, save_training_checkpoint
+    from daemon.control import FileWatcher
+    from daemon.memory import apply_limits
     from daemon.model import adapter_config, apply_lora, load_base, save_adapters, total_count, trainable_count
+    from daemon.power import SleepInhibitor
     from daemon.prepare import prepare_tokens
+    from daemon.runtime import Runtime
     from daemon.trainer import make_optimizer, masked_loss, train_step
 
     if debug:
-        cfg = debug_config(cfg)
         shutil.rmtree(run_dir / "debug", ignore_errors=True)  # a debug run always starts from scratch
     ckpt_root = run_dir / ("debug/checkpoints" if debug else "checkpoints")
     show_bar = sys.stderr.isatty() if progress is None else progress
-    log = setup_logging(run_dir, run_dir.resolve().name, quiet_events={"train.step"} if show_bar else set())
-    log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()), debug=debug)
+    flags = signals.Flags()
+    restore_signals = signals.install(flags, on_signal=lambda name: log.info("signal.received", signal=name))
+    heartbeat.update(state="running", phase="loading", started_at=datetime.now().astimezone().isoformat(),
+                     version=__version__, world_size=1, log_path=str(run_dir / "logs" / "daemon.jsonl"))
+    heartbeat.start(10.0, live_fields=lambda: {"budget_used_s": round(budget.used_s, 1),
+                                               "budget_left_s": round(budget.left_s, 1)})
+    watcher = FileWatcher(run_dir, None if debug else config_path, on_control=flags.request_control,
+                          on_config=flags.request_reload)
+    watcher.prime()
+    watcher.start()
+    inhibitor = SleepInhibitor()
     try:
+        log.info("memory.limits", **apply_limits(cfg.daemon.memory_limit_gb, wired_limit=True))
         mdir = model_dir(cfg, run_dir)
         log.info("model.load.start", path=str(mdir))
         model, tokenizer, _ = load_base(mdir)
+        heartbeat.update(phase="preparing")
         cache = prepare_tokens(cfg.data, run_dir, mdir, tokenizer, log, progress=show_bar)
         keys = apply_lora(model, cfg)
         trainable, total = trainable_count(model), total_count(model)
@@ -106,10 +214,17 @@ def run_training(run_dir: Path, cfg: Config, debug: bool = False, progress: bool
                      epoch=schedule.cursor(state.global_step)[0], tokens_seen=state.tokens_seen)
         last_saved = state.global_step if resumed else -1
         protect = {resumed.path} if resumed else set()
+        runtime = Runtime(run_dir, cfg, config_path, overrides, log, flags, heartbeat, budget,
+                          take_control=watcher.take_control)
 
         def checkpoint() -> None:
+            """Checkpoint the current step boundary (once), then prune."""
             nonlocal last_saved, last_save_time
+            if last_saved == state.global_step:
+                return
             epoch, position = schedule.cursor(state.global_step)
+            state.train_seconds = budget.used_s
+            heartbeat.update(phase="checkpointing")
             t0 = time.monotonic()
             try:
                 info = save_training_checkpoint(ckpt_root, model, optimizer, state, epoch, position, fp, cfg)
@@ -120,53 +235,99 @@ def run_training(run_dir: Path, cfg: Config, debug: bool = False, progress: bool
             log.info("checkpoint.saved", step=info.step, path=str(info.path), bytes=info.bytes,
                      seconds=round(time.monotonic() - t0, 4))
             last_saved, last_save_time = state.global_step, time.monotonic()
-            prune(ckpt_root, cfg.daemon.keep_checkpoints, protect=protect,
+            heartbeat.update(phase="training", last_checkpoint_step=info.step,
+                             last_checkpoint_at=datetime.now().astimezone().isoformat())
+            prune(ckpt_root, runtime.cfg.daemon.keep_checkpoints, protect=protect,
                   on_pruned=lambda i: log.info("checkpoint.pruned", step=i.step, path=str(i.path)))
 
+        if cfg.daemon.prevent_sleep:
+            inhibitor.start(os.getpid())
+            log.info("power.prevent_sleep", **inhibitor.describe())
         model.train()  # dropout active
         loss_and_grad = nn.value_and_grad(model, masked_loss)
         log.info("train.start", sequences=len(cache), steps_per_epoch=schedule.steps_per_epoch,
                  total_steps=schedule.total_steps, sequences_per_step=schedule.sequences_per_step,
-                 start_step=state.global_step)
+                 start_step=state.global_step, budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
+        heartbeat.update(phase="training", total_steps=schedule.total_steps, step=state.global_step)
         first = last = None
+        stop = None
         order_epoch, order = -1, None
         last_save_time = time.monotonic()
-        segment_s = cfg.daemon.segment_minutes * 60
-        every = cfg.daemon.checkpoint_every_steps
-        bar = tqdm(total=schedule.total_steps, initial=state.global_step, desc="training", unit="step",
-                   disable=not show_bar, dynamic_ncols=True)
+        bar = tqdm(total=schedule.total_steps, initial=state.global_step, unit="step", disable=not show_bar,
+                   dynamic_ncols=True)
+        runtime.account(training=False)  # loading and preparing do not count against the budget
         for step in range(state.global_step, schedule.total_steps):
+            stop = runtime.boundary(checkpoint)
+            if stop:
+                break
             epoch, _ = schedule.cursor(step)
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(len(cache), cfg.train.seed, epoch)
             t0 = time.monotonic()
             result = train_step(model, optimizer, cache, step_micro_batches(schedule, order, step),
-                                cfg.train.seed, step, loss_and_grad)
+                                cfg.train.seed, step, loss_and_grad, should_abort=flags.stop.is_set)
+            if result is None:  # stop requested mid-step: the state is still at the last boundary
+                stop = runtime.boundary(checkpoint)
+                break
             step_s = time.monotonic() - t0
             state.record(result.loss, result.tokens)
-            state.train_seconds += step_s
+            if state.global_step == (resumed.step if resumed else 0) + 1:
+                crashguard.record_progress(run_dir)
             first = result.loss if first is None else first
             last = result.loss
+            mem = runtime.last_memory.as_fields() if runtime.last_memory else {}
             log.info("train.step", step=state.global_step, epoch=epoch, loss=result.loss,
                      lr=float(optimizer.learning_rate.item()), tokens=result.tokens,
-                     tok_per_s=round(result.tokens / step_s, 1), step_s=round(step_s, 4), **memory_fields())
-            bar.set_postfix_str(f"epoch={epoch} loss={result.loss:.3f} tok/s={result.tokens / step_s:,.0f}")
+                     tok_per_s=round(result.tokens / step_s, 1), step_s=round(step_s, 4),
+                     budget_used_s=round(budget.used_s + step_s, 1),
+                     budget_left_s=round(max(budget.total_s - budget.used_s - step_s, 0), 1), **mem)
+            heartbeat.update(step=state.global_step, epoch=epoch, loss=result.loss, step_s=round(step_s, 4),
+                             recent_mean_loss=sum(state.recent_losses) / len(state.recent_losses),
+                             tok_per_s=round(result.tokens / step_s, 1), memory=mem)
+            bar.set_description_str(_bar_prefix(runtime, budget))
+            bar.set_postfix_str(f"loss={result.loss:.3f} used={budget.used_s / 3600:.2f}h "
+                                f"left={budget.left_s / 3600:.2f}h tok/s={result.tokens / step_s:,.0f}")
             bar.update(1)
-            if (every and state.global_step % every == 0) or time.monotonic() - last_save_time >= segment_s:
+            every = runtime.cfg.daemon.checkpoint_every_steps
+            if (every and state.global_step % every == 0) or \
+                    time.monotonic() - last_save_time >= runtime.cfg.daemon.segment_minutes * 60:
+                runtime.account(training=True)
                 checkpoint()
+        else:
+            runtime.account(training=True)
         bar.close()
-        if last_saved != state.global_step:
-            checkpoint()  # the finished state is a checkpoint too: a restart then does nothing
+        checkpoint()  # every exit path leaves its state as a checkpoint
+        runtime.account(training=True)
 
         out = run_dir / ("debug/adapters" if debug else "adapters")
-        weights = save_adapters(model, out, adapter_config(cfg, len(model.layers), keys))
-        log.info("train.done", steps=state.global_step, first_loss=first, last_loss=last, adapters=str(out),
-                 train_seconds=round(state.train_seconds, 2), tokens_seen=state.tokens_seen)
-        log.info("daemon.stop", reason="finished", exit_code=0)
-        return RunResult(0, state.global_step, first, last, weights.parent)
+        save_adapters(model, out, adapter_config(cfg, len(model.layers), keys))
+        final_state = stop.state if stop else "finished"
+        if stop and stop.event:
+            log.info(stop.event, reason=stop.reason, step=state.global_step,
+                     budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
+        if stop is None:
+            log.info("train.done", steps=state.global_step, first_loss=first, last_loss=last, adapters=str(out),
+                     train_seconds=round(budget.used_s, 2), tokens_seen=state.tokens_seen)
+        fields = {"reason": stop.reason if stop else "finished", "exit_code": EXIT_OK, "step": state.global_step}
+        if flags.signal_at is not None:
+            fields["signal_to_exit_s"] = round(time.monotonic() - flags.signal_at, 3)
+        log.info("daemon.stop", **fields)
+        heartbeat.update(state=final_state, phase="done", reason=fields["reason"], step=state.global_step,
+                         budget_used_s=round(budget.used_s, 1), budget_left_s=round(budget.left_s, 1))
+        return RunResult(EXIT_OK, state.global_step, first, last, out, final_state)
     except BaseException as exc:
-        log.error("daemon.stop", reason="error", error=f"{type(exc).__name__}: {exc}",
-                  exit_code=getattr(exc, "exit_code", 1))
+        if not isinstance(exc, (InputError, TemporaryFailure)):
+            log.error("daemon.stop", reason="crash", error=f"{type(exc).__name__}: {exc}", exit_code=1)
         raise
     finally:
-        close_logging()
+        inhibitor.stop()
+        watcher.stop()
+        restore_signals()
+
+
+def _bar_prefix(runtime, budget) -> str:
+    """`[ends 07:00]`: when the window closes or the budget runs out, whichever is first."""
+    ends = [t for t in (runtime.window_ends(),) if t is not None]
+    if budget.left_s != float("inf"):
+        ends.append(datetime.now() + (datetime.fromtimestamp(budget.left_s) - datetime.fromtimestamp(0)))
+    return f"[ends {min(ends):%H:%M}]" if ends else "training"

@@ -41,14 +41,22 @@ class StepResult:
 
 
 def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, micro_batches: list[np.ndarray],
-               seed: int, global_step: int, loss_and_grad=None, pad_id: int = 0) -> StepResult:
+               seed: int, global_step: int, loss_and_grad=None, pad_id: int = 0,
+               should_abort=None) -> StepResult | None:
     """Given the model, optimizer, token cache and one step's micro-batches (index
     arrays), apply one optimizer update with the mean of the micro-batch gradients and
-    return the step's mean loss and its number of target tokens."""
+    return the step's mean loss and its number of target tokens.
+
+    Return None without touching model or optimizer when `should_abort()` turns true
+    between two micro-batches: the state stays at the last step boundary, where it can
+    be checkpointed at once (a 7B step can take a minute; launchd waits 60 s at most).
+    """
     mx.random.seed(step_seed(seed, global_step))
     loss_and_grad = loss_and_grad or nn.value_and_grad(model, masked_loss)
     grads, losses, ntoks = None, [], []
-    for indices in micro_batches:
+    for i, indices in enumerate(micro_batches):
+        if i and should_abort is not None and should_abort():
+            return None
         tokens, lengths = pad_batch([cache.sequence(int(i)) for i in indices], pad_id)
         (loss, n), g = loss_and_grad(model, mx.array(tokens), mx.array(lengths))
         grads = g if grads is None else tree_map(mx.add, grads, g)

@@ -25,8 +25,9 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=600)
 
 
-def snapshot(run_dir: Path, skip: tuple[str, ...] = ("logs",)) -> dict[str, str]:
-    """Every file under run_dir (but `skip`) -> sha256 of its bytes."""
+def snapshot(run_dir: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock")) -> dict[str, str]:
+    """Every file under run_dir -> sha256 of its bytes, except the daemon's own bookkeeping
+    (its log, its state files, its lock): bad input must leave everything else alone."""
     out = {}
     for path in sorted(run_dir.rglob("*")):
         rel = path.relative_to(run_dir)

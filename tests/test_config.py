@@ -10,8 +10,8 @@ import pytest
 from daemon.config import Config, config_to_dict, load_config, parse_override, to_toml
 from daemon.errors import EXIT_CONFIG, InputError
 
-# DESIGN.md, "Config file" (plus train.max_steps and daemon.checkpoint_every_steps, the
-# daemon's own additions, both off by default).
+# DESIGN.md, "Config file", plus the daemon's own additions: train.max_steps,
+# daemon.checkpoint_every_steps and the memory and crash-loop guard settings.
 DESIGN_DEFAULTS = {
     "model": {"name": "deepseek-ai/deepseek-math-7b-instruct", "path": "mlx_model", "quantize_bits": 0},
     "data": {"name": "open-r1/OpenR1-Math-220k", "subset": "all", "split": "train", "problem_field": "problem",
@@ -20,7 +20,9 @@ DESIGN_DEFAULTS = {
     "train": {"epochs": 1, "batch_size": 1, "grad_accumulation_steps": 8, "learning_rate": 1e-5, "seed": 0,
               "max_steps": 0},
     "daemon": {"budget_hours": 16.0, "segment_minutes": 10.0, "keep_checkpoints": 3, "checkpoint_every_steps": 0,
-               "window": "", "prevent_sleep": True, "pause_on_battery": True},
+               "window": "", "prevent_sleep": True, "pause_on_battery": True,
+               "memory_warning_available_gb": 2.0, "memory_critical_available_gb": 0.5, "memory_limit_gb": 0.0,
+               "max_crash_restarts": 3},
 }
 
 
@@ -318,3 +320,10 @@ def test_to_toml_round_trips_every_changed_value(tmp_path):
     back = load_config(path)
     assert back == cfg
     assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+
+
+def test_memory_critical_above_warning_is_refused():
+    with pytest.raises(InputError) as err:
+        load_config(None, ["daemon.memory_warning_available_gb=1", "daemon.memory_critical_available_gb=2"])
+    assert "daemon.memory_critical_available_gb = 2.0" in str(err.value)
+    assert "at most daemon.memory_warning_available_gb (1.0)" in str(err.value)

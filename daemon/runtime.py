@@ -1,0 +1,185 @@
+"""The overnight runtime around the training loop: what happens at every step boundary.
+
+Given the flags raised by signals, the control file and the config watcher, plus the
+budget, window, memory and power readings, `Runtime.boundary()` decides whether training
+goes on, pauses in-process (after a checkpoint) or stops (after a checkpoint, exit 0).
+The loop in `run.py` calls it between steps and stays readable top to bottom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from daemon import control, memory, power, schedule
+from daemon.budget import AwakeClock, Budget
+from daemon.config import Config
+from daemon.signals import Flags
+
+POLL_S = 5.0  # how often a pause re-reads battery and memory
+
+
+@dataclass
+class Stop:
+    """Why training ends now: the status state and the reason, for logs and status."""
+
+    state: str  # stopped | budget_exhausted
+    reason: str
+    event: str | None = None  # the log event that announces it, when there is one
+
+
+@dataclass
+class Runtime:
+    run_dir: Path
+    cfg: Config
+    config_path: Path | None
+    overrides: list[str]
+    log: object
+    flags: Flags
+    heartbeat: object
+    budget: Budget
+    clock: AwakeClock = field(default_factory=AwakeClock)
+    read_memory: Callable[[], memory.MemoryReading] = memory.read_memory
+    read_power: Callable[[], power.PowerState] = power.read_power
+    now: Callable[[], datetime] = datetime.now
+    user_paused: bool = False
+    mem_guard: memory.MemoryGuard = None
+    power_watch: power.PowerWatch = field(default_factory=power.PowerWatch)
+    last_memory: memory.MemoryReading | None = None
+    on_config_change: Callable[[Config], None] | None = None
+    take_control: Callable[[], list] = list  # FileWatcher.take_control: [(request, rejection reason)]
+
+    def __post_init__(self):
+        self.window = schedule.parse_window(self.cfg.daemon.window)
+        if self.mem_guard is None:
+            self.mem_guard = memory.MemoryGuard(self.thresholds())
+
+    # -- configuration -------------------------------------------------------------
+    def thresholds(self) -> memory.MemoryThresholds:
+        d = self.cfg.daemon
+        return memory.MemoryThresholds(warning_available_gb=d.memory_warning_available_gb,
+                                       critical_available_gb=d.memory_critical_available_gb)
+
+    def apply_reload(self) -> None:
+        """Re-read mathlora.toml (file change or SIGHUP): apply the safe fields, log the rest."""
+        if not self.flags.reload.is_set():
+            return
+        self.flags.reload.clear()
+        if self.config_path is None:
+            return
+        new, applied, rejected, error = control.reload_config(self.config_path, self.overrides, self.cfg)
+        if error:
+            self.log.warning("config.rejected", why=error)
+            return
+        if rejected:
+            self.log.warning("config.rejected", fields=rejected,
+                             why="only budget, window, segment, retention, power and memory settings can change "
+                                 "while training; restart to apply the others")
+        if applied:
+            self.cfg = new
+            self.window = schedule.parse_window(new.daemon.window)
+            self.budget.total_s = new.daemon.budget_hours * 3600
+            self.mem_guard.thresholds = self.thresholds()
+            self.heartbeat.update(budget_total_s=self.budget.total_s, window=new.daemon.window)
+            self.log.info("config.reloaded", changes=applied)
+            if self.on_config_change:
+                self.on_config_change(new)
+
+    def apply_control(self) -> None:
+        """Act on new pause/resume/stop requests from the CLI (each delivered once)."""
+        if not self.flags.control.is_set():
+            return
+        self.flags.control.clear()
+        for request, why in self.take_control():
+            if request is None:
+                self.log.warning("control.rejected", why=why)
+                continue
+            command = request["command"]
+            self.log.info(f"control.{command}", id=request["id"], requested_by=request.get("pid"))
+            if command == "stop":
+                self.flags.request_stop("stopped by the user")
+            else:
+                self.user_paused = command == "pause"
+
+    # -- the boundary --------------------------------------------------------------
+    def stop_reason(self) -> Stop | None:
+        if self.flags.stop.is_set():
+            return Stop("stopped", self.flags.stop_reason or "stop requested")
+        if self.budget.exhausted:
+            return Stop("budget_exhausted", f"training budget of {self.budget.total_s / 3600:g} h is spent",
+                        "budget.exhausted")
+        if not schedule.inside(self.window, self.now()):
+            return Stop("stopped", f"outside the training window {self.cfg.daemon.window}", "schedule.outside_window")
+        return None
+
+    def pause_reasons(self) -> list[tuple[str, str]]:
+        """Return (status state, reason) for everything that asks training to wait now."""
+        reasons = []
+        if self.user_paused:
+            reasons.append(("paused", "paused by the user (mathlora-daemon resume)"))
+        reading = self.last_memory = self.read_memory()
+        for event, fields in self.mem_guard.check(reading):
+            getattr(self.log, "warning" if event != "memory.recovered" else "info")(event, **fields)
+        if self.mem_guard.should_clear_cache:
+            import mlx.core as mx
+
+            mx.clear_cache()
+        if memory.classify(reading, self.mem_guard.thresholds) == "critical":
+            reasons.append(("waiting", f"memory is low: {reading.sys_available_gb:.2f} GB available, below "
+                                       f"{self.cfg.daemon.memory_critical_available_gb:g} GB"))
+        state = self.read_power()
+        for event, fields in self.power_watch.check(state):
+            self.log.info(event, **fields)
+        if self.power_watch.should_pause(self.cfg.daemon.pause_on_battery, state):
+            reasons.append(("waiting", "on battery power (pause_on_battery)"))
+        return reasons
+
+    def account(self, training: bool) -> None:
+        """Close the interval since the last call: awake time counts against the budget
+        when it was spent training; a system sleep is logged and never counted."""
+        awake, slept = self.clock.tick()
+        if slept:
+            self.log.info("system.slept", seconds=round(slept, 1))
+        if training:
+            self.budget.add(awake)
+
+    def boundary(self, checkpoint: Callable[[], None]) -> Stop | None:
+        """At an optimizer-step boundary: return a Stop when training must end now;
+        otherwise return None, after waiting in-process (checkpoint first) for as long
+        as anything asks training to pause."""
+        self.account(training=True)
+        self.apply_reload()
+        self.apply_control()
+        stop = self.stop_reason()
+        if stop:
+            return stop
+        reasons = self.pause_reasons()
+        if not reasons:
+            return None
+        checkpoint()
+        self.account(training=True)  # the checkpoint was training time
+        announced = None
+        while reasons:
+            state, why = reasons[0]
+            if (state, why) != announced:
+                self.log.info("daemon.paused", state=state, reason=why)
+                self.heartbeat.update(state=state, phase=state, reason=why)
+                self.heartbeat.write()
+                announced = (state, why)
+            self.flags.wake.wait(POLL_S)
+            self.flags.wake.clear()
+            self.account(training=False)
+            self.apply_reload()
+            self.apply_control()
+            stop = self.stop_reason()
+            if stop:
+                return stop
+            reasons = self.pause_reasons()
+        self.log.info("daemon.resumed", after=announced[1] if announced else None)
+        self.heartbeat.update(state="running", phase="training", reason=None)
+        return None
+
+    def window_ends(self) -> datetime | None:
+        return schedule.window_end(self.window, self.now())
