@@ -252,7 +252,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         first = last = None
         stop = None
         order_epoch, order = -1, None
-        last_save_time = time.monotonic()
+        last_save_time = last_beat = time.monotonic()
         bar = tqdm(total=schedule.total_steps, initial=state.global_step, unit="step", disable=not show_bar,
                    dynamic_ncols=True)
         runtime.account(training=False)  # loading and preparing do not count against the budget
@@ -284,6 +284,10 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             heartbeat.update(step=state.global_step, epoch=epoch, loss=result.loss, step_s=round(step_s, 4),
                              recent_mean_loss=sum(state.recent_losses) / len(state.recent_losses),
                              tok_per_s=round(result.tokens / step_s, 1), memory=mem)
+            if time.monotonic() - last_beat >= 1.0:  # status is current, and a crash refunds < 1 s + a step
+                heartbeat.update(budget_used_s=round(budget.used_s + step_s, 1))
+                _write_quietly(heartbeat)
+                last_beat = time.monotonic()
             bar.set_description_str(_bar_prefix(runtime, budget))
             bar.set_postfix_str(f"loss={result.loss:.3f} used={budget.used_s / 3600:.2f}h "
                                 f"left={budget.left_s / 3600:.2f}h tok/s={result.tokens / step_s:,.0f}")
@@ -323,6 +327,13 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         inhibitor.stop()
         watcher.stop()
         restore_signals()
+
+
+def _write_quietly(heartbeat) -> None:
+    try:
+        heartbeat.write()
+    except OSError:
+        pass  # a full disk must not stop training; the heartbeat thread retries, checkpoints report
 
 
 def _bar_prefix(runtime, budget) -> str:

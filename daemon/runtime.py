@@ -118,7 +118,7 @@ class Runtime:
         """Return (status state, reason) for everything that asks training to wait now."""
         reasons = []
         if self.user_paused:
-            reasons.append(("paused", "paused by the user (mathlora-daemon resume)"))
+            reasons.append(("paused", "paused by the user; `mathlora-daemon resume` continues"))
         reading = self.last_memory = self.read_memory()
         for event, fields in self.mem_guard.check(reading):
             getattr(self.log, "warning" if event != "memory.recovered" else "info")(event, **fields)
@@ -166,7 +166,10 @@ class Runtime:
             if (state, why) != announced:
                 self.log.info("daemon.paused", state=state, reason=why)
                 self.heartbeat.update(state=state, phase=state, reason=why)
-                self.heartbeat.write()
+                try:
+                    self.heartbeat.write()
+                except OSError:
+                    pass  # the heartbeat thread retries
                 announced = (state, why)
             self.flags.wake.wait(POLL_S)
             self.flags.wake.clear()

@@ -102,3 +102,24 @@ def make_token_cache(tmp_path):
                           {"sequences": len(arrays), "tokens": int(tokens.shape[0])})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def template_dir(tmp_path_factory):
+    """A tiny run directory (model, data, mathlora.toml; not trained), copied by tests
+    that drive the real daemon process."""
+    from runs import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture(scope="session")
+def reference(template_dir, tmp_path_factory) -> dict:
+    """The uninterrupted tiny run: per-step losses and the adapters' SHA-256."""
+    from runs import TOTAL, copy, events, finish, sha, start
+
+    run = copy(template_dir, tmp_path_factory.mktemp("ref") / "run")
+    finish(start(run))
+    losses = {e["step"]: e["loss"] for e in events(run, "train.step")}
+    assert sorted(losses) == list(range(1, TOTAL + 1))
+    return {"losses": losses, "adapters": sha(run / "adapters" / "adapters.safetensors"), "dir": run}

@@ -10,109 +10,15 @@ step. Torn checkpoints, a full disk and a changed configuration are covered too.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from checkpoints.store import list_checkpoints, verify_checkpoint
-from daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-STEPS_PER_EPOCH, EPOCHS = 8, 4  # 64 rows, 4 x 2 sequences a step
-TOTAL = STEPS_PER_EPOCH * EPOCHS
-
-
-def tiny_config() -> Config:
-    return Config(
-        model=ModelConfig(name="tests/tiny", path="mlx_model"),
-        data=DataConfig(name="data/train.jsonl", max_seq_len=512, limit=64),
-        lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj", "down_proj"]),
-        train=TrainConfig(epochs=EPOCHS, batch_size=4, grad_accumulation_steps=2, learning_rate=2e-3, seed=7),
-        daemon=DaemonConfig(keep_checkpoints=2, checkpoint_every_steps=4),
-    )
-
-
-@pytest.fixture(scope="session")
-def template_dir(tmp_path_factory) -> Path:
-    """A run directory with a tiny model, data and config (no training yet)."""
-    from daemon.demo_assets import build_demo_model_dir
-    from daemon.mathgen import write_demo_dataset
-    from daemon.template import format_example
-
-    run = tmp_path_factory.mktemp("resume") / "run"
-    train, _ = write_demo_dataset(run / "data", n_train=80, n_test=4, seed=3)
-    rows = [json.loads(line) for line in train.read_text().splitlines()]
-    build_demo_model_dir(run / "mlx_model", [format_example(r["problem"], r["solution"]) for r in rows], seed=0,
-                         vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    (run / "mathlora.toml").write_text(to_toml(tiny_config()))
-    return run
-
-
-def start(run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args],
-                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, expect: int = 0) -> str:
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == expect, err
-    return err
-
-
-def kill_at(run_dir: Path, hold: str, tmp_path: Path) -> None:
-    """Start the daemon, wait until it reaches the hold point, SIGKILL it."""
-    marker = tmp_path / f"reached-{hold.replace('@', '-')}-{len(list(tmp_path.glob('reached-*')))}"
-    proc = start(run_dir, env={"MATHLORA_TEST_HOLD": f"{hold}:{marker}"})
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"daemon exited ({proc.returncode}) before reaching {hold}: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, f"never reached {hold}"
-        time.sleep(0.02)  # polling an event with a deadline, not timing a race
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-
-
-def events(run_dir: Path, name: str | None = None) -> list[dict]:
-    lines = (run_dir / "logs" / "daemon.jsonl").read_text().splitlines()
-    out = [json.loads(line) for line in lines if line.strip()]
-    return [e for e in out if name is None or e["event"] == name]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def copy(template: Path, dest: Path) -> Path:
-    shutil.copytree(template, dest)
-    return dest
-
-
-@pytest.fixture(scope="session")
-def reference(template_dir, tmp_path_factory) -> dict:
-    """The uninterrupted run: per-step losses and the adapters' SHA-256."""
-    run = copy(template_dir, tmp_path_factory.mktemp("ref") / "run")
-    finish(start(run))
-    losses = {e["step"]: e["loss"] for e in events(run, "train.step")}
-    assert sorted(losses) == list(range(1, TOTAL + 1))
-    return {"losses": losses, "adapters": sha(run / "adapters" / "adapters.safetensors"), "dir": run}
-
-
-def assert_matches_reference(run: Path, reference: dict) -> None:
-    assert sha(run / "adapters" / "adapters.safetensors") == reference["adapters"]
-    logged = events(run, "train.step")
-    assert {e["step"] for e in logged} == set(range(1, TOTAL + 1))
-    for e in logged:  # every loss ever logged, re-done steps included, equals the reference
-        assert e["loss"] == reference["losses"][e["step"]], e
+from runs import ENV, TOTAL, assert_matches_reference, copy, events, finish, kill_at, sha, start
 
 
 def test_uninterrupted_runs_are_reproducible(template_dir, reference, tmp_path):
@@ -248,26 +154,26 @@ def test_fields_that_may_change_across_a_resume_are_accepted(at_step_12, tmp_pat
     assert max(e["step"] for e in events(run, "train.step")) == 14
 
 
-def cli(run: Path, *args: str) -> subprocess.CompletedProcess:
+def ckpt_cli(run: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemon", "checkpoints", *args, "--run-dir", str(run)],
                           capture_output=True, text=True, env=ENV, timeout=120)
 
 
 def test_checkpoints_cli_lists_verifies_and_prunes(at_step_12, tmp_path):
     run = copy(at_step_12, tmp_path / "run")
-    listed = json.loads(cli(run, "list", "--json").stdout)["checkpoints"]
+    listed = json.loads(ckpt_cli(run, "list", "--json").stdout)["checkpoints"]
     assert [c["step"] for c in listed] == [4, 8, 12] and all(c["bytes"] > 0 for c in listed)
-    human = cli(run, "list").stdout.splitlines()
+    human = ckpt_cli(run, "list").stdout.splitlines()
     assert len(human) == 3 and human[0].startswith("step        4")
 
-    ok = cli(run, "verify", "--json")
+    ok = ckpt_cli(run, "verify", "--json")
     assert ok.returncode == 0 and all(c["valid"] for c in json.loads(ok.stdout)["checkpoints"])
     _flip_byte(run / "checkpoints" / "step-00000008")
-    bad = cli(run, "verify")
+    bad = ckpt_cli(run, "verify")
     assert bad.returncode == 1
     assert "step        8" in bad.stdout and "INVALID: sha256 mismatch for adapters.safetensors" in bad.stdout
 
-    pruned = json.loads(cli(run, "prune", "--keep", "1", "--json").stdout)
+    pruned = json.loads(ckpt_cli(run, "prune", "--keep", "1", "--json").stdout)
     assert [c["step"] for c in pruned["kept"]] == [12]
     assert sorted(c["step"] for c in pruned["pruned"]) == [4, 8]
-    assert cli(run, "prune", "--keep", "0").returncode == 78
+    assert ckpt_cli(run, "prune", "--keep", "0").returncode == 78

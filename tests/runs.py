@@ -1,0 +1,123 @@
+"""Helpers for tests that drive the real daemon as separate processes.
+
+A tiny run directory (a 2-layer, 32-wide Llama, 64 rows of math) trains in a few seconds,
+so the tests can start, signal, kill and restart the real `python -m daemon run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+STEPS_PER_EPOCH, EPOCHS = 8, 4  # 64 rows, 4 x 2 sequences a step
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+DEADLINE_S = 300
+
+
+def tiny_config() -> Config:
+    return Config(
+        model=ModelConfig(name="tests/tiny", path="mlx_model"),
+        data=DataConfig(name="data/train.jsonl", max_seq_len=512, limit=64),
+        lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj", "down_proj"]),
+        train=TrainConfig(epochs=EPOCHS, batch_size=4, grad_accumulation_steps=2, learning_rate=2e-3, seed=7),
+        daemon=DaemonConfig(keep_checkpoints=2, checkpoint_every_steps=4, prevent_sleep=False),
+    )
+
+
+def make_tiny_run(run: Path) -> Path:
+    """Write a tiny model, data and mathlora.toml into `run` (no training)."""
+    from daemon.demo_assets import build_demo_model_dir
+    from daemon.mathgen import write_demo_dataset
+    from daemon.template import format_example
+
+    train, _ = write_demo_dataset(run / "data", n_train=80, n_test=4, seed=3)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    build_demo_model_dir(run / "mlx_model", [format_example(r["problem"], r["solution"]) for r in rows], seed=0,
+                         vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    (run / "mathlora.toml").write_text(to_toml(tiny_config()))
+    return run
+
+
+def cli(*args: str, run: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    extra = ["--run-dir", str(run)] if run is not None else []
+    return subprocess.run([sys.executable, "-m", "daemon", *args, *extra], capture_output=True, text=True, env=ENV,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def start(run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args],
+                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> str:
+    _out, err = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == expect, err
+    return err
+
+
+def wait_for(predicate, proc: subprocess.Popen | None = None, what: str = "condition"):
+    """Poll `predicate()` until it returns something truthy (an event wait with a
+    deadline, not a timed race); fail early if `proc` exits first."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def hold(run_dir: Path, point: str, marker_dir: Path, *args: str) -> subprocess.Popen:
+    """Start the daemon and return it once it blocks at a test hold point (alive)."""
+    marker = marker_dir / f"reached-{point.replace('@', '-')}-{len(list(marker_dir.glob('reached-*')))}"
+    proc = start(run_dir, *args, env={"MATHLORA_TEST_HOLD": f"{point}:{marker}"})
+    wait_for(marker.exists, proc, f"hold point {point}")
+    return proc
+
+
+def kill_at(run_dir: Path, point: str, marker_dir: Path, *args: str) -> None:
+    """Start the daemon, wait until it reaches the hold point, SIGKILL it."""
+    proc = hold(run_dir, point, marker_dir, *args)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def events(run_dir: Path, name: str | None = None) -> list[dict]:
+    path = run_dir / "logs" / "daemon.jsonl"
+    if not path.exists():
+        return []
+    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for e in out:  # the log contract holds for every line
+        assert {"ts", "level", "event", "run"} <= e.keys(), e
+    return [e for e in out if name is None or e["event"] == name]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest)
+    return dest
+
+
+def assert_matches_reference(run: Path, reference: dict) -> None:
+    assert sha(run / "adapters" / "adapters.safetensors") == reference["adapters"]
+    logged = events(run, "train.step")
+    assert {e["step"] for e in logged} == set(range(1, TOTAL + 1))
+    for e in logged:  # every loss ever logged, re-done steps included, equals the reference
+        assert e["loss"] == reference["losses"][e["step"]], e
