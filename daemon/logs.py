@@ -22,16 +22,25 @@ BACKUPS = 5
 _LOGGER_NAME = "mathlora"
 
 
-class _DropEvents(logging.Filter):
-    """Hide chatty events from one handler (the console while a progress bar draws)."""
+class _ConsoleFilter(logging.Filter):
+    """Keep the console readable: hide `quiet` events (a progress bar shows them) and
+    show `train.step` only every `every` steps; the JSON log keeps every line."""
 
-    def __init__(self, events: set[str]):
+    def __init__(self, quiet: set[str], every: int = 10):
         super().__init__()
-        self.events = events
+        self.quiet = quiet
+        self.every = every
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg
-        return not (isinstance(msg, dict) and msg.get("event") in self.events)
+        if not isinstance(msg, dict):
+            return True
+        if msg.get("event") in self.quiet:
+            return False
+        if msg.get("event") == "train.step":
+            step = msg.get("step")
+            return not isinstance(step, int) or step == 1 or step % self.every == 0
+        return True
 
 
 def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
@@ -72,8 +81,7 @@ def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
         stream.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=22)]))
-        if quiet_events:
-            stream.addFilter(_DropEvents(set(quiet_events)))
+        stream.addFilter(_ConsoleFilter(set(quiet_events)))
         root.addHandler(stream)
     return structlog.get_logger(_LOGGER_NAME).bind(run=run_name)
 
