@@ -77,6 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prune":
             q.add_argument("--keep", type=int, default=None, help="how many of the newest to keep")
 
+    p = sub.add_parser("install", help="train under launchd (macOS LaunchAgent) or systemd (Linux user service)")
+    _add_run_args(p)
+    p.add_argument("--at", metavar="HH:MM", default=None,
+                   help="start training daily at this time (default: the start of daemon.window, if set)")
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="print the plist (or the systemd units) and write nothing")
+    p.add_argument("--system", choices=["launchd", "systemd"], default=None,
+                   help="with --print: the files for this service manager instead of this machine's")
+
+    p = sub.add_parser("uninstall", help="stop the installed service (after its checkpoint) and remove its files")
+    p.add_argument("--run-dir", default=".", type=Path, help="the run directory (default: .)")
+
+    from daemon.convert import add_convert_parser
+    from daemon.evaluate import add_eval_parser
+    from daemon.export import add_export_parser
+    from daemon.fuse import add_fuse_parser
+    from daemon.plot import add_plot_parser
+
+    for add in (add_convert_parser, add_eval_parser, add_export_parser, add_fuse_parser, add_plot_parser):
+        add(sub)
+
     p = sub.add_parser("demo", help="tiny model + synthetic math data: prepare, train, generate (offline)")
     p.add_argument("--run-dir", default=DEMO_DIR, type=Path, help=f"where to build the demo (default: ./{DEMO_DIR})")
     p.add_argument("--prepare-only", action="store_true", help="write model, data and config, then stop")
@@ -171,6 +192,28 @@ def _cmd_checkpoints(args) -> int:
                                as_json=args.json, out=sys.stdout)
 
 
+def _cmd_install(args) -> int:
+    from daemon.install import install_main, real_host
+
+    return install_main(args.run_dir, args.at, args.config, args.overrides, args.print_only, args.system,
+                        real_host(), sys.stdout, sys.stderr)
+
+
+def _cmd_uninstall(args) -> int:
+    from daemon.install import real_host, uninstall_main
+
+    return uninstall_main(args.run_dir, real_host(), sys.stdout, sys.stderr)
+
+
+def _lazy(module: str, function: str):
+    """A command whose module is imported only when it runs."""
+    def command(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+    return command
+
+
 def _cmd_demo(args) -> int:
     from daemon.demo import run_demo
 
@@ -184,7 +227,11 @@ def _cmd_demo(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "status": _cmd_status, "logs": _cmd_logs, "pause": _cmd_control,
             "resume": _cmd_control, "stop": _cmd_control, "prepare": _cmd_prepare, "generate": _cmd_generate,
-            "checkpoints": _cmd_checkpoints, "demo": _cmd_demo}
+            "checkpoints": _cmd_checkpoints, "install": _cmd_install, "uninstall": _cmd_uninstall,
+            "convert": _lazy("daemon.convert", "main_convert"), "eval": _lazy("daemon.evaluate", "main_eval"),
+            "export": _lazy("daemon.export", "main_export"), "fuse": _lazy("daemon.fuse", "main_fuse"),
+            "plot": _lazy("daemon.plot", "main_plot"),
+            "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

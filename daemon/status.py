@@ -36,7 +36,9 @@ updated_unix           by :meth:`Heartbeat.write`
 
 ``read_status`` adds the derived state (``not_started`` and ``crashed`` exist only
 there), ``heartbeat_age_s``, ``stale``, ``crashed_reason``, ``eta_s``, ``eta_at``,
-``checkpoint_age_s``, ``log_path`` and ``run_dir``.
+``checkpoint_age_s``, ``log_path``, ``run_dir`` and ``service`` (the launchd agent or
+systemd unit of this run: ``{manager, label, installed, loaded, path}``, from
+``daemon.install.service_status``; loaded is None when it cannot be told).
 
 No MLX, numpy or structlog import here: ``status`` must answer in well under a second.
 """
@@ -59,6 +61,7 @@ import psutil
 from checkpoints.fsio import DIR_MODE, atomic_write_text, ensure_private_dir
 from checkpoints.store import MANIFEST_NAME, parse_step_dir
 from daemon import __version__
+from daemon.install import service_status
 from daemon.lock import probe_lock
 
 STATUS_FILE = Path("state") / "status.json"
@@ -191,7 +194,8 @@ class Heartbeat:
 def read_status(run_dir: Path, now: float | None = None,
                 probe: Callable[[Path], tuple[bool, int | None]] = probe_lock,
                 pid_alive: Callable[[int], bool] = psutil.pid_exists,
-                stale_after_s: float = STALE_AFTER_S) -> dict[str, Any]:
+                stale_after_s: float = STALE_AFTER_S,
+                service_probe: Callable[[Path], dict | None] | None = service_status) -> dict[str, Any]:
     """Given a run directory, return the ``status`` answer: the heartbeat's fields with
     the derived ``state`` and the derived fields listed in the module docstring. Never
     raises for a missing or damaged run directory (an empty one is ``not_started``).
@@ -265,6 +269,10 @@ def read_status(run_dir: Path, now: float | None = None,
     if not isinstance(status.get("log_path"), str):
         status["log_path"] = str(run_dir / LOG_FILE)
     status["run_dir"] = str(run_dir)
+    # Whether launchd/systemd will (re)start this run; a probe only when its file exists.
+    service = service_probe(run_dir) if service_probe is not None else None
+    if service is not None:
+        status["service"] = service
     return status
 
 
@@ -446,7 +454,24 @@ def render_status(status: dict[str, Any]) -> str:
         rows.append(("heartbeat", f"{_duration(hb_age)} ago"))
     if status.get("log_path") and state != "not_started":
         rows.append(("log", str(status["log_path"])))
+    if isinstance(status.get("service"), dict):
+        rows.append(("service", _service_text(status["service"])))
     return "\n".join(f"{label:<10} {value}".rstrip() for label, value in rows) + "\n"
+
+
+def _service_text(service: dict) -> str:
+    """Given the ``service`` field, return e.g. ``launchd agent com.mathlora.daemon.x:
+    installed, loaded``."""
+    manager = service.get("manager")
+    what = f"{manager} {'agent' if manager == 'launchd' else 'unit'} {service.get('label', '')}".rstrip()
+    if service.get("other_run_dir"):
+        return f"{what}: not installed for this run (taken by {service['other_run_dir']})"
+    if not service.get("installed"):
+        return f"{what}: not installed (mathlora-daemon install)"
+    word = "loaded" if manager == "launchd" else "enabled"
+    loaded = service.get("loaded")
+    state = word if loaded is True else f"not {word}" if loaded is False else f"{word}: unknown (no answer)"
+    return f"{what}: installed, {state}"
 
 
 def status_main(run_dir: Path, as_json: bool = False, out: TextIO | None = None) -> int:
