@@ -183,4 +183,21 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
     if a == b:
         return True
     x, y = to_number(a), to_number(b)
+    if x is not None and y is not None:
+        return x == y
+    # "10 cm" against "10", "12 apples" against "12": compare the numbers when a trailing
+    # unit is all that stands between them (only when what remains is a plain number).
+    x, y = to_number(_strip_unit(a)), to_number(_strip_unit(b))
     return x is not None and y is not None and x == y
+
+
+# A unit is a word of two or more letters ("cm", "apples"), optionally squared, or a
+# compound like "m/s"; a single letter after a number ("2x") is a variable, not a unit.
+_UNIT_RE = re.compile(r"^(.*?\d)\s*(?:[a-z]{2,}(?:\^?\d)?|°|[a-z]+(?:\^?\d)?/[a-z]+(?:\^?\d)?)$",
+                      re.IGNORECASE)
+
+
+def _strip_unit(text: str) -> str:
+    """Given a normalized answer, return it without one trailing unit word ("10cm" -> "10")."""
+    m = _UNIT_RE.match(text)
+    return m.group(1) if m else text

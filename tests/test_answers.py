@@ -167,3 +167,17 @@ def test_extract_then_match_on_generations():
     for text in (good, wrong_box_then_right, plain):
         assert answers_match(extract_answer(text)[0], reference), text
     assert not answers_match(extract_answer("\\boxed{0.5} no: \\boxed{0.4}")[0], reference)
+
+
+@pytest.mark.parametrize("predicted, reference, expected", [
+    ("10\\text{ cm}", "10", True),
+    ("10 cm", "10", True),
+    ("12", "12 apples", True),
+    ("3 m/s", "3", True),
+    ("90^\\circ", "90", True),
+    ("10 cm", "11", False),
+    ("x^2", "2", False),  # a variable is not a unit
+    ("2x", "2", False),
+])
+def test_a_trailing_unit_does_not_hide_an_equal_number(predicted, reference, expected):
+    assert answers_match(predicted, reference) is expected
