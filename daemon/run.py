@@ -153,7 +153,6 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     until done, stopped, out of budget or window; return the RunResult. Raise InputError
     (exit 78) for a bad model, dataset, target list or a checkpoint of another
     configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written."""
-    import mlx.nn as nn
     from tqdm import tqdm
 
     from checkpoints.store import cleanup_temporaries, find_latest_valid, prune
@@ -161,12 +160,13 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     from daemon.batches import Schedule, epoch_order, step_micro_batches
     from daemon.checkpointing import Progress, fingerprint, restore_training_checkpoint, save_training_checkpoint
     from daemon.control import FileWatcher
+    from daemon.convert import ensure_model
     from daemon.memory import apply_limits
     from daemon.model import adapter_config, apply_lora, load_base, save_adapters, total_count, trainable_count
     from daemon.power import SleepInhibitor
     from daemon.prepare import prepare_tokens
     from daemon.runtime import Runtime
-    from daemon.trainer import make_optimizer, masked_loss, train_step
+    from daemon.trainer import make_optimizer, train_step
 
     if debug:
         shutil.rmtree(run_dir / "debug", ignore_errors=True)  # a debug run always starts from scratch
@@ -185,7 +185,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     inhibitor = SleepInhibitor()
     try:
         log.info("memory.limits", **apply_limits(cfg.daemon.memory_limit_gb, wired_limit=True))
-        mdir = model_dir(cfg, run_dir)
+        mdir = ensure_model(cfg, run_dir, log)  # converts model.name into model.path when it is missing
         log.info("model.load.start", path=str(mdir))
         model, tokenizer, _ = load_base(mdir)
         heartbeat.update(phase="preparing")
@@ -244,7 +244,6 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             inhibitor.start(os.getpid())
             log.info("power.prevent_sleep", **inhibitor.describe())
         model.train()  # dropout active
-        loss_and_grad = nn.value_and_grad(model, masked_loss)
         log.info("train.start", sequences=len(cache), steps_per_epoch=schedule.steps_per_epoch,
                  total_steps=schedule.total_steps, sequences_per_step=schedule.sequences_per_step,
                  start_step=state.global_step, budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
@@ -264,8 +263,9 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(len(cache), cfg.train.seed, epoch)
             t0 = time.monotonic()
+            # The compiled step (daemon/trainer.py), the same function for a fresh and a resumed run.
             result = train_step(model, optimizer, cache, step_micro_batches(schedule, order, step),
-                                cfg.train.seed, step, loss_and_grad, should_abort=flags.stop.is_set)
+                                cfg.train.seed, step, should_abort=flags.stop.is_set)
             if result is None:  # stop requested mid-step: the state is still at the last boundary
                 stop = runtime.boundary(checkpoint)
                 break

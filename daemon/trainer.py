@@ -2,11 +2,35 @@
 
 Kept free of logging, files and timing so the daemon loop, the benchmarks and the tests
 all drive the very same step.
+
+Two paths compute the same step:
+
+- compiled (the default): the micro-batch's loss and gradient, the accumulation and the
+  Adam update are traced once by `mx.compile` with the model, optimizer and RNG state as
+  captured state (MLX's "Compiling training graphs" pattern, as mlx-lm's own trainer
+  does), then replayed as fused kernels. Lengths are padded up to a multiple of
+  `PAD_MULTIPLE` so the shapes repeat and the trace is reused; padded positions are
+  masked out of the loss, so the mathematics is unchanged (only float summation order
+  may differ). Compiled code is deterministic run to run, and an interrupted run and
+  an uninterrupted one replay the very same compiled function, so resumes stay
+  bit-exact.
+- eager (`compile=False`, or MATHLORA_COMPILE=0 in the environment): the original
+  uncompiled step, kept for comparison (bench/train_bench.py) and as an escape hatch.
+
+Either way there is one host sync per micro-batch (`mx.eval`, which bounds memory to
+one micro-batch's graph) and one `.item()` per optimizer step (the logged loss).
+
+Opt-in (MATHLORA_DEQUANT_MATMUL=1): the compiled step runs 4-bit base layers as
+dequantize + dense matmul (DequantizedMatmulLinear), faster for training-length inputs
+on CUDA at the price of memory; see `dequant_default`.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +41,10 @@ from mlx.utils import tree_map
 from daemon import testhooks
 from daemon.batches import pad_batch, step_seed
 from daemon.cache import TokenCache
+
+PAD_MULTIPLE = 64  # compiled path: pad lengths up to a multiple of this, so traces are reused
+COMPILE_ENV = "MATHLORA_COMPILE"  # "0" turns the compiled step off (eager path)
+DEQUANT_ENV = "MATHLORA_DEQUANT_MATMUL"  # "1": 4-bit base layers as dequantize + matmul (opt-in)
 
 
 def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
@@ -40,9 +68,169 @@ class StepResult:
     tokens: int
 
 
+def compile_default() -> bool:
+    """Whether train_step compiles when not told: yes, unless MATHLORA_COMPILE=0."""
+    return os.environ.get(COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# --- 4-bit (QLoRA) base layers: dequantize + matmul for long inputs ---------------------
+
+DEQUANT_MIN_ROWS = 256  # inputs with fewer rows (decoding) keep MLX's quantized matmul
+_DEQUANT_MATMULS: dict = {}
+
+
+def _dequant_matmul(group_size: int, bits: int, mode: str):
+    """x @ dequantize(w).T whose backward recomputes the dequantized weight instead of
+    keeping it from the forward pass (it would hold a bf16 copy of every weight)."""
+    key = (group_size, bits, mode)
+    if key not in _DEQUANT_MATMULS:
+        def weight(w, scales, biases):
+            return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+        @mx.custom_function
+        def matmul(x, w, scales, biases):
+            return x @ weight(w, scales, biases).T
+
+        @matmul.vjp
+        def matmul_vjp(primals, cotangent, output):
+            x, w, scales, biases = primals
+            # Made to depend on the cotangent, the backward's dequantization is neither
+            # merged with the forward's by compile (which would keep every layer's dense
+            # weight alive until the backward pass) nor run before it is needed.
+            w, scales, biases = mx.depends([w, scales, biases], [cotangent])
+            # The base is frozen: only dx is used; the zeros are never evaluated.
+            return cotangent @ weight(w, scales, biases), mx.zeros_like(w), mx.zeros_like(scales), \
+                mx.zeros_like(biases)
+
+        _DEQUANT_MATMULS[key] = matmul
+    return _DEQUANT_MATMULS[key]
+
+
+class DequantizedMatmulLinear(nn.QuantizedLinear):
+    """A QuantizedLinear (same parameters, same saved files) whose forward, for inputs
+    of many rows, dequantizes the weight and runs a dense matmul: on an H100 a dense
+    GEMM ran 4-5x faster than MLX's quantized matmul for 1k-8k rows (the quantized
+    kernels are built for decoding a few tokens). The weights stay 4-bit; the dense
+    copy is transient, recomputed for the backward pass, though MLX still kept 6-10 GB
+    more at peak for a 7B model than the quantized matmul did."""
+
+    def __call__(self, x):
+        if (x.size // max(x.shape[-1], 1) < DEQUANT_MIN_ROWS or getattr(self, "mode", "affine") != "affine"
+                or "biases" not in self):
+            return super().__call__(x)
+        y = _dequant_matmul(self.group_size, self.bits, "affine")(x, self["weight"], self["scales"],
+                                                                   self["biases"])
+        return y + self["bias"] if "bias" in self else y
+
+
+def use_dequantized_matmul(model: nn.Module) -> int:
+    """Given a model, switch its QuantizedLinear layers (LoRA-wrapped ones included) to
+    DequantizedMatmulLinear in place and return how many were switched; the parameters,
+    trainable set and adapter files do not change."""
+    switched = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = DequantizedMatmulLinear
+            switched += 1
+    return switched
+
+
+def dequant_default() -> bool:
+    """Whether the compiled step runs 4-bit base layers as dequantize + dense matmul
+    (DequantizedMatmulLinear): only when MATHLORA_DEQUANT_MATMUL=1. On an H100 it made
+    QLoRA training 1.9-2.7x faster than MLX's quantized matmul but raised peak memory
+    by 6-10 GB (bench/README.md), and 4-bit is chosen for memory; Apple GPUs were not
+    measured."""
+    return os.environ.get(DEQUANT_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class CompiledStep:
+    """The compiled pieces of one (model, optimizer) pair.
+
+    `accumulate(tokens, lengths, acc)` returns (loss, ntoks, acc + grads) for one
+    micro-batch; `finish(tokens, lengths, acc, scale)` does the same for the last
+    micro-batch of a step, scales the summed gradients and applies Adam, returning
+    (loss, ntoks). Both read and write the model's and the RNG's state (dropout), and
+    `finish` the optimizer's, as captured compile state.
+
+    The closures hold the optimizer weakly: train_step keeps one CompiledStep per live
+    optimizer (a weak-keyed table), and a strong reference from the compiled function
+    back to its key would keep both alive for ever.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer):
+        # The optimizer state must exist before tracing: captured state is read at call
+        # time, and a lazily created state would only appear after the first trace.
+        # init() fills only what is missing, so restored state is kept as it is.
+        optimizer.init(model.trainable_parameters())
+        # Same parameters either way; a fresh and a resumed run take the same path.
+        self.dequantized = use_dequantized_matmul(model) if dequant_default() else 0
+        self.model_ref = weakref.ref(model)
+        self.opt_state = optimizer.state
+        self.rng_state = mx.random.state
+        opt_ref = weakref.ref(optimizer)
+        loss_and_grad = nn.value_and_grad(model, masked_loss)
+
+        def micro(tokens, lengths, acc):
+            (loss, ntoks), grads = loss_and_grad(model, tokens, lengths)
+            if acc is not None:
+                grads = tree_map(mx.add, acc, grads)
+            return loss, ntoks, grads
+
+        grad_state = [model.state, mx.random.state]
+        full_state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=grad_state, outputs=grad_state)
+        def accumulate(tokens, lengths, acc):
+            return micro(tokens, lengths, acc)
+
+        @partial(mx.compile, inputs=full_state, outputs=full_state)
+        def finish(tokens, lengths, acc, scale):
+            loss, ntoks, grads = micro(tokens, lengths, acc)
+            grads = tree_map(lambda g: g * scale, grads)
+            opt_ref().update(model, grads)
+            return loss, ntoks
+
+        self.accumulate = accumulate
+        self.finish = finish
+
+    def serves(self, model: nn.Module, optimizer: optim.Optimizer) -> bool:
+        """Whether this was built for this model and the optimizer's current state
+        object (a restore that replaces `optimizer.state` needs a new one)."""
+        return self.model_ref() is model and self.opt_state is optimizer.state and self.rng_state is mx.random.state
+
+
+_COMPILED: "weakref.WeakKeyDictionary[optim.Optimizer, CompiledStep]" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: nn.Module, optimizer: optim.Optimizer) -> CompiledStep:
+    """Given the model and its optimizer, return their CompiledStep (built once, reused
+    for every later step; rebuilt if the optimizer's state object was replaced)."""
+    step = _COMPILED.get(optimizer)
+    if step is None or not step.serves(model, optimizer):
+        step = _COMPILED[optimizer] = CompiledStep(model, optimizer)
+    return step
+
+
+def padded_length(length: int, multiple: int, cap: int = 0) -> int:
+    """Given a batch's longest length, return it rounded up to `multiple` (not past
+    `cap` when cap >= length, so sequences already at max_seq_len are not padded)."""
+    rounded = -(-length // multiple) * multiple
+    return min(rounded, cap) if cap >= length else rounded
+
+
+def _batch(cache: TokenCache, indices: np.ndarray, pad_id: int, multiple: int) -> tuple[mx.array, mx.array]:
+    tokens, lengths = pad_batch([cache.sequence(int(i)) for i in indices], pad_id)
+    if multiple > 1:
+        target = padded_length(tokens.shape[1], multiple, int(cache.meta.get("max_seq_len") or 0))
+        if target > tokens.shape[1]:
+            tokens = np.pad(tokens, ((0, 0), (0, target - tokens.shape[1])), constant_values=pad_id)
+    return mx.array(tokens), mx.array(lengths)
+
+
 def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, micro_batches: list[np.ndarray],
                seed: int, global_step: int, loss_and_grad=None, pad_id: int = 0,
-               should_abort=None) -> StepResult | None:
+               should_abort=None, compile: bool | None = None) -> StepResult | None:
     """Given the model, optimizer, token cache and one step's micro-batches (index
     arrays), apply one optimizer update with the mean of the micro-batch gradients and
     return the step's mean loss and its number of target tokens.
@@ -50,7 +238,42 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, 
     Return None without touching model or optimizer when `should_abort()` turns true
     between two micro-batches: the state stays at the last step boundary, where it can
     be checkpointed at once (a 7B step can take a minute; launchd waits 60 s at most).
+
+    `compile` (default: on unless MATHLORA_COMPILE=0) picks the compiled step; the eager
+    one differentiates `loss_and_grad` when given (else masked_loss), the compiled one
+    always masked_loss.
     """
+    if compile is None:
+        compile = compile_default()
+    if not compile:
+        return _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_and_grad, pad_id,
+                           should_abort)
+    mx.random.seed(step_seed(seed, global_step))
+    fns = compiled_step(model, optimizer)
+    acc, losses, ntoks = None, [], []
+    last = len(micro_batches) - 1
+    for i, indices in enumerate(micro_batches):
+        if i and should_abort is not None and should_abort():
+            return None
+        tokens, lengths = _batch(cache, indices, pad_id, PAD_MULTIPLE)
+        if i < last:
+            loss, n, acc = fns.accumulate(tokens, lengths, acc)
+            mx.eval(acc, loss, n)  # bounds memory to one micro-batch's graph
+        else:
+            loss, n = fns.finish(tokens, lengths, acc, mx.array(1.0 / len(micro_batches), mx.float32))
+        losses.append(loss)
+        ntoks.append(n)
+        if i == last:
+            step_loss = mx.mean(mx.stack(losses))
+            step_tokens = mx.sum(mx.stack(ntoks))
+            mx.eval(model.trainable_parameters(), optimizer.state, step_loss, step_tokens)
+        testhooks.hold_point("micro", global_step + 1)
+    return StepResult(loss=step_loss.item(), tokens=int(step_tokens.item()))
+
+
+def _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_and_grad, pad_id,
+                should_abort) -> StepResult | None:
+    """The uncompiled step, exactly as it was before the compiled one existed."""
     mx.random.seed(step_seed(seed, global_step))
     loss_and_grad = loss_and_grad or nn.value_and_grad(model, masked_loss)
     grads, losses, ntoks = None, [], []

@@ -1,0 +1,732 @@
+"""Training throughput: the daemon's loop vs a bare MLX loop vs PyTorch + PEFT, one run.
+
+For one model shape (random weights, built in memory: nothing is written but the small
+checkpoints) and each dtype/quantization and batch size it measures, on the same data:
+
+- `daemon`: the daemon's real loop, `daemon.run.train()`, with the model and token cache
+  handed in (load_base and prepare_tokens are replaced by the in-memory ones; nothing
+  else is): LoRA through `daemon.model.apply_lora`, the compiled `daemon.trainer.
+  train_step` driven by the Schedule, the runtime's boundary checks (memory reading,
+  budget, window, control files), the `train.step` log line, the heartbeat, the
+  checkpoint policy and the final checkpoint. Step time is the wall time from one
+  train_step call to the next, so all of the loop's per-step work is in it; its
+  final checkpoint gives save seconds and bytes, and a restore of that checkpoint
+  (verify + load + apply) is timed after.
+- `daemon-eager`: the same with `train_step(compile=False)`, the step before this work.
+- `bare`: what a user would write with mlx-lm: its Llama, `linear_to_lora_layers` (rank
+  8, scale 2, q/v), `nn.value_and_grad` of mlx-lm's `default_loss`, `optim.Adam`,
+  compiled with `mx.compile(inputs=outputs=[model.state, optimizer.state,
+  mx.random.state])` and `mx.eval(state, loss, ntoks)` every step, exactly as
+  `mlx_lm.tuner.trainer.train` does. `bare-eager`: the same uncompiled.
+- `peft` / `peft-compile`: transformers' LlamaForCausalLM of the same shape (sdpa
+  attention), PEFT LoRA r=8 alpha=16 on q_proj/v_proj, torch.optim.Adam on the LoRA
+  parameters, `loss = model(input_ids=x, labels=x).loss; loss.backward(); step;
+  zero_grad`, a device sync per step; eager, and under torch.compile. Imported lazily:
+  skipped with the reason recorded when torch or peft is missing, on CPU for any shape
+  but tiny, and for 4-bit (a PEFT QLoRA baseline needs bitsandbytes).
+
+All loops see the same token sequences of exactly T tokens (no padding) in the same
+order. Step time is the median over --steps after --warmup; tokens/s = batch x T /
+median step (also given as a mean over the measured steps, which catches periodic
+stalls); peak memory is `mx.get_peak_memory()` (or `torch.cuda.max_memory_allocated()`)
+after a reset at the start of the configuration, model weights included. Also measured:
+data preparation (`daemon.prepare.prepare_tokens` on synthetic math rows with the demo
+tokenizer) and the token cache's load time.
+
+    .venv/bin/python bench/train_bench.py --shape tiny --batch 1,2 --steps 3 --warmup 1 --which daemon,bare
+    python3 bench/train_bench.py --shape deepseek-7b --quant 0,4 --batch 1,4,8 --which daemon,bare,peft \\
+        --out results.json --md results.md
+
+Writes one JSON document (a header naming device, versions and command, then one
+record per configuration) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+
+GB = 1e9
+LOOPS = ("daemon", "daemon-eager", "daemon-dequant", "bare", "bare-eager", "peft", "peft-compile")
+SHAPES = {
+    # The demo's tiny Llama (CPU smoke) and DeepSeek-Math-7B's shape.
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                 vocab_size=512, tie_word_embeddings=True, dtype="float32", seq=256),
+    "deepseek-7b": dict(hidden_size=4096, num_hidden_layers=30, num_attention_heads=32, intermediate_size=11008,
+                        vocab_size=102400, tie_word_embeddings=False, dtype="bfloat16", seq=1024),
+}
+RANK, ALPHA, TARGETS, LR, SEED = 8, 16.0, ["q_proj", "v_proj"], 1e-5, 0
+
+
+# --- model and data -------------------------------------------------------------------
+
+def model_config(shape: str) -> dict:
+    s = SHAPES[shape]
+    return {"model_type": "llama", "hidden_size": s["hidden_size"], "num_hidden_layers": s["num_hidden_layers"],
+            "intermediate_size": s["intermediate_size"], "num_attention_heads": s["num_attention_heads"],
+            "num_key_value_heads": s["num_attention_heads"], "rms_norm_eps": 1e-6, "vocab_size": s["vocab_size"],
+            "max_position_embeddings": 4096, "rope_theta": 10000.0,
+            "tie_word_embeddings": s["tie_word_embeddings"]}
+
+
+def build_mlx_model(shape: str, dtype: str, quant: int):
+    """The shape's mlx-lm Llama with random weights, in `dtype`, 4-bit quantized when
+    asked (group 64, as mlx-lm's convert), evaluated one layer at a time so building
+    it never holds more than one layer in float32."""
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    mx.random.seed(SEED)
+    model = Model(ModelArgs.from_dict(model_config(shape)))
+    model.set_dtype(getattr(mx, dtype))
+    if quant:
+        nn.quantize(model, group_size=64, bits=quant)
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    return model
+
+
+def strip_lora(model) -> None:
+    """Put the base linears back in place of mlx-lm's LoRA wrappers (the next loop adds
+    its own) and 4-bit layers back to MLX's QuantizedLinear, so one base model serves
+    every configuration of a dtype."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from daemon.trainer import DequantizedMatmulLinear
+
+    for _, module in model.named_modules():  # the daemon's compiled step may have switched them
+        if type(module) is DequantizedMatmulLinear:
+            module.__class__ = nn.QuantizedLinear
+    for layer in model.layers:
+        wrapped = [(name, mod.linear) for name, mod in layer.named_modules() if isinstance(mod, LoRALinear)]
+        if wrapped:
+            layer.update_modules(tree_unflatten(wrapped))
+    model.unfreeze()
+    model.freeze()
+
+
+@contextmanager
+def layer_checkpointing(model, enabled: bool):
+    """While active (when enabled), every transformer layer of the model recomputes its
+    activations in the backward pass instead of keeping them (mlx-lm's
+    `grad_checkpoint`, made reversible: it patches the layer class)."""
+    if not enabled:
+        yield
+        return
+    cls = type(model.layers[0])
+    original = cls.__call__
+
+    def checkpointed(self, *args, **kwargs):
+        def inner(params, *a, **k):
+            self.update(params)
+            return original(self, *a, **k)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    cls.__call__ = checkpointed
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
+def make_sequences(n: int, seq: int, vocab: int) -> np.ndarray:
+    """n random token sequences of exactly `seq` tokens (ids 3.. so no special ids)."""
+    return np.random.default_rng(SEED).integers(3, vocab, size=(n, seq), dtype=np.int32)
+
+
+def memory_cache(sequences: np.ndarray, key: str):
+    """A TokenCache held in memory, laid out like the one on disk."""
+    from daemon.cache import TokenCache
+
+    n, seq = sequences.shape
+    offsets = np.arange(n + 1, dtype=np.int64) * seq
+    return TokenCache(Path("/nonexistent/bench-cache") / key, sequences.reshape(-1).copy(), offsets,
+                      {"key": key, "sequences": n, "tokens": int(n * seq), "max_seq_len": seq})
+
+
+def step_batches(n: int, batch: int, accum: int, steps: int) -> list[list[np.ndarray]]:
+    """Each step's micro-batches (sequence indices), in the daemon's own order."""
+    from daemon.batches import Schedule, epoch_order, step_micro_batches
+
+    schedule = Schedule(n, batch, accum, 1, steps)
+    order = epoch_order(n, SEED, 0)
+    return [step_micro_batches(schedule, order, step) for step in range(steps)]
+
+
+def clear_memory() -> None:
+    gc.collect()
+    mx.clear_cache()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summarize(times: list[float], tokens_per_step: int) -> dict:
+    median = statistics.median(times)
+    return {"step_s_median": round(median, 5), "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
+            "tok_per_s": round(tokens_per_step / median, 1),
+            "tok_per_s_mean": round(tokens_per_step * len(times) / sum(times), 1),
+            "measured_steps": len(times), "all_step_s": [round(t, 5) for t in times]}
+
+
+# --- the daemon's loop ----------------------------------------------------------------
+
+def run_daemon(model, shape: str, dtype: str, quant: int, sequences: np.ndarray, batch: int, accum: int, warmup: int,
+               steps: int, workdir: Path, compile_step: bool, memory_limit_gb: float = 0.0,
+               dequant: bool = False) -> dict:
+    """Run `daemon.run.train()` on the in-memory model and data for warmup + steps + 1
+    optimizer steps; time each loop iteration from one train_step call to the next.
+    `dequant` runs it with MATHLORA_DEQUANT_MATMUL=1 (else =0)."""
+    import daemon.model as dmodel
+    import daemon.prepare as dprepare
+    import daemon.trainer as dtrainer
+    from daemon.budget import Budget
+    from daemon.checkpointing import restore_training_checkpoint
+    from daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from daemon.logs import close_logging, setup_logging
+    from daemon.run import train
+    from daemon.status import Heartbeat
+
+    seq = sequences.shape[1]
+    total = warmup + steps + 1  # the last step only closes the previous interval
+    run_dir = workdir / f"daemon-{dtype}-q{quant}-b{batch}-{'c' if compile_step else 'e'}{'d' if dequant else ''}"
+    (run_dir / "mlx_model").mkdir(parents=True)
+    (run_dir / "mlx_model" / "config.json").write_text(json.dumps(model_config(shape)))
+    cache = memory_cache(sequences[: total * batch * accum], f"bench-{shape}-{seq}")
+    cfg = Config(model=ModelConfig(name=f"bench/{shape}", path="mlx_model", quantize_bits=quant),
+                 data=DataConfig(name="bench/random-tokens", max_seq_len=seq),
+                 lora=LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, targets=list(TARGETS)),
+                 train=TrainConfig(epochs=1, batch_size=batch, grad_accumulation_steps=accum, learning_rate=LR,
+                                   seed=SEED, max_steps=total),
+                 daemon=DaemonConfig(prevent_sleep=False, pause_on_battery=False, memory_limit_gb=memory_limit_gb))
+
+    calls: list[tuple[float, float]] = []
+    real_step, real_load, real_prepare = dtrainer.train_step, dmodel.load_base, dprepare.prepare_tokens
+
+    def timed_step(*args, **kwargs):
+        start = time.perf_counter()
+        result = real_step(*args, compile=compile_step, **kwargs)
+        calls.append((start, time.perf_counter()))
+        return result
+
+    # Where the loop's own time goes: the step-boundary checks and the heartbeat writes.
+    import daemon.run as drun
+    from daemon.runtime import Runtime
+
+    boundary_s: list[float] = []
+    beat_s: list[float] = []
+    real_boundary, real_write = Runtime.boundary, drun._write_quietly
+
+    def timed_boundary(self, checkpoint):
+        start = time.perf_counter()
+        try:
+            return real_boundary(self, checkpoint)
+        finally:
+            boundary_s.append(time.perf_counter() - start)
+
+    def timed_write(heartbeat):
+        start = time.perf_counter()
+        try:
+            return real_write(heartbeat)
+        finally:
+            beat_s.append(time.perf_counter() - start)
+
+    Runtime.boundary, drun._write_quietly = timed_boundary, timed_write
+    dtrainer.train_step = timed_step
+    previous_dequant = os.environ.get(dtrainer.DEQUANT_ENV)
+    os.environ[dtrainer.DEQUANT_ENV] = "1" if dequant else "0"
+    dmodel.load_base = lambda path: (model, None, model_config(shape))
+    dprepare.prepare_tokens = lambda *args, **kwargs: cache
+    log = setup_logging(run_dir, run_dir.name, console=False)
+    heartbeat = Heartbeat(run_dir, run_dir.name, os.getpid(), cfg.daemon.budget_hours * 3600)
+    clear_memory()
+    mx.reset_peak_memory()
+    try:
+        result = train(run_dir, cfg, log, heartbeat, Budget(cfg.daemon.budget_hours * 3600), None, [],
+                       debug=False, progress=False)
+        peak = mx.get_peak_memory()
+    finally:
+        dtrainer.train_step, dmodel.load_base, dprepare.prepare_tokens = real_step, real_load, real_prepare
+        Runtime.boundary, drun._write_quietly = real_boundary, real_write
+        if previous_dequant is None:
+            os.environ.pop(dtrainer.DEQUANT_ENV, None)
+        else:
+            os.environ[dtrainer.DEQUANT_ENV] = previous_dequant
+        heartbeat.stop()
+        close_logging()
+    if result.steps != total:
+        raise RuntimeError(f"daemon ran {result.steps} steps, expected {total}")
+    starts = [c[0] for c in calls]
+    loop_s = [b - a for a, b in zip(starts, starts[1:])][warmup:]
+    step_only = [b - a for a, b in calls[warmup: warmup + steps]]
+    events = [json.loads(line) for line in (run_dir / "logs" / "daemon.jsonl").read_text().splitlines()]
+    saved = [e for e in events if e["event"] == "checkpoint.saved"][-1]
+    state = json.loads((Path(saved["path"]) / "trainer_state.json").read_text())
+    from daemon.trainer import make_optimizer
+
+    t0 = time.perf_counter()
+    restore_training_checkpoint(Path(saved["path"]), model, make_optimizer(LR), state["fingerprint"])
+    restore_s = time.perf_counter() - t0
+    losses = [e["loss"] for e in events if e["event"] == "train.step"]
+    dequantized = sum(type(m) is dtrainer.DequantizedMatmulLinear for _, m in model.named_modules())
+    record = summarize(loop_s, batch * accum * seq)
+    record.update({
+        "train_step_s_median": round(statistics.median(step_only), 5),
+        "loop_overhead_s_median": round(statistics.median(loop_s) - statistics.median(step_only), 5),
+        "boundary_ms_median": round(1000 * statistics.median(boundary_s[warmup + 1:]), 3),
+        "heartbeat_writes_in_loop": len(beat_s),
+        "heartbeat_write_ms": [round(1000 * t, 2) for t in beat_s],
+        "peak_gb": round(peak / GB, 3), "checkpoint_save_s": saved["seconds"], "checkpoint_bytes": saved["bytes"],
+        "checkpoint_restore_s": round(restore_s, 4), "first_loss": losses[0], "last_loss": losses[-1],
+        "compiled": compile_step, "dequantized_matmul_layers": dequantized,
+        "how": "daemon.run.train() with in-memory model and cache; step = wall time between train_step calls",
+    })
+    strip_lora(model)
+    return record
+
+
+# --- the bare MLX loop ----------------------------------------------------------------
+
+def run_bare(model, sequences: np.ndarray, batches: list[list[np.ndarray]], warmup: int, steps: int,
+             compile_step: bool) -> dict:
+    """mlx-lm's own training step (mlx_lm.tuner.trainer.train), without the daemon."""
+    from functools import partial
+
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    seq = sequences.shape[1]
+    model.freeze()
+    mx.random.seed(SEED)
+    linear_to_lora_layers(model, len(model.layers), {"rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0,
+                                                    "keys": [f"self_attn.{t}" for t in TARGETS]})
+    model.train()
+    optimizer = optim.Adam(learning_rate=LR)
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+    accum = len(batches[0])
+
+    def step(batch, lengths, prev_grad, do_update):
+        (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
+        if prev_grad is not None:
+            grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+        if do_update:
+            if accum > 1:
+                grad = tree_map(lambda x: x / accum, grad)
+            optimizer.update(model, grad)
+            grad = None
+        return lvalue, toks, grad
+
+    if compile_step:
+        step = partial(mx.compile, inputs=state, outputs=state)(step)
+    clear_memory()
+    mx.reset_peak_memory()
+    starts, losses, grad = [], [], None
+    for micro_batches in batches:
+        starts.append(time.perf_counter())
+        for i, indices in enumerate(micro_batches):
+            batch = mx.array(sequences[indices])
+            lengths = mx.array(np.array([[0, seq]] * len(indices), dtype=np.int32))
+            lvalue, toks, grad = step(batch, lengths, grad, i == len(micro_batches) - 1)
+            mx.eval(state, lvalue, toks, grad)
+        losses.append(lvalue.item())
+    starts.append(time.perf_counter())
+    peak = mx.get_peak_memory()
+    loop_s = [b - a for a, b in zip(starts, starts[1:])][warmup:warmup + steps]
+    record = summarize(loop_s, len(batches[0]) * len(batches[0][0]) * seq)
+    record.update({"peak_gb": round(peak / GB, 3), "first_loss": losses[0], "last_loss": losses[-1],
+                   "compiled": compile_step,
+                   "how": "mlx_lm.tuner.trainer.train's step: mlx-lm default_loss, nn.value_and_grad, optim.Adam"
+                          + (", mx.compile(inputs=outputs=[model.state, optimizer.state, mx.random.state])"
+                             if compile_step else ", uncompiled") + ", mx.eval(state, loss, ntoks) per micro-batch"})
+    strip_lora(model)
+    return record
+
+
+# --- PyTorch + PEFT -------------------------------------------------------------------
+
+def peft_unavailable(shape: str, quant: int) -> str | None:
+    if quant:
+        return "a PEFT QLoRA baseline needs bitsandbytes; only the bf16/fp32 baseline is run"
+    try:
+        import peft  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"not importable: {type(exc).__name__}: {exc}"
+    if not torch.cuda.is_available() and shape != "tiny":
+        return "no CUDA device: the PyTorch baseline runs on CPU for the tiny shape only"
+    return None
+
+
+def build_peft_model(shape: str, dtype: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model_config(shape)
+    config = LlamaConfig(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                         num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+                         num_key_value_heads=c["num_key_value_heads"], vocab_size=c["vocab_size"],
+                         max_position_embeddings=c["max_position_embeddings"], rms_norm_eps=c["rms_norm_eps"],
+                         rope_theta=c["rope_theta"], tie_word_embeddings=c["tie_word_embeddings"], use_cache=False)
+    config._attn_implementation = "sdpa"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(SEED)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.use_cache = False
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), device
+
+
+def run_peft(shape: str, dtype: str, sequences: np.ndarray, batches: list[list[np.ndarray]], warmup: int, steps: int,
+             compile_model: bool) -> dict:
+    """The PyTorch + PEFT loop; `batches` holds warmup + steps + 1 steps (the last one
+    unmeasured, as for the MLX loops)."""
+    import torch
+
+    seq = sequences.shape[1]
+    clear_memory()
+    model, device = build_peft_model(shape, dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=LR)
+    forward = torch.compile(model) if compile_model else model
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    data = torch.from_numpy(sequences.astype(np.int64))
+    accum = len(batches[0])
+    starts, losses = [], []
+    for micro_batches in batches:
+        starts.append(time.perf_counter())
+        for indices in micro_batches:
+            x = data[torch.from_numpy(np.asarray(indices, dtype=np.int64))].to(device, non_blocking=True)
+            loss = forward(input_ids=x, labels=x).loss
+            (loss / accum if accum > 1 else loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        losses.append(float(loss.detach()))
+    starts.append(time.perf_counter())
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    loop_s = [b - a for a, b in zip(starts, starts[1:])][warmup:warmup + steps]
+    record = summarize(loop_s, len(batches[0]) * len(batches[0][0]) * seq)
+    lora_dtypes = sorted({str(p.dtype) for p in params})
+    record.update({"peak_gb": round(peak / GB, 3) if peak is not None else None, "first_loss": losses[0],
+                   "last_loss": losses[-1], "compiled": compile_model, "lora_param_dtype": lora_dtypes,
+                   "how": f"transformers LlamaForCausalLM (sdpa) + PEFT LoRA, torch.optim.Adam, "
+                          f"{'torch.compile' if compile_model else 'eager'}, device sync per step"})
+    del model, forward, optimizer, params, loss
+    clear_memory()
+    return record
+
+
+# --- data preparation -----------------------------------------------------------------
+
+def data_prep(rows: int, seq: int, workdir: Path) -> dict:
+    """prepare_tokens on synthetic math rows with the demo tokenizer, then load_cache."""
+    from daemon.cache import load_cache
+    from daemon.config import DataConfig
+    from daemon.demo_assets import build_demo_model_dir
+    from daemon.mathgen import generate_problems
+    from daemon.model import load_base
+    from daemon.prepare import prepare_tokens
+    from daemon.template import format_example
+
+    class NullLog:
+        def info(self, *a, **k):
+            pass
+
+        warning = error = info
+
+    problems = generate_problems(rows, seed=1)
+    path = workdir / "prep" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({"problem": r["problem"], "solution": r["solution"]}) + "\n"
+                            for r in problems))
+    model_dir = build_demo_model_dir(workdir / "prep" / "model",
+                                     [format_example(r["problem"], r["solution"]) for r in problems[:200]],
+                                     seed=0, vocab_size=512, hidden_size=32, num_layers=1, num_heads=2,
+                                     intermediate_size=64)
+    _, tokenizer, _ = load_base(model_dir)
+    cfg = DataConfig(name=str(path), max_seq_len=seq)
+    t0 = time.perf_counter()
+    cache = prepare_tokens(cfg, workdir / "prep", model_dir, tokenizer, NullLog(), progress=False)
+    prep_s = time.perf_counter() - t0
+    loads, reads = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        loaded = load_cache(cache.path)
+        loads.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        total = sum(int(loaded.sequence(i).shape[0]) for i in range(len(loaded)))
+        reads.append(time.perf_counter() - t0)
+    assert total == cache.meta["tokens"]
+    return {"rows": rows, "sequences": len(cache), "tokens": int(cache.meta["tokens"]),
+            "prepare_s": round(prep_s, 4), "rows_per_s": round(rows / prep_s, 1),
+            "tokens_per_s": round(cache.meta["tokens"] / prep_s, 1),
+            "cache_load_s_median": round(statistics.median(loads), 6),
+            "cache_read_all_s_median": round(statistics.median(reads), 6),
+            "tokenizer": "the demo's byte-level BPE (vocab 512)",
+            "how": "daemon.prepare.prepare_tokens (read, template, tokenize, write cache with fsync); "
+                   "daemon.cache.load_cache (memory-mapped), then every sequence sliced once"}
+
+
+# --- the run --------------------------------------------------------------------------
+
+def run_mlx_loop(loop: str, model, args, quant: int, sequences, batch: int, batches, workdir: Path) -> dict:
+    limit = int(args.memory_limit_gb * 1024 ** 3)
+    previous = mx.set_memory_limit(limit) if limit else None
+    try:
+        if loop.startswith("daemon"):  # the daemon sets its own limit from the config, as it would
+            return run_daemon(model, args.shape, args.dtype, quant, sequences, batch, args.accum, args.warmup,
+                              args.steps, workdir, compile_step=(loop != "daemon-eager"),
+                              memory_limit_gb=args.memory_limit_gb, dequant=(loop == "daemon-dequant"))
+        return run_bare(model, sequences, batches, args.warmup, args.steps, compile_step=(loop == "bare"))
+    finally:
+        if previous is not None:
+            mx.set_memory_limit(previous)
+
+
+def header(args) -> dict:
+    from importlib import metadata
+
+    info = {"command": " ".join([Path(sys.executable).name] + sys.argv), "started": datetime.now(timezone.utc)
+            .isoformat(timespec="seconds"), "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "mlx_device": str(mx.default_device()), "shape": args.shape,
+            "model": model_config(args.shape), "seq": args.seq, "lora": {"rank": RANK, "alpha": ALPHA,
+                                                                        "targets": TARGETS}}
+    try:
+        device_info = mx.device_info()
+        info["mlx_device_name"] = device_info.get("device_name") or device_info.get("architecture")
+        info["mlx_device_memory_gb"] = round(device_info.get("memory_size", 0) / GB, 1) or None
+    except Exception as exc:  # the header still stands without it
+        info["mlx_device_name"] = f"unknown ({exc})"
+    for dist in ("mlx", "mlx-lm", "mlx-cuda", "mlx-metal", "torch", "transformers", "peft", "numpy"):
+        try:
+            info.setdefault("versions", {})[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    info.setdefault("versions", {})["mlx.core"] = mx.__version__
+    info["env"] = {k: os.environ[k] for k in ("MATHLORA_COMPILE", "MATHLORA_DEQUANT_MATMUL") if k in os.environ}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["torch_device_name"] = torch.cuda.get_device_name()
+    return info
+
+
+def ratios(records: list[dict]) -> None:
+    """daemon / bare (same dtype, quant, batch) and vs PEFT eager (same batch)."""
+    def find(loop, r):
+        return next((x for x in records if x["loop"] == loop and x.get("tok_per_s") and x["batch"] == r["batch"]
+                     and x["dtype"] == r["dtype"] and x["quant"] == r["quant"]), None)
+
+    for r in records:
+        if not r.get("tok_per_s"):
+            continue
+        bare = find("bare", r)
+        if bare and r["loop"] != "bare":
+            r["vs_bare"] = round(r["tok_per_s"] / bare["tok_per_s"], 3)
+        peft = next((x for x in records if x["loop"] == "peft" and x.get("tok_per_s") and x["batch"] == r["batch"]
+                     and x["dtype"] == r["dtype"]), None)
+        if peft and r["loop"] != "peft":
+            r["vs_peft"] = round(r["tok_per_s"] / peft["tok_per_s"], 3)
+
+
+def markdown(doc: dict) -> str:
+    h = doc["header"]
+    device = h.get("torch_device_name") or h.get("mlx_device_name") or h["mlx_device"]
+    lines = [f"Device: {device} ({h['mlx_device']}; {h['platform']}, {h['cpus']} CPUs); "
+             f"versions: {', '.join(f'{k} {v}' for k, v in h['versions'].items())}",
+             f"Command: `{h['command']}`", "",
+             "| shape | dtype | quant | loop | batch x accum | T | step s (median) | tokens/s | tokens/s (mean) "
+             "| peak GB | vs bare | vs PEFT | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["records"]:
+        if r.get("skipped"):
+            note = f"skipped: {r['skipped']}"
+            cells = ["-"] * 7
+        else:
+            note = []
+            if r["loop"].startswith("daemon"):
+                note.append(f"train_step {r['train_step_s_median']:.4f} s, loop overhead "
+                            f"{1000 * r['loop_overhead_s_median']:.2f} ms; checkpoint save {r['checkpoint_save_s']} s "
+                            f"/ restore {r['checkpoint_restore_s']} s, {r['checkpoint_bytes'] / 1e6:.1f} MB")
+            if r.get("dequantized_matmul_layers"):
+                note.append(f"4-bit layers as dequantize + matmul ({r['dequantized_matmul_layers']})")
+            if r.get("grad_checkpoint"):
+                note.append("per-layer gradient checkpointing")
+            if r.get("memory_limit_gb"):
+                note.append(f"MLX memory limit {r['memory_limit_gb']:g} GB")
+            note.append(f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+            note = "; ".join(note)
+            cells = [str(r["seq"]), f"{r['step_s_median']:.4f}", f"{r['tok_per_s']:,.0f}",
+                     f"{r['tok_per_s_mean']:,.0f}", "-" if r.get("peak_gb") is None else f"{r['peak_gb']:.2f}",
+                     f"{r['vs_bare']:.3f}" if "vs_bare" in r else "-", f"{r['vs_peft']:.3f}" if "vs_peft" in r else "-"]
+        lines.append(f"| {h['shape']} | {r['dtype']} | {r['quant'] or '-'} | {r['loop']} | {r['batch']} x {r['accum']} "
+                     f"| {' | '.join(cells)} | {note} |")
+    prep = doc.get("data_prep")
+    if prep:
+        lines += ["", "| data preparation | rows | sequences | tokens | seconds | rows/s | tokens/s | cache load s "
+                      "| read all s |", "|---|---|---|---|---|---|---|---|---|",
+                  f"| {prep['tokenizer']} | {prep['rows']} | {prep['sequences']} | {prep['tokens']} | "
+                  f"{prep['prepare_s']} | {prep['rows_per_s']:,.0f} | {prep['tokens_per_s']:,.0f} | "
+                  f"{prep['cache_load_s_median']} | {prep['cache_read_all_s_median']} |"]
+    return "\n".join(lines) + "\n"
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="default: the shape's (tiny float32, deepseek-7b bfloat16)")
+    parser.add_argument("--quant", type=int_list, default=[0], help="0 and/or 4, comma separated (4 = QLoRA)")
+    parser.add_argument("--batch", type=int_list, default=[1, 4, 8], help="batch sizes, comma separated")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence T (default: tiny 256, 7B 1024)")
+    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before measuring (compiles, caches)")
+    parser.add_argument("--peft-warmup", type=int, default=8,
+                        help="warm-up steps for the PyTorch loops (at least --warmup)")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--which", default="daemon,bare,peft", help=f"loops, comma separated, from {', '.join(LOOPS)}")
+    parser.add_argument("--grad-checkpoint", action="store_true",
+                        help="MLX loops recompute each layer's activations in the backward pass (memory for time); "
+                             "the daemon has no setting for this yet, so its rows then show what one would give")
+    parser.add_argument("--memory-limit-gb", type=float, default=0.0,
+                        help="MLX memory limit for the MLX loops (the daemon's daemon.memory_limit_gb); 0: MLX default")
+    parser.add_argument("--prep-rows", type=int, default=2000, help="rows for the data preparation figure (0: skip)")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON document here")
+    parser.add_argument("--md", type=Path, default=None, help="write the markdown table here")
+    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    which = [w.strip() for w in args.which.split(",") if w.strip()]
+    unknown = [w for w in which if w not in LOOPS]
+    if unknown or not which:
+        parser.error(f"--which: unknown loop(s) {unknown}; choose from {', '.join(LOOPS)}")
+    if any(q not in (0, 4) for q in args.quant):
+        parser.error("--quant: 0 or 4")
+    if args.steps < 1 or args.warmup < 0 or args.accum < 1 or not args.batch or min(args.batch) < 1:
+        parser.error("--steps >= 1, --warmup >= 0, --accum >= 1 and batch sizes >= 1")
+    args.dtype = args.dtype or SHAPES[args.shape]["dtype"]
+    args.seq = args.seq or SHAPES[args.shape]["seq"]
+    if any(w.startswith("peft") for w in which) and peft_unavailable(args.shape, 0) is None:
+        import torch  # noqa: F401  (imported before the header so it can name the CUDA device)
+
+    doc = {"header": header(args), "records": []}
+    workdir = Path(tempfile.mkdtemp(prefix="train-bench-", dir=args.workdir))
+    started = time.perf_counter()
+
+    def emit(record: dict) -> None:
+        doc["records"].append(record)
+        shown = {k: v for k, v in record.items() if k not in ("all_step_s", "how")}
+        print(json.dumps(shown), file=sys.stderr, flush=True)
+        if args.out:  # kept current, so a run cut short still leaves what it measured
+            args.out.write_text(json.dumps(doc, indent=2) + "\n")
+
+    try:
+        steps_total = args.warmup + args.steps + 1
+        sequences = make_sequences(max(args.batch) * args.accum * steps_total, args.seq,
+                                   SHAPES[args.shape]["vocab_size"])
+        mlx_loops = [w for w in which if not w.startswith("peft")]
+        for quant in args.quant:
+            if not mlx_loops:
+                break
+            t0 = time.perf_counter()
+            model = build_mlx_model(args.shape, args.dtype, quant)
+            build_s = round(time.perf_counter() - t0, 2)
+            for batch in args.batch:
+                batches = step_batches(steps_total * batch * args.accum, batch, args.accum, steps_total)
+                for loop in mlx_loops:
+                    base = {"loop": loop, "dtype": args.dtype, "quant": quant, "batch": batch, "accum": args.accum,
+                            "seq": args.seq, "warmup": args.warmup, "model_build_s": build_s}
+                    if args.grad_checkpoint:
+                        base["grad_checkpoint"] = True
+                    if args.memory_limit_gb:
+                        base["memory_limit_gb"] = args.memory_limit_gb
+                    if loop == "daemon-dequant" and not quant:
+                        emit({**base, "skipped": "no 4-bit layers to dequantize (quant 0): same as daemon"})
+                        continue
+                    try:
+                        with layer_checkpointing(model, args.grad_checkpoint):
+                            rec = run_mlx_loop(loop, model, args, quant, sequences, batch, batches, workdir)
+                    except Exception as exc:  # e.g. out of memory at a large batch: record it, go on
+                        rec = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
+                        strip_lora(model)
+                    emit({**base, **rec})
+                    clear_memory()
+            del model
+            clear_memory()
+        for loop in (w for w in which if w.startswith("peft")):
+            for quant in args.quant:
+                for batch in args.batch:
+                    base = {"loop": loop, "dtype": args.dtype, "quant": quant, "batch": batch, "accum": args.accum,
+                            "seq": args.seq}
+                    reason = peft_unavailable(args.shape, quant)
+                    if reason:
+                        emit({**base, "skipped": reason})
+                        continue
+                    # PyTorch's allocator and cuBLAS settle over more steps than MLX's compiled
+                    # step (seen on the H100: B=1 steps fell from 0.16 to 0.10 s over ten steps).
+                    # The extra warm-up steps repeat the first batch, so the measured steps see
+                    # exactly the MLX loops' batches.
+                    warm = max(args.warmup, args.peft_warmup)
+                    batches = step_batches(steps_total * batch * args.accum, batch, args.accum, steps_total)
+                    base["warmup"] = warm
+                    try:
+                        rec = run_peft(args.shape, args.dtype, sequences,
+                                       batches[:1] * (warm - args.warmup) + batches, warm, args.steps,
+                                       compile_model=(loop == "peft-compile"))
+                    except Exception as exc:
+                        rec = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
+                        clear_memory()
+                    emit({**base, **rec})
+        if args.prep_rows:
+            doc["data_prep"] = data_prep(args.prep_rows, args.seq, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ratios(doc["records"])
+    doc["header"]["wall_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    table = markdown(doc)
+    if args.md:
+        args.md.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
