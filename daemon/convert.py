@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from checkpoints.fsio import DIR_MODE, FILE_MODE, TMP_PREFIX, ensure_private_dir, fsync_dir, fsync_file, publish_dir
 from daemon.config import CONFIG_FILE, Config, load_config
 from daemon.errors import InputError, TemporaryFailure
@@ -368,16 +370,6 @@ def _seal(directory: Path) -> None:
     os.chmod(directory, DIR_MODE)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale(out_dir: Path) -> list[str]:
     """Given the target model directory, remove what conversions killed midway left
     beside it (`.tmp-convert-<name>-<pid>-*` of dead processes) and return their names.
@@ -395,7 +387,7 @@ def cleanup_stale(out_dir: Path) -> list[str]:
                 continue
             # Exactly <pid>-<8 hex>: `.tmp-convert-mlx_model-2-...` belongs to `mlx_model-2`.
             m = re.fullmatch(r"(\d+)-[0-9a-f]{8}", entry.name[len(head):])
-            if m is None or _pid_alive(int(m.group(1))):
+            if m is None or psutil.pid_exists(int(m.group(1))):
                 continue
             if prefix == _OLD and not out_dir.exists():
                 os.rename(entry, out_dir)

@@ -21,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
+import psutil
+
 from checkpoints.fsio import (DIR_MODE, FILE_MODE, TMP_PREFIX, ensure_private_dir, fsync_dir, fsync_file,
                               publish_dir, write_bytes_durable)
 from daemon.errors import InputError
@@ -62,22 +64,12 @@ def new_tmp_dir(final: Path) -> Path:
     parent = ensure_private_dir(final.parent)
     for leftover in parent.glob(f"{TMP_PREFIX}{final.name}.*"):
         pid = leftover.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
     tmp = parent / f"{TMP_PREFIX}{final.name}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=DIR_MODE)
     return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def seal_dir(tmp: Path) -> None:

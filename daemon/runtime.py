@@ -145,14 +145,19 @@ class Runtime:
         if training:
             self.budget.add(awake)
 
+    def _refresh(self, training: bool) -> Stop | None:
+        """Account the time since the last call, take in reloads and control requests,
+        and return a Stop when one is due."""
+        self.account(training=training)
+        self.apply_reload()
+        self.apply_control()
+        return self.stop_reason()
+
     def boundary(self, checkpoint: Callable[[], None]) -> Stop | None:
         """At an optimizer-step boundary: return a Stop when training must end now;
         otherwise return None, after waiting in-process (checkpoint first) for as long
         as anything asks training to pause."""
-        self.account(training=True)
-        self.apply_reload()
-        self.apply_control()
-        stop = self.stop_reason()
+        stop = self._refresh(training=True)
         if stop:
             return stop
         reasons = self.pause_reasons()
@@ -173,10 +178,7 @@ class Runtime:
                 announced = (state, why)
             self.flags.wake.wait(POLL_S)
             self.flags.wake.clear()
-            self.account(training=False)
-            self.apply_reload()
-            self.apply_control()
-            stop = self.stop_reason()
+            stop = self._refresh(training=False)
             if stop:
                 return stop
             reasons = self.pause_reasons()
