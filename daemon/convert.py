@@ -228,8 +228,6 @@ def _import_torch():
 def _load_bin(torch, path: Path) -> dict:
     """Given torch and a .bin shard, return its state dict (tensors memory-mapped when the
     file allows it); raise InputError when it is not a plain tensor checkpoint."""
-    import pickle
-
     def load(mmap: bool):
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
 
@@ -238,7 +236,7 @@ def _load_bin(torch, path: Path) -> dict:
             state = load(True)
         except RuntimeError:  # the legacy (pre-1.6, non-zip) format cannot be memory-mapped
             state = load(False)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError ...) for a bad file
         raise InputError(f"{path}: not a readable PyTorch weights file for torch.load(weights_only=True): "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
