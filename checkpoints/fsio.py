@@ -56,16 +56,20 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Given a target path and its new content, replace it atomically and durably.
-
-    Readers see either the old file or the new one, never a torn mix. On any error
-    the temporary file is removed and the old file is left as it was.
+def atomic_write_via(path: Path, write) -> None:
+    """Given a target path and `write(tmp_path)`, a writer that creates a whole file (ours,
+    numpy's, mlx's, matplotlib's), replace the target atomically and durably: the file is
+    written to a temporary sibling whose name still ends with the target's (some writers
+    insist on the suffix), made user-only, fsynced, renamed over the target, and the
+    directory fsynced. Readers see the old file or the new one, never a torn mix; on any
+    error the temporary file is removed and the old file is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
     try:
-        write_bytes_durable(tmp, data)
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)  # third-party writers leave the umask's mode
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -73,9 +77,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Given a target path and its new content, replace it atomically and durably."""
+    atomic_write_via(path, lambda tmp: write_bytes_durable(tmp, data))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Given a target path and text, replace it atomically (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def seal_tree(directory: Path) -> None:
+    """Given a directory tree built by any writers, make it user-only and flush every file
+    and directory to disk, so the rename that publishes it cannot expose unwritten data
+    after a power loss."""
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), DIR_MODE)
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, FILE_MODE)
+            fsync_file(Path(path))
+        fsync_dir(Path(root))
+    os.chmod(directory, DIR_MODE)
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> bool:

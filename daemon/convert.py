@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from checkpoints.fsio import DIR_MODE, FILE_MODE, TMP_PREFIX, ensure_private_dir, fsync_dir, fsync_file, publish_dir
+from checkpoints.fsio import TMP_PREFIX, ensure_private_dir, fsync_dir, publish_dir, seal_tree
 from daemon.config import CONFIG_FILE, Config, load_config
 from daemon.errors import InputError, TemporaryFailure
 
@@ -354,20 +354,6 @@ def _safetensors_stats(directory: Path) -> tuple[int, int, dict]:
     return tensors, nbytes, dtypes
 
 
-def _seal(directory: Path) -> None:
-    """Make the finished tree user-only and flush every file, so the rename that
-    publishes it cannot expose unwritten data after a power loss."""
-    for root, dirs, files in os.walk(directory):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), DIR_MODE)
-        for f in files:
-            path = os.path.join(root, f)
-            os.chmod(path, FILE_MODE)
-            fsync_file(Path(path))
-        fsync_dir(Path(root))
-    os.chmod(directory, DIR_MODE)
-
-
 def cleanup_stale(out_dir: Path) -> list[str]:
     """Given the target model directory, remove what conversions killed midway left
     beside it (`.tmp-convert-<name>-<pid>-*` of dead processes) and return their names.
@@ -470,7 +456,7 @@ def convert_model(source: str, out_dir: Path, quantize_bits: int = 0, log=None, 
         if not (new / "config.json").is_file():
             raise InputError(f"{source}: the conversion wrote no config.json")
         summary["tensors"], summary["bytes"], summary["dtypes"] = _safetensors_stats(new)
-        _seal(new)
+        seal_tree(new)
         summary["published"] = _publish(new, out_dir, replace)
     except BaseException as exc:
         if log is not None:

@@ -6,7 +6,6 @@ real loading path (`mlx_lm.utils.load`) without downloading anything.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from checkpoints.fsio import (DIR_MODE, FILE_MODE, TMP_PREFIX, ensure_private_dir, fsync_dir, fsync_file,
-                              publish_dir, write_bytes_durable)
+from checkpoints.fsio import (DIR_MODE, TMP_PREFIX, ensure_private_dir, publish_dir, seal_tree,
+                              write_bytes_durable)
 from daemon.errors import InputError
 
 FORMATS = ("peft",)
@@ -70,19 +70,6 @@ def new_tmp_dir(final: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=DIR_MODE)
     return tmp
-
-
-def seal_dir(tmp: Path) -> None:
-    """Given a directory built by someone else's writers (mlx, tokenizers), make every
-    file user-only and flush files and directories to disk."""
-    for root, dirs, files in os.walk(tmp):
-        for name in files:
-            path = Path(root) / name
-            path.chmod(FILE_MODE)
-            fsync_file(path)
-        for name in dirs:
-            (Path(root) / name).chmod(DIR_MODE)
-        fsync_dir(Path(root))
 
 
 def check_replaceable(final: Path, is_previous, what: str) -> None:
@@ -262,7 +249,7 @@ def export_peft(adapter_dir: Path, out_dir: Path, base_model: str) -> dict:
         mx.save_safetensors(str(tmp / PEFT_WEIGHTS), tensors, metadata={"format": "pt"})
         write_bytes_durable(tmp / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         write_bytes_durable(tmp / "README.md", _model_card(config, mlx_config).encode())
-        seal_dir(tmp)
+        seal_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,9 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
-from checkpoints.fsio import write_bytes_durable
+from checkpoints.fsio import seal_tree, write_bytes_durable
 from daemon.errors import InputError
-from daemon.export import _add_run_args, check_replaceable, load_run_config, new_tmp_dir, publish_replacing, seal_dir
+from daemon.export import _add_run_args, check_replaceable, load_run_config, new_tmp_dir, publish_replacing
 
 # Files of the base model directory that the fused model must not inherit: the weights
 # (replaced), config.json (rewritten) and the model card (rewritten).
@@ -79,7 +79,7 @@ def fuse_model(model_dir: Path, adapter_dir: Path, out_dir: Path, dequantize: bo
             if src.is_file() and src.name not in _SKIP_NAMES and not src.name.endswith(_SKIP_SUFFIXES):
                 shutil.copyfile(src, tmp / src.name)  # the tokenizer exactly as training saw it
         write_bytes_durable(tmp / "README.md", _model_card(model_dir, adapter_dir, len(fused), quantized).encode())
-        seal_dir(tmp)
+        seal_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

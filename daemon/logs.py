@@ -15,8 +15,8 @@ from pathlib import Path
 import structlog
 
 from checkpoints.fsio import ensure_private_dir
+from daemon.logview import LOG_FILE
 
-LOG_FILE = Path("logs") / "daemon.jsonl"
 MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 5
 _LOGGER_NAME = "mathlora"

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-LOG_FILE = Path("logs") / "daemon.jsonl"  # same as daemon.logs.LOG_FILE (not imported: structlog)
+LOG_FILE = Path("logs") / "daemon.jsonl"  # the one definition: light, so status and plot can import it
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "exception": "error"}
 _HIDDEN_KEYS = ("ts", "level", "event", "run")

@@ -9,14 +9,13 @@ unchanged.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from checkpoints.fsio import atomic_write_text, ensure_private_dir, fsync_dir, fsync_file
+from checkpoints.fsio import atomic_write_text, atomic_write_via, ensure_private_dir
 from daemon.config import Config
 from daemon.errors import InputError
 
@@ -106,16 +105,7 @@ def adapter_config(cfg: Config, num_layers: int, keys: list[str]) -> dict:
 def save_safetensors_durable(path: Path, arrays: dict) -> None:
     """Given a target path ending in .safetensors and MLX arrays, replace the file
     atomically and durably (temporary sibling, fsync, rename, fsync the directory)."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"})
-        tmp.chmod(0o600)  # save_safetensors leaves the umask's mode; run-dir files are user-only
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write_via(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata={"format": "mlx"}))
 
 
 def save_adapters(model: nn.Module, out_dir: Path, config: dict) -> Path:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checkpoints.fsio import FILE_MODE, TMP_PREFIX, ensure_private_dir, fsync_dir, fsync_file
+from checkpoints.fsio import atomic_write_via, ensure_private_dir
+from daemon import logview
 from daemon.errors import InputError
 
-LOG = Path("logs") / "daemon.jsonl"
 
 
 @dataclass
@@ -39,12 +38,10 @@ class Curve:
 def log_files(run_dir: Path) -> list[Path]:
     """Given a run directory, return its log files oldest first (daemon.jsonl.5 ...
     daemon.jsonl.1, daemon.jsonl); raise InputError when there is none."""
-    log = Path(run_dir) / LOG
-    rotated = [p for p in log.parent.glob(log.name + ".*") if p.suffix[1:].isdigit()] if log.parent.is_dir() else []
-    # RotatingFileHandler shifts .1 -> .2 ...: the highest number is the oldest.
-    files = sorted(rotated, key=lambda p: -int(p.suffix[1:])) + ([log] if log.is_file() else [])
+    current, rotated = logview.log_files(run_dir)
+    files = rotated + ([current] if current.is_file() else [])
     if not files:
-        raise InputError(f"--run-dir {run_dir}: no log at {log} (has the daemon run here?)")
+        raise InputError(f"--run-dir {run_dir}: no log at {current} (has the daemon run here?)")
     return files
 
 
@@ -114,7 +111,7 @@ def plot_run(run_dir: Path, out: Path) -> dict:
     run_dir, out = Path(run_dir), Path(out)
     curve = read_curve(run_dir)
     if not curve.loss:
-        raise InputError(f"{run_dir / LOG}: no train.step events yet; nothing to plot")
+        raise InputError(f"{run_dir / logview.LOG_FILE}: no train.step events yet; nothing to plot")
     steps = sorted(curve.loss)
     losses = [curve.loss[s] for s in steps]
     name = curve.run or run_dir.resolve().name
@@ -153,16 +150,7 @@ def plot_run(run_dir: Path, out: Path) -> dict:
     ax_lr.grid(True, alpha=0.3)
 
     ensure_private_dir(out.parent)
-    tmp = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        tmp.chmod(FILE_MODE)
-        fsync_file(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
+    atomic_write_via(out, lambda tmp: fig.savefig(tmp, format="png"))
     return {"points": len(steps), "resumes": len(curve.resumes), "checkpoints": len(curve.checkpoints),
             "starts": curve.starts, "path": str(out)}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from daemon import __version__, crashguard
 from daemon.config import Config, load_config
 from daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
-from daemon.logs import close_logging, setup_logging
+from daemon.logs import LOG_FILE, close_logging, setup_logging
 
 DEBUG_ROWS = 10
 DEBUG_STEPS = 4
@@ -175,7 +175,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     flags = signals.Flags()
     restore_signals = signals.install(flags, on_signal=lambda name: log.info("signal.received", signal=name))
     heartbeat.update(state="running", phase="loading", started_at=datetime.now().astimezone().isoformat(),
-                     version=__version__, world_size=1, log_path=str(run_dir / "logs" / "daemon.jsonl"))
+                     version=__version__, world_size=1, log_path=str(run_dir / LOG_FILE))
     heartbeat.start(10.0, live_fields=lambda: {"budget_used_s": round(budget.used_s, 1),
                                                "budget_left_s": round(budget.left_s, 1)})
     watcher = FileWatcher(run_dir, None if debug else config_path, on_control=flags.request_control,

@@ -61,12 +61,12 @@ import psutil
 from checkpoints.fsio import DIR_MODE, atomic_write_text, ensure_private_dir
 from checkpoints.store import MANIFEST_NAME, parse_step_dir
 from daemon import __version__
+from daemon.logview import LOG_FILE
 from daemon.install import service_status
 from daemon.lock import probe_lock
 
 STATUS_FILE = Path("state") / "status.json"
 FAILURE_FILE = Path("state") / "failure.json"
-LOG_FILE = Path("logs") / "daemon.jsonl"  # same as daemon.logs.LOG_FILE (not imported: structlog)
 CHECKPOINTS_DIR = "checkpoints"
 
 LIVE_STATES = ("running", "paused", "waiting")
