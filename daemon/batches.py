@@ -66,10 +66,14 @@ def pad_batch(sequences: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray,
     return out, lengths
 
 
-def step_seed(seed: int, global_step: int) -> int:
-    """Given the run seed and a global step, return the RNG seed for that step.
+def step_seed(seed: int, global_step: int, micro: int | None = None) -> int:
+    """Given the run seed, a global step and (optionally) a micro-batch's index within
+    that step, return the RNG seed for it.
 
-    MLX's global RNG cannot be restored in place, so each step's randomness (dropout)
-    is re-derived from (seed, step) instead of carried over from history.
+    MLX's global RNG cannot be restored in place, so randomness (dropout) is re-derived
+    from (seed, step, micro-batch) instead of carried over from history. Seeding every
+    micro-batch, not only every step, makes a micro-batch's dropout independent of which
+    rank of a distributed job computes it and of what that rank computed before.
     """
-    return int(np.random.SeedSequence([seed, global_step]).generate_state(1)[0])
+    entropy = [seed, global_step] if micro is None else [seed, global_step, micro]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])

@@ -5,9 +5,11 @@ A checkpoint holds (see DESIGN.md "Checkpoint contract"):
 - `optimizer.safetensors`: the full flattened Adam state (moments, step, learning rate);
 - `trainer_state.json`: global step, epoch and position in that epoch's order (the data
   cursor), tokens seen, training seconds used, a loss summary, the RNG scheme, the config
-  fingerprint and package versions.
-Randomness is re-derived from (seed, step) at every step (`batches.step_seed`) and the
-data order from (seed, epoch), so these files are everything a bit-exact resume needs.
+  fingerprint, package versions and the world size that wrote it.
+Randomness is re-derived from (seed, step, micro-batch) before every micro-batch
+(`batches.step_seed`) and the data order from (seed, epoch), so these files are
+everything a bit-exact resume needs. A checkpoint of a distributed job is the same
+files (rank 0 writes them) and resumes under any world size.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def _safetensors_bytes(arrays: dict) -> bytes:
 
 
 def save_training_checkpoint(root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress,
-                             epoch: int, position: int, fp: dict, cfg: Config) -> CheckpointInfo:
+                             epoch: int, position: int, fp: dict, cfg: Config,
+                             world_size: int = 1) -> CheckpointInfo:
     """Given the checkpoint root, the model, optimizer and loop progress at an optimizer
     step boundary, write checkpoint `step-<global step>` atomically and return it; raise
     OSError (e.g. ENOSPC) with every earlier checkpoint left intact."""
@@ -114,8 +117,9 @@ def save_training_checkpoint(root: Path, model: nn.Module, optimizer: optim.Opti
         "train_seconds": progress.train_seconds,
         "loss": {"last": losses[-1] if losses else None, "recent": losses,
                  "recent_mean": sum(losses) / len(losses) if losses else None, "best": progress.best_loss},
-        "rng": {"scheme": "mx.random.seed(SeedSequence([train.seed, global_step])) at every step; "
-                          "data order from default_rng([train.seed, epoch])", "seed": cfg.train.seed},
+        "rng": {"scheme": "mx.random.seed(SeedSequence([train.seed, global_step, micro_batch])) before every "
+                          "micro-batch; data order from default_rng([train.seed, epoch])", "seed": cfg.train.seed},
+        "world_size": world_size,  # informational: any world size may resume it
         "fingerprint": fp, "versions": package_versions(),
     }
     writer = testhooks.failing_writer(step, _held_writer(step))

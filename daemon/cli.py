@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the plist (or the systemd units) and write nothing")
     p.add_argument("--system", choices=["launchd", "systemd"], default=None,
                    help="with --print: the files for this service manager instead of this machine's")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hosts", default=None,
+                       help="a distributed job (mathlora-daemon launch): hosts, this machine (rank 0) first")
+    where.add_argument("--hostfile", type=Path, default=None, help="a distributed job: mlx.launch's hostfile")
+    p.add_argument("-n", "--ranks", type=int, default=1, help="with --hosts/--hostfile: ranks per host")
 
     p = sub.add_parser("uninstall", help="stop the installed service (after its checkpoint) and remove its files")
     p.add_argument("--run-dir", default=".", type=Path, help="the run directory (default: .)")
@@ -93,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon.evaluate import add_eval_parser
     from daemon.export import add_export_parser
     from daemon.fuse import add_fuse_parser
+    from daemon.launch import add_launch_parser
     from daemon.plot import add_plot_parser
 
     for add in (add_convert_parser, add_eval_parser, add_export_parser, add_fuse_parser, add_plot_parser):
         add(sub)
+    add_launch_parser(sub, _add_run_args)
 
     p = sub.add_parser("demo", help="tiny model + synthetic math data: prepare, train, generate (offline)")
     p.add_argument("--run-dir", default=DEMO_DIR, type=Path, help=f"where to build the demo (default: ./{DEMO_DIR})")
@@ -195,8 +202,19 @@ def _cmd_checkpoints(args) -> int:
 def _cmd_install(args) -> int:
     from daemon.install import install_main, real_host
 
+    launch = []
+    if args.hostfile is not None:
+        if not args.hostfile.is_file():
+            raise InputError(f"--hostfile {args.hostfile}: no such file")
+        launch = ["--hostfile", str(args.hostfile.resolve())]
+    elif args.hosts is not None:
+        launch = ["--hosts", args.hosts]
+    if launch and args.ranks != 1:
+        if args.ranks < 1:
+            raise InputError(f"-n {args.ranks}: expected an integer >= 1 (ranks per host)")
+        launch += ["-n", str(args.ranks)]
     return install_main(args.run_dir, args.at, args.config, args.overrides, args.print_only, args.system,
-                        real_host(), sys.stdout, sys.stderr)
+                        real_host(), sys.stdout, sys.stderr, launch)
 
 
 def _cmd_uninstall(args) -> int:
@@ -230,7 +248,7 @@ COMMANDS = {"run": _cmd_run, "status": _cmd_status, "logs": _cmd_logs, "pause": 
             "checkpoints": _cmd_checkpoints, "install": _cmd_install, "uninstall": _cmd_uninstall,
             "convert": _lazy("daemon.convert", "main_convert"), "eval": _lazy("daemon.evaluate", "main_eval"),
             "export": _lazy("daemon.export", "main_export"), "fuse": _lazy("daemon.fuse", "main_fuse"),
-            "plot": _lazy("daemon.plot", "main_plot"),
+            "plot": _lazy("daemon.plot", "main_plot"), "launch": _lazy("daemon.launch", "main_launch"),
             "demo": _cmd_demo}
 
 

@@ -203,10 +203,15 @@ class Plan:
 
 
 def plan_install(run_dir: Path, host: Host, at: str | None = None, config: Path | None = None,
-                 overrides: list[str] | tuple[str, ...] = (), manager: str | None = None) -> Plan:
+                 overrides: list[str] | tuple[str, ...] = (), manager: str | None = None,
+                 launch: list[str] | tuple[str, ...] = ()) -> Plan:
     """Given the install options, return the Plan; raise InputError (exit 78) for a bad
     ``--at``, a bad config (read with ``load_config`` so nothing is written for it), a
-    missing ``--config`` or a path systemd cannot hold. Reads, never writes."""
+    missing ``--config`` or a path systemd cannot hold. Reads, never writes.
+
+    `launch` (e.g. ``["--hostfile", "/abs/hosts.json"]``) makes the service run the
+    distributed job through ``mathlora-daemon launch`` with those options, this machine
+    being rank 0."""
     from daemon.config import CONFIG_FILE, load_config
     from daemon.schedule import inside, parse_window
 
@@ -234,24 +239,29 @@ def plan_install(run_dir: Path, host: Host, at: str | None = None, config: Path 
         else:
             what = "neither --at nor daemon.window is set, so launchd starts training now and at every login"
         notes.append(f"{what}; set daemon.window (e.g. \"22:00-07:00\") in mathlora.toml to train only at night")
-    args = program_arguments(host.python, svc.run_dir, config, overrides)
+    args = program_arguments(host.python, svc.run_dir, config, overrides, launch)
     if svc.manager == "launchd":
         files = {svc.path: plist_text(launchd_plist(svc, args, start))}
     else:
-        files = {svc.path: systemd_service(svc, args)}
+        files = {svc.path: systemd_service(svc, args, supervised=bool(launch))}
         if start is not None:
             files[svc.timer_path] = systemd_timer(svc, start)
     return Plan(svc, start, source, files, notes)
 
 
-def program_arguments(python: str, run_dir: Path, config: Path | None, overrides) -> list[str]:
-    """Given the interpreter, run directory, config and overrides, return the argv the
-    service runs; raise InputError when the interpreter path is not absolute (launchd and
-    systemd have no working directory or PATH to resolve it with)."""
+def program_arguments(python: str, run_dir: Path, config: Path | None, overrides,
+                      launch: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Given the interpreter, run directory, config, overrides and (for a distributed
+    job) the `launch` options, return the argv the service runs; raise InputError when
+    the interpreter path is not absolute (launchd and systemd have no working directory
+    or PATH to resolve it with)."""
     if not python or not os.path.isabs(python):
         raise InputError(f"the python executable {python!r} is not an absolute path; run install with the "
                          "venv's python (e.g. .venv/bin/python -m daemon install)")
-    args = [python, "-m", "daemon", "run", "--run-dir", str(run_dir)]
+    if launch:
+        args = [python, "-m", "daemon", "launch", *launch, "--run-dir", str(run_dir)]
+    else:
+        args = [python, "-m", "daemon", "run", "--run-dir", str(run_dir)]
     if config is not None:
         args += ["--config", str(config)]
     for text in overrides:
@@ -339,8 +349,11 @@ def _check_line(text: str) -> None:
                          "rename the run directory")
 
 
-def systemd_service(svc: Service, args: list[str]) -> str:
-    """Given the service and the argv, return the .service unit's text."""
+def systemd_service(svc: Service, args: list[str], supervised: bool = False) -> str:
+    """Given the service and the argv, return the .service unit's text. `supervised`
+    (a `launch` job): the stop signal goes to `launch` alone (KillMode=mixed), which
+    passes it to rank 0; the ranks then stop together and the rest of the unit is
+    killed only after TimeoutStopSec."""
     where = str(svc.run_dir)
     _check_line(where)
     env = " ".join([_env_assignment("PATH", _path_env(args[0], LINUX_PATH)), _env_assignment("PYTHONUNBUFFERED", "1")])
@@ -359,6 +372,7 @@ def systemd_service(svc: Service, args: list[str]) -> str:
         f"RestartSec={THROTTLE_S}",
         "RestartPreventExitStatus=78",
         "KillSignal=SIGTERM",
+        *(["KillMode=mixed"] if supervised else []),
         f"TimeoutStopSec={EXIT_TIMEOUT_S}",
         f"Nice={NICE}",
         # Lowest best-effort I/O, not the idle class: idle can starve the checkpoint a
@@ -634,13 +648,13 @@ def describe_start(plan: Plan) -> str:
 
 
 def install_main(run_dir: Path, at: str | None, config: Path | None, overrides: list[str], print_only: bool,
-                 system: str | None, host: Host, out, err) -> int:
+                 system: str | None, host: Host, out, err, launch: list[str] | tuple[str, ...] = ()) -> int:
     """Given the ``install`` options, print the files (``--print``: nothing is written)
     or install them; return the exit code. InputError propagates (exit 78)."""
     if system is not None and system != manager_for(host.platform) and not print_only:
         raise InputError(f"--system {system}: this machine uses {manager_for(host.platform)}; "
                          f"--system {system} only goes with --print (to copy the files to another machine)")
-    plan = plan_install(run_dir, host, at, config, overrides, system)
+    plan = plan_install(run_dir, host, at, config, overrides, system, launch)
     for note in plan.notes:
         print(f"note: {note}", file=err)
     if print_only:

@@ -6,6 +6,13 @@ config error, spent budget, outside the window). `train` then loads the model an
 adds LoRA, resumes from the newest checkpoint that verifies, and takes optimizer steps,
 asking the runtime at every step boundary whether to go on, pause or stop; it checkpoints
 at least every `segment_minutes` and on every exit, and writes the adapters.
+
+Started by `mlx.launch`, every rank runs this same command. Rank 0 does everything above;
+the other ranks (`_run_worker`) hold no lock and write nothing into the run directory:
+they wait for rank 0's go (`_StartGate`), load the same model and data, take rank 0's
+adapters and optimizer state, and compute their share of every step
+(daemon/distributed.py). Stops, pauses and the budget act at the same step boundary on
+all ranks (daemon/runtime.py).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 
 from daemon import __version__, crashguard
 from daemon.config import Config, load_config
+from daemon.distributed import GO, SINGLE, World, init_world, start_handshake
 from daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
 from daemon.logs import LOG_FILE, close_logging, setup_logging
 
@@ -51,18 +59,97 @@ def debug_config(cfg: Config) -> Config:
     return replace(cfg, data=data, train=train, daemon=daemon)
 
 
+class _StartGate:
+    """Rank 0's half of the start handshake. The other ranks wait for rank 0's guards
+    (lock, crash loop, budget, window) before loading anything; `open` lets them train,
+    `release` sends them rank 0's exit code instead. It happens exactly once."""
+
+    def __init__(self, world: World):
+        self.world, self.done = world, not world.distributed
+
+    def open(self) -> None:
+        """Start every rank; raise InputError / TemporaryFailure when a rank cannot."""
+        self.done = True
+        statuses = start_handshake(self.world, GO)
+        failed = [(rank, code) for rank, code in enumerate(statuses) if code != GO]
+        if failed:
+            what = "; ".join(f"rank {rank} exits {code}" for rank, code in failed)
+            error = InputError if any(code == EXIT_CONFIG for _, code in failed) else TemporaryFailure
+            raise error(f"the distributed job cannot start: {what} (its own output says why)")
+
+    def release(self, exit_code: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            start_handshake(self.world, exit_code)
+        except RuntimeError:
+            pass  # a rank is already gone; the others' collectives fail the same way
+
+
 def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool = False,
                 progress: bool | None = None) -> int:
     """Given the run directory, the config file and `--set` overrides, run the daemon and
     return its exit code (DESIGN.md "Exit codes"); a second daemon on the same run
-    directory gets 75 and changes nothing."""
+    directory gets 75 and changes nothing. Under mlx.launch, rank 0 runs this and the
+    other ranks run `_run_worker`."""
+    if not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir}: no such directory")
+    world = init_world()
+    if not world.leader:
+        return _run_worker(run_dir, config_path, overrides, debug, world)
+    gate = _StartGate(world)
+    exit_code = 1
+    try:
+        exit_code = _run_leader(run_dir, config_path, overrides, debug, progress, world, gate)
+        return exit_code
+    except InputError:
+        exit_code = EXIT_CONFIG
+        raise
+    except TemporaryFailure:
+        exit_code = EXIT_TEMPFAIL
+        raise
+    finally:
+        gate.release(exit_code)
+
+
+def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool, world: World) -> int:
+    """A rank other than 0: no lock, no files written into the run directory; logs go to
+    its stderr (mlx.launch prefixes nothing, so every line carries `rank`)."""
+    from daemon.budget import Budget
+    from daemon.status import NullHeartbeat
+
+    log = setup_logging(None, run_dir.resolve().name).bind(rank=world.rank, world_size=world.size)
+    try:
+        cfg = load_config(config_path, overrides)
+    except InputError as exc:
+        start_handshake(world, EXIT_CONFIG)
+        raise InputError(f"rank {world.rank}: {exc}") from exc
+    statuses = start_handshake(world, GO)
+    if any(code != GO for code in statuses):
+        code = statuses[0] if statuses[0] != GO else EXIT_TEMPFAIL
+        log.info("daemon.stop", reason="rank 0 did not start training", exit_code=code)
+        return code
+    if debug:
+        cfg = debug_config(cfg)
+    # Rank 0 alone owns the budget and the window; this rank brings its signals, memory and power.
+    cfg = replace(cfg, daemon=replace(cfg.daemon, window=""))
+    try:
+        result = train(run_dir, cfg, log, NullHeartbeat(), Budget(float("inf"), 0.0), None, overrides, debug,
+                       progress=False, world=world)
+    finally:
+        close_logging()
+    return result.exit_code
+
+
+def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool,
+                progress: bool | None, world: World, gate: _StartGate) -> int:
+    """Rank 0 (or the only process): lock, guards, then train."""
     from daemon.budget import Budget, initial_used, read_used_seconds
     from daemon.lock import LockHeld, acquire_lock
     from daemon.schedule import inside, next_start, parse_window
     from daemon.status import Heartbeat
 
-    if not run_dir.is_dir():
-        raise InputError(f"--run-dir {run_dir}: no such directory")
     config_text = config_path.read_text(errors="replace") if config_path and config_path.is_file() else None
     chash = crashguard.config_hash(config_text, overrides)
     try:
@@ -92,11 +179,13 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
         if debug:
             cfg = debug_config(cfg)
         log = setup_logging(run_dir, run_dir.resolve().name, quiet_events=_quiet(progress))
+        if world.distributed:
+            log = log.bind(rank=0, world_size=world.size)
         heartbeat = Heartbeat(run_dir, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
         exit_code = EXIT_CONFIG
         try:
             log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()),
-                     debug=debug, crashed_starts_before=crashes)
+                     debug=debug, crashed_starts_before=crashes, **world.describe())
             reason = crashguard.decide(run_dir, crashes, cfg.daemon.max_crash_restarts, chash) if guarded else None
             if reason:
                 if crashguard.read_failure(run_dir) is None:
@@ -122,7 +211,8 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
                                  reason=f"outside the training window {cfg.daemon.window}; opens {opens:%H:%M}")
                 exit_code = EXIT_OK
                 return exit_code
-            result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress)
+            gate.open()
+            result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world)
             exit_code = result.exit_code
             return exit_code
         except InputError as exc:
@@ -148,11 +238,18 @@ def _quiet(progress: bool | None) -> set[str]:
 
 
 def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
-          debug: bool = False, progress: bool | None = None) -> RunResult:
+          debug: bool = False, progress: bool | None = None, world: World = SINGLE) -> RunResult:
     """Given a locked run directory, a validated config and the runtime's pieces, train
     until done, stopped, out of budget or window; return the RunResult. Raise InputError
     (exit 78) for a bad model, dataset, target list or a checkpoint of another
-    configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written."""
+    configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written.
+
+    In a distributed `world` every rank runs this; the collectives (marked "all ranks")
+    happen in the same order on each, and only rank 0 touches checkpoints, adapters,
+    status and the control file."""
+    import json
+
+    from mlx.utils import tree_flatten, tree_unflatten
     from tqdm import tqdm
 
     from checkpoints.store import cleanup_temporaries, find_latest_valid, prune
@@ -161,6 +258,8 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     from daemon.checkpointing import Progress, fingerprint, restore_training_checkpoint, save_training_checkpoint
     from daemon.control import FileWatcher
     from daemon.convert import ensure_model
+    from daemon.distributed import (any_true, barrier, broadcast_arrays, check_agreement, gather_ints, lost_peer,
+                                    peer_lost_error)
     from daemon.memory import apply_limits
     from daemon.model import adapter_config, apply_lora, load_base, save_adapters, total_count, trainable_count
     from daemon.power import SleepInhibitor
@@ -168,66 +267,88 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     from daemon.runtime import Runtime
     from daemon.trainer import make_optimizer, train_step
 
-    if debug:
+    leader = world.leader
+    if debug and leader:
         shutil.rmtree(run_dir / "debug", ignore_errors=True)  # a debug run always starts from scratch
     ckpt_root = run_dir / ("debug/checkpoints" if debug else "checkpoints")
     show_bar = sys.stderr.isatty() if progress is None else progress
     flags = signals.Flags()
     restore_signals = signals.install(flags, on_signal=lambda name: log.info("signal.received", signal=name))
     heartbeat.update(state="running", phase="loading", started_at=datetime.now().astimezone().isoformat(),
-                     version=__version__, world_size=1, log_path=str(run_dir / LOG_FILE))
+                     version=__version__, world_size=world.size, log_path=str(run_dir / LOG_FILE))
     heartbeat.start(10.0, live_fields=lambda: {"budget_used_s": round(budget.used_s, 1),
                                                "budget_left_s": round(budget.left_s, 1)})
-    watcher = FileWatcher(run_dir, None if debug else config_path, on_control=flags.request_control,
-                          on_config=flags.request_reload)
-    watcher.prime()
-    watcher.start()
+    watcher = None
+    if leader:  # the control file and config edits are rank 0's; it passes stops and pauses on
+        watcher = FileWatcher(run_dir, None if debug else config_path, on_control=flags.request_control,
+                              on_config=flags.request_reload)
+        watcher.prime()
+        watcher.start()
     inhibitor = SleepInhibitor()
     try:
         log.info("memory.limits", **apply_limits(cfg.daemon.memory_limit_gb, wired_limit=True))
+        if not leader:
+            barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
         mdir = ensure_model(cfg, run_dir, log)  # converts model.name into model.path when it is missing
         log.info("model.load.start", path=str(mdir))
         model, tokenizer, _ = load_base(mdir)
         heartbeat.update(phase="preparing")
         cache = prepare_tokens(cfg.data, run_dir, mdir, tokenizer, log, progress=show_bar)
+        if leader:
+            barrier(world)
         keys = apply_lora(model, cfg)
         trainable, total = trainable_count(model), total_count(model)
-        log.info("model.lora", trainable_params=trainable, total_params=total, keys=keys, rank=cfg.lora.rank,
+        log.info("model.lora", trainable_params=trainable, total_params=total, keys=keys, lora_rank=cfg.lora.rank,
                  scale=cfg.lora_scale, dropout=cfg.lora.dropout, layers=len(model.layers))
-        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%), "
-              f"LoRA rank {cfg.lora.rank} on {', '.join(keys)} of {len(model.layers)} layers", file=sys.stderr)
+        if leader:
+            print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%), "
+                  f"LoRA rank {cfg.lora.rank} on {', '.join(keys)} of {len(model.layers)} layers", file=sys.stderr)
 
         schedule = Schedule(len(cache), cfg.train.batch_size, cfg.train.grad_accumulation_steps,
                             cfg.train.epochs, cfg.train.max_steps)
         optimizer = make_optimizer(cfg.train.learning_rate)
         fp = fingerprint(cfg, mdir, cache.meta["key"])
+        check_agreement(world, "configuration fingerprint", json.dumps(fp, sort_keys=True))  # all ranks
 
-        # Resume: the newest checkpoint that verifies; torn ones are logged and skipped.
-        for leftover in cleanup_temporaries(ckpt_root):
-            log.info("checkpoint.cleaned", path=str(leftover))
-        resumed = find_latest_valid(ckpt_root, on_rejected=lambda path, why: log.warning(
-            "checkpoint.rejected", path=str(path), why=why))
-        state = Progress()
+        # Resume (rank 0): the newest checkpoint that verifies; torn ones are logged and skipped.
+        resumed, state = None, Progress()
+        if leader:
+            for leftover in cleanup_temporaries(ckpt_root):
+                log.info("checkpoint.cleaned", path=str(leftover))
+            resumed = find_latest_valid(ckpt_root, on_rejected=lambda path, why: log.warning(
+                "checkpoint.rejected", path=str(path), why=why))
         if resumed is not None:
-            _, state = restore_training_checkpoint(resumed.path, model, optimizer, fp)
+            saved, state = restore_training_checkpoint(resumed.path, model, optimizer, fp)
             log.info("resume", from_step=state.global_step, path=str(resumed.path),
-                     epoch=schedule.cursor(state.global_step)[0], tokens_seen=state.tokens_seen)
+                     epoch=schedule.cursor(state.global_step)[0], tokens_seen=state.tokens_seen,
+                     world_size=world.size, saved_world_size=saved.get("world_size", 1))
+        if world.distributed:
+            # All ranks: rank 0's step, adapters and Adam state, bit for bit (a fresh start too,
+            # so no rank depends on its own initialisation).
+            state.global_step = gather_ints(world, [state.global_step])[0][0]
+            optimizer.init(model.trainable_parameters())
+            params = broadcast_arrays(world, dict(tree_flatten(model.trainable_parameters())))
+            moments = broadcast_arrays(world, dict(tree_flatten(optimizer.state)))
+            if not leader:
+                model.load_weights(list(params.items()), strict=False)
+                optimizer.state = tree_unflatten(list(moments.items()))
         last_saved = state.global_step if resumed else -1
         protect = {resumed.path} if resumed else set()
         runtime = Runtime(run_dir, cfg, config_path, overrides, log, flags, heartbeat, budget,
-                          take_control=watcher.take_control)
+                          take_control=watcher.take_control if watcher else list, world=world)
 
         def checkpoint() -> None:
-            """Checkpoint the current step boundary (once), then prune."""
+            """Checkpoint the current step boundary (once), then prune; rank 0 only."""
             nonlocal last_saved, last_save_time
-            if last_saved == state.global_step:
+            if last_saved == state.global_step or not leader:
                 return
             epoch, position = schedule.cursor(state.global_step)
             state.train_seconds = budget.used_s
             heartbeat.update(phase="checkpointing")
             t0 = time.monotonic()
             try:
-                info = save_training_checkpoint(ckpt_root, model, optimizer, state, epoch, position, fp, cfg)
+                info = save_training_checkpoint(ckpt_root, model, optimizer, state, epoch, position, fp, cfg,
+                                                world_size=world.size)
             except OSError as exc:
                 log.error("checkpoint.failed", step=state.global_step, errno=exc.errno, error=str(exc))
                 raise TemporaryFailure(f"checkpoint at step {state.global_step} could not be written: {exc}; "
@@ -252,8 +373,10 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         stop = None
         order_epoch, order = -1, None
         last_save_time = last_beat = time.monotonic()
-        bar = tqdm(total=schedule.total_steps, initial=state.global_step, unit="step", disable=not show_bar,
-                   dynamic_ncols=True)
+        bar = tqdm(total=schedule.total_steps, initial=state.global_step, unit="step",
+                   disable=not (show_bar and leader), dynamic_ncols=True)
+        # A stop must be seen by every rank between the same two micro-batches (all ranks).
+        should_abort = flags.stop.is_set if not world.distributed else lambda: any_true(world, flags.stop.is_set())
         runtime.account(training=False)  # loading and preparing do not count against the budget
         for step in range(state.global_step, schedule.total_steps):
             stop = runtime.boundary(checkpoint)
@@ -265,12 +388,14 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             t0 = time.monotonic()
             # The compiled step (daemon/trainer.py), the same function for a fresh and a resumed run.
             result = train_step(model, optimizer, cache, step_micro_batches(schedule, order, step),
-                                cfg.train.seed, step, should_abort=flags.stop.is_set)
+                                cfg.train.seed, step, should_abort=should_abort, world=world)
             if result is None:  # stop requested mid-step: the state is still at the last boundary
                 stop = runtime.boundary(checkpoint)
                 break
             step_s = time.monotonic() - t0
             state.record(result.loss, result.tokens)
+            if not leader:
+                continue  # the other ranks log, report and checkpoint nothing
             if state.global_step == (resumed.step if resumed else 0) + 1:
                 crashguard.record_progress(run_dir)
             first = result.loss if first is None else first
@@ -304,12 +429,13 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         runtime.account(training=True)
 
         out = run_dir / ("debug/adapters" if debug else "adapters")
-        save_adapters(model, out, adapter_config(cfg, len(model.layers), keys))
+        if leader:
+            save_adapters(model, out, adapter_config(cfg, len(model.layers), keys))
         final_state = stop.state if stop else "finished"
         if stop and stop.event:
             log.info(stop.event, reason=stop.reason, step=state.global_step,
                      budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
-        if stop is None:
+        if stop is None and leader:
             log.info("train.done", steps=state.global_step, first_loss=first, last_loss=last, adapters=str(out),
                      train_seconds=round(budget.used_s, 2), tokens_seen=state.tokens_seen)
         fields = {"reason": stop.reason if stop else "finished", "exit_code": EXIT_OK, "step": state.global_step}
@@ -320,12 +446,15 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                          budget_used_s=round(budget.used_s, 1), budget_left_s=round(budget.left_s, 1))
         return RunResult(EXIT_OK, state.global_step, first, last, out, final_state)
     except BaseException as exc:
+        if world.distributed and lost_peer(exc):  # e.g. "[ring] connection to a peer was lost" in a step
+            raise peer_lost_error(world, exc) from exc
         if not isinstance(exc, (InputError, TemporaryFailure)):
             log.error("daemon.stop", reason="crash", error=f"{type(exc).__name__}: {exc}", exit_code=1)
         raise
     finally:
         inhibitor.stop()
-        watcher.stop()
+        if watcher:
+            watcher.stop()
         restore_signals()
 
 

@@ -4,6 +4,12 @@ Given the flags raised by signals, the control file and the config watcher, plus
 budget, window, memory and power readings, `Runtime.boundary()` decides whether training
 goes on, pauses in-process (after a checkpoint) or stops (after a checkpoint, exit 0).
 The loop in `run.py` calls it between steps and stays readable top to bottom.
+
+In a distributed job every rank runs a Runtime and calls `boundary()` at the same step;
+each look at the world (once per boundary, once per poll while paused) ends with one
+collective that merges every rank's wishes: any rank's stop stops all, any rank's wait
+(its own memory or battery) holds all. Only rank 0 has the budget, the window, the
+control file and config reloads; the others bring their signals, memory and power.
 """
 
 from __future__ import annotations
@@ -16,9 +22,18 @@ from typing import Callable
 from daemon import control, memory, power, schedule
 from daemon.budget import AwakeClock, Budget
 from daemon.config import Config
+from daemon.distributed import SINGLE, World, gather_ints
 from daemon.signals import Flags
 
 POLL_S = 5.0  # how often a pause re-reads battery and memory
+
+# What a rank tells the others at a boundary: a stop code and a bit set of waits.
+STOP_CODES = {"stopped": 1, "budget_exhausted": 2, "outside_window": 3}
+STOP_TEXT = {1: "asked to stop (signal or `mathlora-daemon stop`)", 2: "the training budget is spent",
+             3: "outside the training window"}
+WAIT_USER, WAIT_MEMORY, WAIT_POWER = 1, 2, 4
+WAIT_TEXT = {WAIT_USER: ("paused", "paused by the user"), WAIT_MEMORY: ("waiting", "memory is low"),
+             WAIT_POWER: ("waiting", "on battery power (pause_on_battery)")}
 
 
 @dataclass
@@ -50,6 +65,9 @@ class Runtime:
     last_memory: memory.MemoryReading | None = None
     on_config_change: Callable[[Config], None] | None = None
     take_control: Callable[[], list] = list  # FileWatcher.take_control: [(request, rejection reason)]
+    world: World = SINGLE
+    gather: Callable[[World, list[int]], list[list[int]]] = gather_ints  # the collective (injected by tests)
+    wait_bits: int = 0  # what the last pause_reasons() found, as WAIT_* bits
 
     def __post_init__(self):
         self.window = schedule.parse_window(self.cfg.daemon.window)
@@ -116,8 +134,9 @@ class Runtime:
 
     def pause_reasons(self) -> list[tuple[str, str]]:
         """Return (status state, reason) for everything that asks training to wait now."""
-        reasons = []
+        reasons, self.wait_bits = [], 0
         if self.user_paused:
+            self.wait_bits |= WAIT_USER
             reasons.append(("paused", "paused by the user; `mathlora-daemon resume` continues"))
         reading = self.last_memory = self.read_memory()
         for event, fields in self.mem_guard.check(reading):
@@ -127,12 +146,14 @@ class Runtime:
 
             mx.clear_cache()
         if memory.classify(reading, self.mem_guard.thresholds) == "critical":
+            self.wait_bits |= WAIT_MEMORY
             reasons.append(("waiting", f"memory is low: {reading.sys_available_gb:.2f} GB available, below "
                                        f"{self.cfg.daemon.memory_critical_available_gb:g} GB"))
         state = self.read_power()
         for event, fields in self.power_watch.check(state):
             self.log.info(event, **fields)
         if self.power_watch.should_pause(self.cfg.daemon.pause_on_battery, state):
+            self.wait_bits |= WAIT_POWER
             reasons.append(("waiting", "on battery power (pause_on_battery)"))
         return reasons
 
@@ -153,14 +174,43 @@ class Runtime:
         self.apply_control()
         return self.stop_reason()
 
+    def _look(self, training: bool) -> tuple[Stop | None, list[tuple[str, str]]]:
+        """Return (stop, pause reasons) now, merged across all ranks."""
+        stop = self._refresh(training=training)
+        reasons = [] if stop else self.pause_reasons()
+        return self.merge_ranks(stop, reasons)
+
+    def merge_ranks(self, stop: Stop | None, reasons: list) -> tuple[Stop | None, list[tuple[str, str]]]:
+        """Given this rank's stop and pause reasons, return the job's: one collective in
+        which every rank shares a stop code and its wait bits (a no-op in one process).
+        Every rank gets the same answer to "stop?" and "wait?"; the texts stay local."""
+        if not self.world.distributed:
+            return stop, reasons
+        code = 0
+        if stop:
+            code = STOP_CODES["outside_window"] if stop.event == "schedule.outside_window" else STOP_CODES[stop.state]
+        rows = self.gather(self.world, [code, 0 if stop else self.wait_bits])
+        if stop:
+            return stop, []
+        asked = [(rank, row[0]) for rank, row in enumerate(rows) if row[0]]
+        if asked:
+            rank, code = asked[0]
+            state = "budget_exhausted" if code == STOP_CODES["budget_exhausted"] else "stopped"
+            return Stop(state, f"rank {rank}: {STOP_TEXT[code]}"), []
+        merged = list(reasons)
+        for rank, (_, bits) in enumerate(rows):
+            if rank == self.world.rank:
+                continue
+            merged += [(state, f"rank {rank}: {text}") for bit, (state, text) in WAIT_TEXT.items() if bits & bit]
+        return None, merged
+
     def boundary(self, checkpoint: Callable[[], None]) -> Stop | None:
         """At an optimizer-step boundary: return a Stop when training must end now;
         otherwise return None, after waiting in-process (checkpoint first) for as long
-        as anything asks training to pause."""
-        stop = self._refresh(training=True)
+        as anything asks training to pause (on any rank)."""
+        stop, reasons = self._look(training=True)
         if stop:
             return stop
-        reasons = self.pause_reasons()
         if not reasons:
             return None
         checkpoint()
@@ -178,10 +228,9 @@ class Runtime:
                 announced = (state, why)
             self.flags.wake.wait(POLL_S)
             self.flags.wake.clear()
-            stop = self._refresh(training=False)
+            stop, reasons = self._look(training=False)
             if stop:
                 return stop
-            reasons = self.pause_reasons()
         self.log.info("daemon.resumed", after=announced[1] if announced else None)
         self.heartbeat.update(state="running", phase="training", reason=None)
         return None

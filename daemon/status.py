@@ -29,7 +29,7 @@ memory                 {mem_active_gb, mem_peak_gb, rss_gb, sys_available_gb,
                        swap_used_gb}
 log_path               the JSON log (``<run>/logs/daemon.jsonl``)
 started_at             when this daemon process started (UTC ISO)
-world_size             1 (one process, one device)
+world_size             ranks training together (1: one process; mlx.launch: more)
 updated_at,            when the file was written (UTC ISO, and Unix seconds); set
 updated_unix           by :meth:`Heartbeat.write`
 =====================  ===========================================================
@@ -189,6 +189,24 @@ class Heartbeat:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+
+class NullHeartbeat:
+    """The heartbeat of a rank other than 0 in a distributed job: rank 0 alone writes
+    status.json (with the world size), so these calls do nothing."""
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+    def start(self, *args, **kwargs) -> None:
+        pass
+
+    def stop(self, *args, **kwargs) -> None:
+        pass
+
+    def write(self) -> dict[str, Any]:
+        return {}
 
 
 def read_status(run_dir: Path, now: float | None = None,
@@ -393,6 +411,11 @@ def render_status(status: dict[str, Any]) -> str:
         if mean is not None:
             parts.append(f"(mean of recent steps {mean:.3f})" if parts else f"mean of recent steps {mean:.3f}")
         rows.append(("loss", " ".join(parts)))
+
+    world = _int(status.get("world_size"))
+    if world is not None and state != "not_started":
+        rows.append(("world", "1 process" if world == 1 else
+                     f"{world} ranks (mlx.launch; rank 0 reports, speed is the whole job's)"))
 
     tok_s, step_s = _number(status.get("tok_per_s")), _number(status.get("step_s"))
     speed = []

@@ -6,6 +6,9 @@ Timing a kill from outside would be a race; instead the daemon announces that it
 reached the point by creating a marker file and then blocks until it is killed:
 
     MATHLORA_TEST_HOLD="<point>@<step>:<marker path>"   point: micro | save
+    MATHLORA_TEST_HOLD="<point>@<step>:<marker path>:<release path>"
+        the same, but go on once the release file exists (a distributed test holds one
+        rank there, signals it, then lets it reach the next collective)
     MATHLORA_TEST_ENOSPC="<step>"                      the save of that step fails
 
 Nothing here runs in normal use: with the variables unset each call is one dict lookup.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 HOLD_VAR = "MATHLORA_TEST_HOLD"
@@ -23,15 +27,21 @@ ENOSPC_VAR = "MATHLORA_TEST_ENOSPC"
 
 
 def hold_point(point: str, step: int) -> None:
-    """Given a point name and the global step, block forever (until killed) when the
-    hold variable names this point and step, after creating its marker file."""
+    """Given a point name and the global step, when the hold variable names this point
+    and step: create its marker file, then block until killed (or, when the variable
+    names a release file, until that file exists; signals are handled meanwhile)."""
     spec = os.environ.get(HOLD_VAR)
     if not spec:
         return
-    where, _, marker = spec.partition(":")
+    where, _, rest = spec.partition(":")
     if where != f"{point}@{step}":
         return
+    marker, _, release = rest.partition(":")
     Path(marker).write_text(str(os.getpid()))
+    if release:
+        while not Path(release).exists():
+            time.sleep(0.01)
+        return
     while True:  # the test SIGKILLs us here
         signal.pause()
 

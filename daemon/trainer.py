@@ -17,6 +17,14 @@ Two paths compute the same step:
 - eager (`compile=False`, or MATHLORA_COMPILE=0 in the environment): the original
   uncompiled step, kept for comparison (bench/train_bench.py) and as an escape hatch.
 
+Data-parallel (a World of several ranks, daemon/distributed.py): each rank computes its
+share of the step's micro-batches, each share's loss divided by its whole micro-batch's
+token count; the summed gradients are added across ranks with all_sum inside the
+compiled update, so every rank applies the same update a single process would.
+
+Dropout is seeded per micro-batch from (seed, step, micro-batch index), so a micro-batch
+draws the same mask whichever rank computes it.
+
 Either way there is one host sync per micro-batch (`mx.eval`, which bounds memory to
 one micro-batch's graph) and one `.item()` per optimizer step (the logged loss).
 
@@ -41,6 +49,7 @@ from mlx.utils import tree_map
 from daemon import testhooks
 from daemon.batches import pad_batch, step_seed
 from daemon.cache import TokenCache
+from daemon.distributed import SINGLE, World, shard_step, sum_tree
 
 PAD_MULTIPLE = 64  # compiled path: pad lengths up to a multiple of this, so traces are reused
 COMPILE_ENV = "MATHLORA_COMPILE"  # "0" turns the compiled step off (eager path)
@@ -56,6 +65,18 @@ def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array) -> tuple[
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
     ntoks = mask.sum()
     return ce.sum() / ntoks, ntoks
+
+
+def share_loss(model: nn.Module, tokens: mx.array, lengths: mx.array,
+               denominator: mx.array) -> tuple[mx.array, mx.array]:
+    """Like masked_loss, but the summed cross-entropy is divided by `denominator`: the
+    target-token count of the whole micro-batch this share is part of, so the shares of
+    all ranks add up to the micro-batch's mean loss."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs)
+    mask = mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * mask
+    return ce.sum() / denominator, mask.sum()
 
 
 def make_optimizer(learning_rate: float) -> optim.Optimizer:
@@ -156,9 +177,14 @@ class CompiledStep:
     The closures hold the optimizer weakly: train_step keeps one CompiledStep per live
     optimizer (a weak-keyed table), and a strong reference from the compiled function
     back to its key would keep both alive for ever.
+
+    With a distributed World it also has `share(tokens, lengths, denominator, acc)`
+    (accumulate one share) and `reduce_update(acc, loss_sum, ntoks, scale)` (add the
+    gradient sums across ranks, scale, apply Adam; return the step's global loss sum and
+    token count).
     """
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer):
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, world: World = SINGLE):
         # The optimizer state must exist before tracing: captured state is read at call
         # time, and a lazily created state would only appear after the first trace.
         # init() fills only what is missing, so restored state is kept as it is.
@@ -193,6 +219,9 @@ class CompiledStep:
 
         self.accumulate = accumulate
         self.finish = finish
+        self.world = world
+        if world.distributed:
+            self.share, self.reduce_update = _share_functions(model, opt_ref, world, compiled=True)
 
     def serves(self, model: nn.Module, optimizer: optim.Optimizer) -> bool:
         """Whether this was built for this model and the optimizer's current state
@@ -200,15 +229,40 @@ class CompiledStep:
         return self.model_ref() is model and self.opt_state is optimizer.state and self.rng_state is mx.random.state
 
 
+def _share_functions(model: nn.Module, opt_ref, world: World, compiled: bool):
+    """Return (share, reduce_update) for a distributed step (see CompiledStep)."""
+    share_and_grad = nn.value_and_grad(model, share_loss)
+
+    def share(tokens, lengths, denominator, acc):
+        (loss, ntoks), grads = share_and_grad(model, tokens, lengths, denominator)
+        if acc is not None:
+            grads = tree_map(mx.add, acc, grads)
+        return loss, ntoks, grads
+
+    def reduce_update(acc, loss_sum, ntoks, scale):
+        grads = tree_map(lambda g: g * scale, sum_tree(world, acc))
+        opt_ref().update(model, grads)
+        return (mx.distributed.all_sum(loss_sum, group=world.group),
+                mx.distributed.all_sum(ntoks, group=world.group))
+
+    if not compiled:
+        return share, reduce_update
+    grad_state = [model.state, mx.random.state]
+    full_state = [model.state, opt_ref().state, mx.random.state]
+    return (partial(mx.compile, inputs=grad_state, outputs=grad_state)(share),
+            partial(mx.compile, inputs=full_state, outputs=full_state)(reduce_update))
+
+
 _COMPILED: "weakref.WeakKeyDictionary[optim.Optimizer, CompiledStep]" = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model: nn.Module, optimizer: optim.Optimizer) -> CompiledStep:
-    """Given the model and its optimizer, return their CompiledStep (built once, reused
-    for every later step; rebuilt if the optimizer's state object was replaced)."""
+def compiled_step(model: nn.Module, optimizer: optim.Optimizer, world: World = SINGLE) -> CompiledStep:
+    """Given the model, its optimizer and the World, return their CompiledStep (built
+    once, reused for every later step; rebuilt if the optimizer's state object was
+    replaced)."""
     step = _COMPILED.get(optimizer)
-    if step is None or not step.serves(model, optimizer):
-        step = _COMPILED[optimizer] = CompiledStep(model, optimizer)
+    if step is None or not step.serves(model, optimizer) or step.world is not world:
+        step = _COMPILED[optimizer] = CompiledStep(model, optimizer, world)
     return step
 
 
@@ -230,7 +284,7 @@ def _batch(cache: TokenCache, indices: np.ndarray, pad_id: int, multiple: int) -
 
 def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, micro_batches: list[np.ndarray],
                seed: int, global_step: int, loss_and_grad=None, pad_id: int = 0,
-               should_abort=None, compile: bool | None = None) -> StepResult | None:
+               should_abort=None, compile: bool | None = None, world: World = SINGLE) -> StepResult | None:
     """Given the model, optimizer, token cache and one step's micro-batches (index
     arrays), apply one optimizer update with the mean of the micro-batch gradients and
     return the step's mean loss and its number of target tokens.
@@ -242,19 +296,26 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, 
     `compile` (default: on unless MATHLORA_COMPILE=0) picks the compiled step; the eager
     one differentiates `loss_and_grad` when given (else masked_loss), the compiled one
     always masked_loss.
+
+    With a distributed `world` every rank calls this with the same micro-batches and
+    computes only its share (see _distributed_step); `should_abort` must then be a
+    collective that answers the same on every rank.
     """
     if compile is None:
         compile = compile_default()
+    if world.distributed:
+        return _distributed_step(model, optimizer, cache, micro_batches, seed, global_step, pad_id, should_abort,
+                                 compile, world)
     if not compile:
         return _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_and_grad, pad_id,
                            should_abort)
-    mx.random.seed(step_seed(seed, global_step))
     fns = compiled_step(model, optimizer)
     acc, losses, ntoks = None, [], []
     last = len(micro_batches) - 1
     for i, indices in enumerate(micro_batches):
         if i and should_abort is not None and should_abort():
             return None
+        mx.random.seed(step_seed(seed, global_step, i))
         tokens, lengths = _batch(cache, indices, pad_id, PAD_MULTIPLE)
         if i < last:
             loss, n, acc = fns.accumulate(tokens, lengths, acc)
@@ -274,12 +335,12 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, 
 def _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_and_grad, pad_id,
                 should_abort) -> StepResult | None:
     """The uncompiled step, exactly as it was before the compiled one existed."""
-    mx.random.seed(step_seed(seed, global_step))
     loss_and_grad = loss_and_grad or nn.value_and_grad(model, masked_loss)
     grads, losses, ntoks = None, [], []
     for i, indices in enumerate(micro_batches):
         if i and should_abort is not None and should_abort():
             return None
+        mx.random.seed(step_seed(seed, global_step, i))
         tokens, lengths = pad_batch([cache.sequence(int(i)) for i in indices], pad_id)
         (loss, n), g = loss_and_grad(model, mx.array(tokens), mx.array(lengths))
         grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -294,3 +355,39 @@ def _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_
     step_tokens = mx.sum(mx.stack(ntoks))
     mx.eval(model.trainable_parameters(), optimizer.state, step_loss, step_tokens)
     return StepResult(loss=step_loss.item(), tokens=int(step_tokens.item()))
+
+
+def _distributed_step(model, optimizer, cache, micro_batches, seed, global_step, pad_id, should_abort, compile,
+                      world: World) -> StepResult | None:
+    """One optimizer step of a data-parallel job: this rank's shares of the step's
+    micro-batches (distributed.shard_step), then one update with the gradients summed
+    across ranks and scaled by 1/len(micro_batches), as a single process would do.
+    Every rank takes the same number of shares (some may be empty), so the collective
+    abort checks between them line up."""
+    if compile:
+        fns = compiled_step(model, optimizer, world)
+        share_fn, reduce_update = fns.share, fns.reduce_update
+    else:
+        optimizer.init(model.trainable_parameters())
+        share_fn, reduce_update = _share_functions(model, weakref.ref(optimizer), world, compiled=False)
+    acc, losses, ntoks = None, [], []
+    for i, part in enumerate(shard_step(micro_batches, cache.lengths, world.rank, world.size)):
+        if i and should_abort is not None and should_abort():
+            return None
+        if len(part.indices):
+            mx.random.seed(step_seed(seed, global_step, part.micro))
+            tokens, lengths = _batch(cache, part.indices, pad_id, PAD_MULTIPLE if compile else 1)
+            loss, n, acc = share_fn(tokens, lengths, mx.array(part.denominator, mx.float32), acc)
+            mx.eval(acc, loss, n)
+            losses.append(loss)
+            ntoks.append(n)
+        testhooks.hold_point("micro", global_step + 1)
+    if acc is None:  # no rows for this rank in this step: it still takes part in the sum
+        acc = tree_map(mx.zeros_like, model.trainable_parameters())
+    loss_sum = mx.sum(mx.stack(losses)) if losses else mx.array(0.0, mx.float32)
+    tok_sum = mx.sum(mx.stack(ntoks)) if ntoks else mx.array(0, mx.int32)
+    total_loss, total_tokens = reduce_update(acc, loss_sum, tok_sum.astype(mx.int32),
+                                             mx.array(1.0 / len(micro_batches), mx.float32))
+    step_loss = total_loss / len(micro_batches)
+    mx.eval(model.trainable_parameters(), optimizer.state, step_loss, total_tokens)
+    return StepResult(loss=step_loss.item(), tokens=int(total_tokens.item()))

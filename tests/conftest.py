@@ -123,3 +123,13 @@ def reference(template_dir, tmp_path_factory) -> dict:
     losses = {e["step"]: e["loss"] for e in events(run, "train.step")}
     assert sorted(losses) == list(range(1, TOTAL + 1))
     return {"losses": losses, "adapters": sha(run / "adapters" / "adapters.safetensors"), "dir": run}
+
+
+@pytest.fixture(autouse=True)
+def _reap_daemons():
+    """After every test, SIGKILL what it started with runs.start/track and left running
+    (a failed assertion must not leave a training daemon behind)."""
+    yield
+    from runs import reap
+
+    reap()

@@ -54,10 +54,39 @@ def cli(*args: str, run: Path | None = None, timeout: float = 120) -> subprocess
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+STARTED: list[subprocess.Popen] = []  # reaped after every test (conftest), so a failed test leaves no daemon
+
+
 def start(run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args],
-                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
+    return track(subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args],
+                                  env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, text=True))
+
+
+def track(proc: subprocess.Popen) -> subprocess.Popen:
+    STARTED.append(proc)
+    return proc
+
+
+def reap() -> None:
+    """SIGKILL every process a test started that still runs, with its children."""
+    import psutil
+
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is not None:
+            continue
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        for p in [*children]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.kill()
+        proc.wait(timeout=60)
 
 
 def finish(proc: subprocess.Popen, expect: int = 0) -> str:
@@ -121,3 +150,92 @@ def assert_matches_reference(run: Path, reference: dict) -> None:
     assert {e["step"] for e in logged} == set(range(1, TOTAL + 1))
     for e in logged:  # every loss ever logged, re-done steps included, equals the reference
         assert e["loss"] == reference["losses"][e["step"]], e
+
+
+# --- distributed jobs: several ranks on loopback, the ring backend --------------------
+
+def free_ports(count: int) -> list[int]:
+    """Ask the kernel for `count` free loopback ports (held until all are picked)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port_range(count: int) -> int:
+    """Return a base port such that base .. base+count-1 are free (mlx.launch's ring
+    backend takes consecutive ports from --starting-port)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free port range")
+
+
+def ring_hostfile(path: Path, ranks: int) -> Path:
+    """Write the ring backend's hostfile (what mlx.launch writes): one address per rank."""
+    path.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
+    return path
+
+
+def start_ranks(run_dir: Path, ranks: int, hostfile: Path, args: dict | None = None,
+                env: dict | None = None) -> list[subprocess.Popen]:
+    """Start `ranks` daemons as mlx.launch would (MLX_RANK + MLX_HOSTFILE), with extra
+    arguments and environment per rank; return them in rank order."""
+    ring_hostfile(hostfile, ranks)
+    return [start(run_dir, *(args or {}).get(rank, ()),
+                  env={"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), **(env or {}).get(rank, {})})
+            for rank in range(ranks)]
+
+
+def finish_all(procs: list[subprocess.Popen], expect: int = 0) -> list[str]:
+    """Wait for every rank; assert each exits `expect`; return their stderr."""
+    errs = []
+    for proc in procs:
+        _out, err = proc.communicate(timeout=DEADLINE_S)
+        errs.append(err)
+    for rank, (proc, err) in enumerate(zip(procs, errs)):
+        assert proc.returncode == expect, f"rank {rank} exited {proc.returncode}:\n{err}"
+    return errs
+
+
+def mlx_launch(run_dir: Path, ranks: int, *args: str, timeout: float = DEADLINE_S) -> subprocess.CompletedProcess:
+    """Run the job through the real `mlx.launch` (ring backend, loopback)."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    base = free_port_range(ranks)
+    argv = [str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(ranks), "--starting-port",
+            str(base), "--", sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args]
+    proc = track(subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  stdin=subprocess.DEVNULL))
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def stop_step(stderr: str) -> int:
+    """The step in a rank's `daemon.stop` console line."""
+    import re
+
+    found = re.findall(r"daemon\.stop\s.*?\bstep=(\d+)", stderr)
+    assert found, stderr
+    return int(found[-1])

@@ -508,6 +508,31 @@ def test_systemd_units_parse_and_hold_the_contract(home, run_dir, venv_python):
     assert list(plan.files) == [unit_dir / "mathlora-dsmath.service"]
 
 
+def test_a_distributed_job_is_installed_as_launch_with_its_hosts(home, run_dir, venv_python, tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('{"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]}')
+    launch = ["--hostfile", str(hostfile), "-n", "2"]
+    plist, _ = plist_of(make_host("darwin", home, venv_python), run_dir, at="22:30", launch=launch)
+    assert plist["ProgramArguments"] == [venv_python, "-m", "daemon", "launch", *launch, "--run-dir",
+                                         str(run_dir.resolve())]
+    assert set(plist) <= set(PLIST_KEYS)
+
+    host, _ = systemd_host(home, venv_python)
+    plan = plan_install(run_dir, host, launch=launch)
+    s = dict(read_unit(plan.files[plan.service.path])["Service"])
+    assert s["ExecStart"] == f"{venv_python} -m daemon launch --hostfile {hostfile} -n 2 --run-dir {run_dir.resolve()}"
+    assert s["KillMode"] == "mixed"  # SIGTERM to `launch` alone, which hands it to rank 0
+    single = dict(read_unit(plan_install(run_dir, host).files[plan.service.path])["Service"])
+    assert "KillMode" not in single
+
+
+def test_install_cli_refuses_a_missing_hostfile(run_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "daemon", "install", "--print", "--run-dir", str(run_dir),
+                           "--hostfile", str(tmp_path / "nope.json")], capture_output=True, text=True,
+                          env={**os.environ, "HOME": str(tmp_path)}, stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 78 and "--hostfile" in done.stderr and "nope.json: no such file" in done.stderr
+
+
 def test_systemd_install_twice_then_uninstall(home, run_dir, venv_python):
     host, systemctl = systemd_host(home, venv_python)
     before = tree(home)
