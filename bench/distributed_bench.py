@@ -90,9 +90,14 @@ def run_world(args, ranks: int, out: Path) -> dict:
         argv = worker
     else:
         launcher = Path(sys.executable).parent / "mlx.launch"
-        argv = [str(launcher) if launcher.exists() else "mlx.launch", "--hosts", "127.0.0.1", "-n", str(ranks)]
+        # mlx.launch's console script, else its module (a --target install has no script on PATH)
+        argv = [str(launcher)] if launcher.exists() else [
+            sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+        argv += ["--hosts", "127.0.0.1", "-n", str(ranks)]
         if args.backend:
             argv += ["--backend", args.backend]
+        if args.starting_port:
+            argv += ["--starting-port", str(args.starting_port)]
         argv += ["--", *worker]
     done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if not out.exists():
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ranks", default="1,2", help="world sizes to measure, e.g. 1,2")
     p.add_argument("--backend", default=None, help="mlx.launch --backend (ring, nccl, ...)")
+    p.add_argument("--starting-port", type=int, default=None, help="mlx.launch --starting-port (ring)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--md", type=Path, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

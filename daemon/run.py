@@ -83,8 +83,8 @@ class _StartGate:
         self.done = True
         try:
             start_handshake(self.world, exit_code)
-        except RuntimeError:
-            pass  # a rank is already gone; the others' collectives fail the same way
+        except (RuntimeError, TemporaryFailure):
+            pass  # a rank is already gone; rank 0's own exit status stands
 
 
 def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool = False,

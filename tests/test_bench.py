@@ -74,6 +74,25 @@ def test_train_bench_tiny_smoke(tmp_path):
     assert "data preparation" in table and head["command"] in table
 
 
+def test_distributed_bench_tiny_smoke(tmp_path):
+    from runs import free_port_range
+
+    out, md = tmp_path / "dist.json", tmp_path / "dist.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "distributed_bench.py"), "--shape", "tiny", "--seq",
+                           "64", "--batch", "2", "--ranks", "1,2", "--steps", "2", "--warmup", "1",
+                           "--starting-port", str(free_port_range(2)), "--out", str(out), "--md", str(md)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert [(r["ranks"], r["global_batch"]) for r in records] == [(1, 2), (2, 4)]
+    assert records[1]["backend"] == "ring"
+    for r in records:  # every rank's share of every step was trained and counted
+        assert r["tokens_per_step"] == r["global_batch"] * 63 and r["tokens_per_s"] > 0
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ranks"], abs=1e-3)
+    assert "| 2 | ring | 4 |" in md.read_text()
+
+
 def test_train_bench_records_unavailable_loops_as_skipped(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_bench.py"), "--shape", "tiny", "--batch", "1",
