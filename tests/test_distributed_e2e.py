@@ -196,3 +196,29 @@ def test_outside_rank_0s_window_no_rank_trains(job_template, tmp_path):
     assert "rank 0 did not start training" in errs[1]
     assert not events(run, "model.load.start") and not (run / "cache").exists()
     assert "outside the training window" in json.loads(cli("status", "--json", run=run).stdout)["reason"]
+
+
+def test_a_pause_on_rank_0_holds_every_rank_and_a_stop_while_paused_ends_both_there(job_template, tmp_path):
+    run = copy(job_template, tmp_path / "run")
+    longer = ("--set", "train.epochs=50")
+    procs = start_ranks(run, 2, tmp_path / "hosts.json", args={0: longer, 1: longer})
+    wait_for(lambda: any(e["step"] >= 2 for e in events(run, "train.step")), procs[0], "step 2")
+    assert cli("pause", run=run).returncode == 0
+    paused = wait_for(lambda: (s := json.loads(cli("status", "--json", run=run).stdout))["state"] == "paused" and s,
+                      procs[0], "status paused")
+    assert cli("stop", run=run).returncode == 0
+    errs = finish_all(procs)
+    # No step was taken after the pause, by either rank: both stop at the paused boundary.
+    assert stop_step(errs[0]) == stop_step(errs[1]) == paused["step"]
+    assert [e["event"] for e in events(run) if e["event"].startswith(("daemon.paused", "control."))] == \
+        ["control.pause", "daemon.paused", "control.stop"]
+
+
+def test_rank_0s_budget_stops_every_rank_at_the_same_boundary(job_template, tmp_path):
+    run = copy(job_template, tmp_path / "run")
+    args = ("--set", "train.epochs=50", "--set", "daemon.budget_hours=0.0005")  # 1.8 s of training
+    errs = finish_all(start_ranks(run, 2, tmp_path / "hosts.json", args={0: args, 1: args}))
+    step = stop_step(errs[0])
+    assert stop_step(errs[1]) == step and 0 < step < 50 * 8
+    assert events(run, "budget.exhausted")[-1]["step"] == step
+    assert json.loads(cli("status", "--json", run=run).stdout)["state"] == "budget_exhausted"
