@@ -66,6 +66,36 @@ def launcher_argv(launcher: str, python: str, run_dir: Path, hosts: str | None =
     return argv + ["--", python, "-m", "daemon", "run", "--run-dir", str(Path(run_dir).resolve()), *run_args]
 
 
+def first_host(hosts: str | None, hostfile: Path | None) -> tuple[str, list[str]]:
+    """Given --hosts or a hostfile, return rank 0's (ssh name, addresses); ("", []) when
+    the hostfile cannot be read (mlx.launch will say why)."""
+    import json
+
+    if hosts is not None:
+        name = hosts.split(",")[0].strip()
+        return name, [name]
+    try:
+        data = json.loads(Path(hostfile).read_text())
+        entries = data["hosts"] if isinstance(data, dict) else data
+        return str(entries[0].get("ssh", "")), [str(ip) for ip in entries[0].get("ips", [])]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return "", []
+
+
+def is_this_machine(name: str, addresses: list[str]) -> bool:
+    """Whether a host named so, or at one of these addresses, is this machine."""
+    import socket
+
+    import psutil
+
+    local = {"localhost", "127.0.0.1", "::1"}
+    host = socket.gethostname()
+    local |= {host, host.split(".")[0], f"{host.split('.')[0]}.local"}
+    for addrs in psutil.net_if_addrs().values():
+        local |= {a.address.split("%")[0] for a in addrs}
+    return name in local or any(a in local for a in addresses)
+
+
 def launch_job(argv: list[str], run_dir: Path) -> int:
     """Given the mlx.launch command line and rank 0's run directory, run the job with
     signals passed to rank 0 and return rank 0's exit code (1 when it recorded none)."""
@@ -124,6 +154,10 @@ def main_launch(args) -> int:
         run_args += ["--set", text]
     argv = launcher_argv(find_launcher(python), python, args.run_dir, args.hosts, args.hostfile, args.ranks,
                          args.backend, args.starting_port, run_args)
+    name, addresses = first_host(args.hosts, args.hostfile)
+    if name and not is_this_machine(name, addresses):
+        print(f"mathlora-daemon launch: warning: the first host ({name}) does not look like this machine; rank 0 "
+              "must run here, in this run directory, for signals and the exit status to reach it", file=sys.stderr)
     return launch_job(argv, args.run_dir)
 
 

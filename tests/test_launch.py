@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from daemon.errors import InputError
-from daemon.launch import find_launcher, launcher_argv
+from daemon.launch import find_launcher, first_host, is_this_machine, launcher_argv
 from daemon.lock import probe_lock
 from runs import DEADLINE_S, ENV, events, free_port_range, make_tiny_run, stop_step, tiny_config, track, wait_for
 
@@ -47,6 +47,16 @@ def test_mlx_launch_is_found_beside_the_interpreter_or_refused(tmp_path, monkeyp
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(InputError, match="mlx.launch: not found beside"):
         find_launcher(str(tmp_path / "python"))
+
+
+def test_rank_0_is_checked_to_be_this_machine(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('{"hosts": [{"ssh": "studio.example", "ips": ["127.0.0.1"]}, {"ssh": "mbp", "ips": []}]}')
+    assert first_host(None, hostfile) == ("studio.example", ["127.0.0.1"])
+    assert first_host("10.1.2.3,10.1.2.4", None) == ("10.1.2.3", ["10.1.2.3"])
+    assert first_host(None, tmp_path / "missing.json") == ("", [])
+    assert is_this_machine("studio.example", ["127.0.0.1"]) and is_this_machine("localhost", [])
+    assert not is_this_machine("203.0.113.7", ["203.0.113.7"])  # TEST-NET-3: nobody's address
 
 
 @pytest.fixture
