@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,9 @@ class TokenCache:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
+        # Once per cache, not per step: a distributed step reads it for every micro-batch.
         return np.diff(self.offsets)
 
     def sequence(self, i: int) -> np.ndarray:

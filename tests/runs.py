@@ -109,6 +109,11 @@ def wait_for(predicate, proc: subprocess.Popen | None = None, what: str = "condi
         time.sleep(0.02)
 
 
+def step_logged(run: Path, at_least: int):
+    """A wait_for predicate: a train.step of at least this step is in the log."""
+    return lambda: any(e["step"] >= at_least for e in events(run, "train.step"))
+
+
 def hold(run_dir: Path, point: str, marker_dir: Path, *args: str) -> subprocess.Popen:
     """Start the daemon and return it once it blocks at a test hold point (alive)."""
     marker = marker_dir / f"reached-{point.replace('@', '-')}-{len(list(marker_dir.glob('reached-*')))}"

@@ -13,8 +13,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from checkpoints.store import list_checkpoints
-from runs import (assert_matches_reference, cli, copy, events, finish, hold, kill_at, start, tiny_config,
-                  wait_for)
+from runs import (assert_matches_reference, cli, copy, events, finish, hold, kill_at, start, step_logged,
+                  tiny_config, wait_for)
 from daemon.config import to_toml
 
 LONG = ("--set", "train.epochs=200")  # 1600 steps: runs until the test stops it
@@ -24,10 +24,6 @@ def status(run: Path) -> dict:
     result = cli("status", "--json", run=run)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def step_logged(run: Path, at_least: int):
-    return lambda: any(e["step"] >= at_least for e in events(run, "train.step"))
 
 
 def event_logged(run: Path, name: str, after: int = 0):

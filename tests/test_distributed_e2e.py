@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from daemon.config import to_toml
+from daemon.status import newest_checkpoint
 from runs import (DEADLINE_S, cli, copy, events, finish, finish_all, make_tiny_run, mlx_launch, sha, start,
-                  start_ranks, stop_step, tiny_config, wait_for)
+                  start_ranks, step_logged, stop_step, tiny_config, wait_for)
 
 STEPS = 16
 
@@ -136,7 +137,7 @@ def test_a_killed_rank_ends_the_job_promptly_and_a_restart_resumes_bit_exactly(j
     assert other.returncode == 75, err  # temporary: restart the job
     assert "lost contact with the other ranks" in err
     print(f"surviving rank exited {time.monotonic() - killed_at:.2f} s after the SIGKILL")
-    assert max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) == 4
+    assert newest_checkpoint(run / "checkpoints")[0] == 4
 
     finish_all(start_ranks(run, 2, tmp_path / "hosts.json"))  # the whole job again
     resumes = events(run, "resume")
@@ -157,7 +158,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_boundary(job_template
     assert stop_step(errs[0]) == stop_step(errs[1]) == 5
     stops = events(run, "daemon.stop")
     assert stops[-1]["reason"] == "rank 1: asked to stop (signal or `mathlora-daemon stop`)"
-    assert max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) == 5
+    assert newest_checkpoint(run / "checkpoints")[0] == 5
     assert json.loads(cli("status", "--json", run=run).stdout)["state"] == "stopped"
 
     finish_all(start_ranks(run, 2, tmp_path / "hosts.json"))
@@ -168,7 +169,7 @@ def test_the_stop_command_stops_every_rank_at_the_same_boundary(job_template, tm
     run = copy(job_template, tmp_path / "run")
     procs = start_ranks(run, 2, tmp_path / "hosts.json", args={0: ("--set", "train.epochs=50"),
                                                               1: ("--set", "train.epochs=50")})
-    wait_for(lambda: any(e["step"] >= 2 for e in events(run, "train.step")), procs[0], "step 2")
+    wait_for(step_logged(run, 2), procs[0], "step 2")
     assert cli("stop", run=run).returncode == 0
     errs = finish_all(procs)
     step = stop_step(errs[0])
@@ -202,7 +203,7 @@ def test_a_pause_on_rank_0_holds_every_rank_and_a_stop_while_paused_ends_both_th
     run = copy(job_template, tmp_path / "run")
     longer = ("--set", "train.epochs=50")
     procs = start_ranks(run, 2, tmp_path / "hosts.json", args={0: longer, 1: longer})
-    wait_for(lambda: any(e["step"] >= 2 for e in events(run, "train.step")), procs[0], "step 2")
+    wait_for(step_logged(run, 2), procs[0], "step 2")
     assert cli("pause", run=run).returncode == 0
     paused = wait_for(lambda: (s := json.loads(cli("status", "--json", run=run).stdout))["state"] == "paused" and s,
                       procs[0], "status paused")

@@ -765,7 +765,7 @@ def test_install_status_and_uninstall_never_import_mlx():
 
 
 def test_sigterm_to_exit_stays_below_the_exit_timeout_written(template_dir, tmp_path, home, venv_python):
-    from runs import copy, events, finish, start, wait_for
+    from runs import copy, events, finish, start, step_logged, wait_for
 
     run = copy(template_dir, tmp_path / "run")
     plan = plan_install(run, make_host("darwin", home, venv_python))
@@ -775,7 +775,7 @@ def test_sigterm_to_exit_stays_below_the_exit_timeout_written(template_dir, tmp_
     assert exit_timeout == stop_timeout == EXIT_TIMEOUT_S
 
     proc = start(run, "--set", "train.epochs=200")  # long enough never to end by itself
-    wait_for(lambda: any(e["step"] >= 3 for e in events(run, "train.step")), proc, "step 3")
+    wait_for(step_logged(run, 3), proc, "step 3")
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     finish(proc, expect=0)

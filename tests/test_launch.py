@@ -17,7 +17,8 @@ import pytest
 from daemon.errors import InputError
 from daemon.launch import find_launcher, first_host, is_this_machine, launcher_argv
 from daemon.lock import probe_lock
-from runs import DEADLINE_S, ENV, events, free_port_range, make_tiny_run, stop_step, tiny_config, track, wait_for
+from runs import (DEADLINE_S, ENV, events, free_port_range, make_tiny_run, step_logged, stop_step, tiny_config,
+                  track, wait_for)
 
 
 def test_the_command_line_runs_this_python_in_the_run_directory(tmp_path):
@@ -80,7 +81,7 @@ def start_launch(run: Path) -> subprocess.Popen:
 
 def test_sigterm_to_launch_stops_every_rank_at_one_boundary_and_exits_0(job):
     proc = start_launch(job)
-    wait_for(lambda: any(e["step"] >= 2 for e in events(job, "train.step")), proc, "step 2")
+    wait_for(step_logged(job, 2), proc, "step 2")
     proc.send_signal(signal.SIGTERM)  # what launchd and systemd send
     _out, err = proc.communicate(timeout=DEADLINE_S)
     assert proc.returncode == 0, err
@@ -94,7 +95,7 @@ def test_sigterm_to_launch_stops_every_rank_at_one_boundary_and_exits_0(job):
 
 def test_a_dead_rank_makes_launch_exit_non_zero_for_a_restart(job):
     proc = start_launch(job)
-    wait_for(lambda: any(e["step"] >= 2 for e in events(job, "train.step")), proc, "step 2")
+    wait_for(step_logged(job, 2), proc, "step 2")
     rank0 = probe_lock(job)[1]
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
              if p.cmdline()[1:4] == ["-m", "daemon", "run"]]
