@@ -46,10 +46,10 @@ def measure(args) -> dict:
     from daemon.distributed import broadcast_arrays, gather_ints, init_world
     from daemon.model import apply_lora
     from daemon.trainer import make_optimizer, train_step
-    from train_bench import SHAPES, build_mlx_model, make_sequences, memory_cache
+    from train_bench import SHAPES, build_mlx_model, fixed_sequences, memory_cache
 
     world = init_world()
-    model = build_mlx_model(args.shape, args.dtype, 0)
+    model, _ = build_mlx_model(args.shape, args.dtype, 0, args, None)
     cfg = Config()
     cfg.lora.targets, cfg.lora.dropout = ["q_proj", "v_proj"], 0.0
     apply_lora(model, cfg)
@@ -58,7 +58,8 @@ def measure(args) -> dict:
     model.train()
     steps = args.warmup + args.steps
     global_batch = args.batch * world.size
-    cache = memory_cache(make_sequences(global_batch * steps, args.seq, SHAPES[args.shape]["vocab_size"]), "bench")
+    cache = memory_cache(fixed_sequences(global_batch * steps, args.seq, SHAPES[args.shape]["vocab_size"]), "bench",
+                         args.seq)
     optimizer = make_optimizer(1e-5)
     times, tokens = [], 0
     for step in range(steps):

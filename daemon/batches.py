@@ -4,6 +4,17 @@ The order of every epoch is a permutation derived from (seed, epoch) alone, and 
 optimizer step's micro-batches are derived from (epoch, step within epoch) alone. So the
 data cursor is just (epoch, position), and a resumed run sees exactly the batches an
 uninterrupted run would have seen.
+
+With `train.group_by_length` the epoch's permutation is regrouped, again from (seed,
+epoch) and the sequence lengths alone: windows of GROUP_WINDOW_STEPS steps' worth of
+sequences are sorted by length and cut into steps, and the steps of a window are
+shuffled. A step's micro-batches then hold sequences of similar length (little padding)
+while the run still visits every length throughout the epoch.
+
+Padded shapes: a micro-batch feeds the model `tokens[:, :-1]`, and that input length is
+rounded up to a length bucket (multiples of 64, at most MAX_BUCKETS buckets up to
+max_seq_len), so few compiled traces serve every length and full chunks stay at exactly
+max_seq_len positions.
 """
 
 from __future__ import annotations
@@ -44,9 +55,62 @@ class Schedule:
         return epoch, within * self.sequences_per_step
 
 
+PAD_MULTIPLE = 64  # the smallest bucket step: GPU kernels like multiples of 64
+MAX_BUCKETS = 16  # at most this many input lengths (compiled traces) per batch size
+GROUP_WINDOW_STEPS = 32  # group_by_length sorts this many steps' worth of sequences together
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Given the number of sequences, the seed and an epoch, return that epoch's order."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def group_by_length(order: np.ndarray, lengths: np.ndarray, sequences_per_step: int, seed: int,
+                    epoch: int) -> np.ndarray:
+    """Given an epoch's order, every sequence's length, the sequences per optimizer step,
+    the seed and the epoch, return the order regrouped so that each step holds sequences
+    of similar length (longest first within a step).
+
+    Each window of GROUP_WINDOW_STEPS steps' worth of the order is sorted by length
+    (stable, so ties keep the permutation's order), cut into steps, and its full steps
+    are shuffled from (seed, epoch, window); a short last step stays last, so every step
+    starts at a multiple of `sequences_per_step` as Schedule.cursor assumes.
+    """
+    window = sequences_per_step * GROUP_WINDOW_STEPS
+    out = []
+    for w, start in enumerate(range(0, len(order), window)):
+        part = order[start:start + window]
+        part = part[np.argsort(-np.asarray(lengths)[part], kind="stable")]
+        steps = [part[i:i + sequences_per_step] for i in range(0, len(part), sequences_per_step)]
+        full = [s for s in steps if len(s) == sequences_per_step]
+        shuffled = np.random.default_rng([seed, epoch, w]).permutation(len(full))
+        out.extend(full[i] for i in shuffled)
+        out.extend(steps[len(full):])
+    return np.concatenate(out) if out else order[:0]
+
+
+def training_order(lengths: np.ndarray, seed: int, epoch: int, sequences_per_step: int,
+                   grouped: bool) -> np.ndarray:
+    """Given every sequence's length, the seed, an epoch, the sequences per step and
+    whether to group by length, return the order in which that epoch visits them."""
+    order = epoch_order(len(lengths), seed, epoch)
+    return group_by_length(order, lengths, sequences_per_step, seed, epoch) if grouped else order
+
+
+def bucket_step(max_seq_len: int) -> int:
+    """Given max_seq_len, return the width of the input-length buckets: a multiple of
+    PAD_MULTIPLE giving at most MAX_BUCKETS buckets (64 up to max_seq_len 1024, 256 at 4096)."""
+    return max(PAD_MULTIPLE, -(-max_seq_len // (MAX_BUCKETS * PAD_MULTIPLE)) * PAD_MULTIPLE)
+
+
+def bucket_length(positions: int, max_seq_len: int) -> int:
+    """Given the model-input length a micro-batch needs (its longest sequence minus one)
+    and max_seq_len, return the padded input length: rounded up to the bucket step, but
+    never past max_seq_len when the input fits in it (a full chunk stays max_seq_len).
+    Without a known max_seq_len (0) it rounds up to PAD_MULTIPLE."""
+    step = bucket_step(max_seq_len) if max_seq_len else PAD_MULTIPLE
+    rounded = -(-positions // step) * step
+    return min(rounded, max_seq_len) if max_seq_len >= positions else rounded
 
 
 def step_micro_batches(schedule: Schedule, order: np.ndarray, global_step: int) -> list[np.ndarray]:

@@ -42,8 +42,11 @@ FINGERPRINT_FIELDS = (
     "model.name", "model.quantize_bits", "base_model", "lora.rank", "lora.alpha", "lora.dropout", "lora.targets",
     "data.name", "data.subset", "data.split", "data.problem_field", "data.solution_field", "data.max_seq_len",
     "data.limit", "token_cache", "template", "train.batch_size", "train.grad_accumulation_steps",
-    "train.learning_rate", "train.seed",
+    "train.learning_rate", "train.seed", "train.group_by_length",
 )
+# Not in it: train.grad_checkpoint. It changes what is kept in memory, not what is
+# computed (bit-identical on the CPU, tests/test_bench.py), so after an out-of-memory
+# exit a run may resume with it switched on.
 
 
 @dataclass

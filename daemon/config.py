@@ -60,6 +60,8 @@ class TrainConfig:
     learning_rate: float = 1e-5
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    group_by_length: bool = False  # steps of similar-length sequences: less padding at batch_size > 1
+    grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
 
 
 @dataclass
@@ -262,6 +264,12 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         setattr(getattr(cfg, section), key, converted)
 
     d = cfg.daemon
+    if not errors and cfg.train.grad_checkpoint and cfg.lora.dropout > 0:
+        # The backward pass would recompute each layer with fresh dropout masks, not the
+        # forward's, and the gradients would be wrong.
+        errors.append(f"train.grad_checkpoint = true needs lora.dropout = 0 (it is {cfg.lora.dropout!r}): "
+                      "checkpointing recomputes every layer in the backward pass, where dropout would draw "
+                      "other masks than in the forward pass")
     if not errors and d.memory_critical_available_gb > d.memory_warning_available_gb > 0:
         errors.append(f"daemon.memory_critical_available_gb = {d.memory_critical_available_gb!r} is not allowed: "
                       f"expected at most daemon.memory_warning_available_gb ({d.memory_warning_available_gb!r})")

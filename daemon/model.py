@@ -77,6 +77,59 @@ def apply_lora(model: nn.Module, cfg: Config) -> list[str]:
     return keys
 
 
+# Models whose forward is exactly `head(model.model(inputs))` (mlx-lm's Llama family), so
+# the loss can run the output projection itself, a slice of positions at a time.
+SPLIT_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def body_and_head(model: nn.Module):
+    """Given a loaded mlx-lm model, return (body, head) where `head(body(inputs))` equals
+    `model(inputs)`: body gives the final hidden states, head the logits. Return None for
+    an architecture whose forward does more (logit soft-capping, scaling ...)."""
+    if getattr(model, "model_type", None) not in SPLIT_HEAD_TYPES or not hasattr(model, "model"):
+        return None
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    if tied:
+        return model.model, model.model.embed_tokens.as_linear
+    return (model.model, model.lm_head) if "lm_head" in model else None
+
+
+def _checkpointed_class(cls: type) -> type:
+    """A subclass of a transformer-layer class whose call recomputes its activations in
+    the backward pass (mx.checkpoint) instead of keeping them; as mlx-lm's
+    `grad_checkpoint`, but per instance, so other models in the process are untouched."""
+    if cls not in _CHECKPOINTED_CLASSES:
+        forward = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return forward(self, *args, **kwargs)
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (cls,),
+                                          {"__call__": __call__, "grad_checkpointed": True})
+    return _CHECKPOINTED_CLASSES[cls]
+
+
+def use_grad_checkpoint(model: nn.Module) -> int:
+    """Given a model, make each transformer layer recompute its activations in the
+    backward pass (memory for about a third more compute) and return how many layers
+    changed. Parameters, adapters and the mathematics are unchanged."""
+    changed = 0
+    for layer in model.layers:
+        if not getattr(layer, "grad_checkpointed", False):
+            layer.__class__ = _checkpointed_class(type(layer))
+            changed += 1
+    return changed
+
+
+def grad_checkpointed(model: nn.Module) -> bool:
+    """Whether use_grad_checkpoint was applied to this model."""
+    return bool(model.layers) and getattr(model.layers[0], "grad_checkpointed", False)
+
+
 def trainable_count(model: nn.Module) -> int:
     """Given a model, return the number of trainable parameters."""
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

@@ -30,9 +30,11 @@ from daemon.config import Config, load_config
 from daemon.distributed import GO, SINGLE, World, init_world, start_handshake
 from daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
 from daemon.logs import LOG_FILE, close_logging, setup_logging
+from checkpoints.fsio import ensure_private_dir
 
 DEBUG_ROWS = 10
 DEBUG_STEPS = 4
+KERNEL_CACHE = Path("cache") / "mlx-kernels"
 
 
 @dataclass
@@ -48,6 +50,25 @@ class RunResult:
 def model_dir(cfg: Config, run_dir: Path) -> Path:
     path = Path(cfg.model.path).expanduser()
     return path if path.is_absolute() else run_dir / path
+
+
+def use_kernel_cache(run_dir: Path) -> Path | None:
+    """On CUDA, keep the kernels MLX compiles on first use (minutes for a 4-bit model) in
+    the run directory, so that a restart, even after a reboot, loads them instead of
+    compiling again; return that folder, or None (not CUDA, or MLX_PTX_CACHE_DIR set by
+    the user). The folder is per MLX version and GPU: a kernel is never loaded by
+    another MLX or for another chip. Call before MLX compiles anything."""
+    import re
+
+    import mlx.core as mx
+
+    if "MLX_PTX_CACHE_DIR" in os.environ or not mx.cuda.is_available():
+        return None
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", str(mx.device_info().get("device_name") or "gpu")).strip("-")
+    path = run_dir / KERNEL_CACHE / f"mlx-{mx.__version__}-{gpu}"
+    ensure_private_dir(path)
+    os.environ["MLX_PTX_CACHE_DIR"] = str(path)
+    return path
 
 
 def debug_config(cfg: Config) -> Config:
@@ -254,14 +275,15 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
 
     from checkpoints.store import cleanup_temporaries, find_latest_valid, prune
     from daemon import signals
-    from daemon.batches import Schedule, epoch_order, step_micro_batches
+    from daemon.batches import Schedule, step_micro_batches, training_order
     from daemon.checkpointing import Progress, fingerprint, restore_training_checkpoint, save_training_checkpoint
     from daemon.control import FileWatcher
     from daemon.convert import ensure_model
     from daemon.distributed import (any_true, barrier, broadcast_arrays, check_agreement, gather_ints, lost_peer,
                                     peer_lost_error)
     from daemon.memory import apply_limits
-    from daemon.model import adapter_config, apply_lora, load_base, save_adapters, total_count, trainable_count
+    from daemon.model import (adapter_config, apply_lora, load_base, save_adapters, total_count, trainable_count,
+                              use_grad_checkpoint)
     from daemon.power import SleepInhibitor
     from daemon.prepare import prepare_tokens
     from daemon.runtime import Runtime
@@ -287,6 +309,9 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     inhibitor = SleepInhibitor()
     try:
         log.info("memory.limits", **apply_limits(cfg.daemon.memory_limit_gb, wired_limit=True))
+        kernels = use_kernel_cache(run_dir) if leader else None  # other ranks write nothing here
+        if kernels:
+            log.info("train.kernel_cache", path=str(kernels))
         if not leader:
             barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
         mdir = ensure_model(cfg, run_dir, log)  # converts model.name into model.path when it is missing
@@ -297,9 +322,12 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         if leader:
             barrier(world)
         keys = apply_lora(model, cfg)
+        if cfg.train.grad_checkpoint:
+            use_grad_checkpoint(model)
         trainable, total = trainable_count(model), total_count(model)
         log.info("model.lora", trainable_params=trainable, total_params=total, keys=keys, lora_rank=cfg.lora.rank,
-                 scale=cfg.lora_scale, dropout=cfg.lora.dropout, layers=len(model.layers))
+                 scale=cfg.lora_scale, dropout=cfg.lora.dropout, layers=len(model.layers),
+                 grad_checkpoint=cfg.train.grad_checkpoint)
         if leader:
             print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%), "
                   f"LoRA rank {cfg.lora.rank} on {', '.join(keys)} of {len(model.layers)} layers", file=sys.stderr)
@@ -371,6 +399,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         heartbeat.update(phase="training", total_steps=schedule.total_steps, step=state.global_step)
         first = last = None
         stop = None
+        totals = _Totals()
         order_epoch, order = -1, None
         last_save_time = last_beat = time.monotonic()
         bar = tqdm(total=schedule.total_steps, initial=state.global_step, unit="step",
@@ -384,7 +413,8 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                 break
             epoch, _ = schedule.cursor(step)
             if epoch != order_epoch:
-                order_epoch, order = epoch, epoch_order(len(cache), cfg.train.seed, epoch)
+                order_epoch, order = epoch, training_order(cache.lengths, cfg.train.seed, epoch,
+                                                           schedule.sequences_per_step, cfg.train.group_by_length)
             t0 = time.monotonic()
             # The compiled step (daemon/trainer.py), the same function for a fresh and a resumed run.
             result = train_step(model, optimizer, cache, step_micro_batches(schedule, order, step),
@@ -392,8 +422,14 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             if result is None:  # stop requested mid-step: the state is still at the last boundary
                 stop = runtime.boundary(checkpoint)
                 break
-            step_s = time.monotonic() - t0
+            # Building compiled traces (the first step, a new length bucket) is set-up, not training.
+            step_s = max(time.monotonic() - t0 - result.compile_s, 1e-9)
+            runtime.not_training(result.compile_s)
+            totals.add(result)
             state.record(result.loss, result.tokens)
+            if result.traces and leader:
+                log.info("train.compiled", step=state.global_step, seconds=round(result.compile_s, 3),
+                         traces=result.traces, traces_total=totals.traces, budgeted=False)
             if not leader:
                 continue  # the other ranks log, report and checkpoint nothing
             if state.global_step == (resumed.step if resumed else 0) + 1:
@@ -404,6 +440,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             log.info("train.step", step=state.global_step, epoch=epoch, loss=result.loss,
                      lr=float(optimizer.learning_rate.item()), tokens=result.tokens,
                      tok_per_s=round(result.tokens / step_s, 1), step_s=round(step_s, 4),
+                     padding=round(result.padding_share, 4),
                      budget_used_s=round(budget.used_s + step_s, 1),
                      budget_left_s=round(max(budget.total_s - budget.used_s - step_s, 0), 1), **mem)
             heartbeat.update(step=state.global_step, epoch=epoch, loss=result.loss, step_s=round(step_s, 4),
@@ -413,10 +450,12 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                 heartbeat.update(budget_used_s=round(budget.used_s + step_s, 1))
                 _write_quietly(heartbeat)
                 last_beat = time.monotonic()
-            bar.set_description_str(_bar_prefix(runtime, budget))
-            bar.set_postfix_str(f"loss={result.loss:.3f} used={budget.used_s / 3600:.2f}h "
-                                f"left={budget.left_s / 3600:.2f}h tok/s={result.tokens / step_s:,.0f}")
-            bar.update(1)
+            if not bar.disable:  # the bar redraws at most ten times a second, not at every step
+                bar.set_description_str(_bar_prefix(runtime, budget), refresh=False)
+                bar.set_postfix_str(f"loss={result.loss:.3f} used={budget.used_s / 3600:.2f}h "
+                                    f"left={budget.left_s / 3600:.2f}h tok/s={result.tokens / step_s:,.0f}",
+                                    refresh=False)
+                bar.update(1)
             every = runtime.cfg.daemon.checkpoint_every_steps
             if (every and state.global_step % every == 0) or \
                     time.monotonic() - last_save_time >= runtime.cfg.daemon.segment_minutes * 60:
@@ -437,7 +476,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                      budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
         if stop is None and leader:
             log.info("train.done", steps=state.global_step, first_loss=first, last_loss=last, adapters=str(out),
-                     train_seconds=round(budget.used_s, 2), tokens_seen=state.tokens_seen)
+                     train_seconds=round(budget.used_s, 2), tokens_seen=state.tokens_seen, **totals.describe())
         fields = {"reason": stop.reason if stop else "finished", "exit_code": EXIT_OK, "step": state.global_step}
         if flags.signal_at is not None:
             fields["signal_to_exit_s"] = round(time.monotonic() - flags.signal_at, 3)
@@ -456,6 +495,23 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         if watcher:
             watcher.stop()
         restore_signals()
+
+
+class _Totals:
+    """This start's compiled traces, compile time and padding, for `train.done`."""
+
+    def __init__(self):
+        self.traces, self.compile_s, self.tokens, self.positions = 0, 0.0, 0, 0
+
+    def add(self, result) -> None:
+        self.traces += len(result.traces)
+        self.compile_s += result.compile_s
+        self.tokens += result.tokens
+        self.positions += result.positions
+
+    def describe(self) -> dict:
+        padding = 1.0 - self.tokens / self.positions if self.positions else 0.0
+        return {"traces": self.traces, "compile_s": round(self.compile_s, 3), "padding": round(padding, 4)}
 
 
 def _write_quietly(heartbeat) -> None:

@@ -26,6 +26,10 @@ from daemon.distributed import SINGLE, World, gather_ints
 from daemon.signals import Flags
 
 POLL_S = 5.0  # how often a pause re-reads battery and memory
+# While training, the guards read the machine at most this often (a 135M model takes
+# tens of steps a second; a battery read can cost a millisecond). A pause reads every poll.
+MEMORY_EVERY_S = 1.0
+POWER_EVERY_S = 10.0
 
 # What a rank tells the others at a boundary: a stop code and a bit set of waits.
 STOP_CODES = {"stopped": 1, "budget_exhausted": 2, "outside_window": 3}
@@ -68,6 +72,9 @@ class Runtime:
     world: World = SINGLE
     gather: Callable[[World, list[int]], list[list[int]]] = gather_ints  # the collective (injected by tests)
     wait_bits: int = 0  # what the last pause_reasons() found, as WAIT_* bits
+    uncharged_s: float = 0.0  # set-up time (compiling) inside the current interval, not charged
+    _read_at: dict = field(default_factory=dict)  # reading -> monotonic time it was last taken
+    _power: power.PowerState | None = None
 
     def __post_init__(self):
         self.window = schedule.parse_window(self.cfg.daemon.window)
@@ -132,26 +139,40 @@ class Runtime:
             return Stop("stopped", f"outside the training window {self.cfg.daemon.window}", "schedule.outside_window")
         return None
 
-    def pause_reasons(self) -> list[tuple[str, str]]:
-        """Return (status state, reason) for everything that asks training to wait now."""
+    def _due(self, name: str, every_s: float, fresh: bool) -> bool:
+        """Whether reading `name` is due: always when `fresh`, else once `every_s` passed."""
+        now = self.clock.monotonic()
+        if fresh or name not in self._read_at or now - self._read_at[name] >= every_s:
+            self._read_at[name] = now
+            return True
+        return False
+
+    def pause_reasons(self, fresh: bool = True) -> list[tuple[str, str]]:
+        """Return (status state, reason) for everything that asks training to wait now.
+        Without `fresh`, memory and battery are re-read only when their interval is due
+        (MEMORY_EVERY_S, POWER_EVERY_S) and the last readings are judged again."""
         reasons, self.wait_bits = [], 0
         if self.user_paused:
             self.wait_bits |= WAIT_USER
             reasons.append(("paused", "paused by the user; `mathlora-daemon resume` continues"))
-        reading = self.last_memory = self.read_memory()
-        for event, fields in self.mem_guard.check(reading):
-            getattr(self.log, "warning" if event != "memory.recovered" else "info")(event, **fields)
-        if self.mem_guard.should_clear_cache:
-            import mlx.core as mx
+        if self.last_memory is None or self._due("memory", MEMORY_EVERY_S, fresh):
+            self.last_memory = self.read_memory()
+            for event, fields in self.mem_guard.check(self.last_memory):
+                getattr(self.log, "warning" if event != "memory.recovered" else "info")(event, **fields)
+            if self.mem_guard.should_clear_cache:
+                import mlx.core as mx
 
-            mx.clear_cache()
+                mx.clear_cache()
+        reading = self.last_memory
         if memory.classify(reading, self.mem_guard.thresholds) == "critical":
             self.wait_bits |= WAIT_MEMORY
             reasons.append(("waiting", f"memory is low: {reading.sys_available_gb:.2f} GB available, below "
                                        f"{self.cfg.daemon.memory_critical_available_gb:g} GB"))
-        state = self.read_power()
-        for event, fields in self.power_watch.check(state):
-            self.log.info(event, **fields)
+        if self._power is None or self._due("power", POWER_EVERY_S, fresh):
+            self._power = self.read_power()
+            for event, fields in self.power_watch.check(self._power):
+                self.log.info(event, **fields)
+        state = self._power
         if self.power_watch.should_pause(self.cfg.daemon.pause_on_battery, state):
             self.wait_bits |= WAIT_POWER
             reasons.append(("waiting", "on battery power (pause_on_battery)"))
@@ -159,12 +180,20 @@ class Runtime:
 
     def account(self, training: bool) -> None:
         """Close the interval since the last call: awake time counts against the budget
-        when it was spent training; a system sleep is logged and never counted."""
+        when it was spent training, less any set-up time noted in it (not_training); a
+        system sleep is logged and never counted."""
         awake, slept = self.clock.tick()
         if slept:
             self.log.info("system.slept", seconds=round(slept, 1))
+        setup = min(self.uncharged_s, awake)
+        self.uncharged_s -= setup
         if training:
-            self.budget.add(awake)
+            self.budget.add(awake - setup)
+
+    def not_training(self, seconds: float) -> None:
+        """Note that `seconds` of the current interval were set-up (building compiled
+        traces), which the budget does not count, like loading the model."""
+        self.uncharged_s += max(0.0, seconds)
 
     def _refresh(self, training: bool) -> Stop | None:
         """Account the time since the last call, take in reloads and control requests,
@@ -175,9 +204,10 @@ class Runtime:
         return self.stop_reason()
 
     def _look(self, training: bool) -> tuple[Stop | None, list[tuple[str, str]]]:
-        """Return (stop, pause reasons) now, merged across all ranks."""
+        """Return (stop, pause reasons) now, merged across all ranks. Between training
+        steps the machine is read at its intervals; while waiting, at every poll."""
         stop = self._refresh(training=training)
-        reasons = [] if stop else self.pause_reasons()
+        reasons = [] if stop else self.pause_reasons(fresh=not training)
         return self.merge_ranks(stop, reasons)
 
     def merge_ranks(self, stop: Stop | None, reasons: list) -> tuple[Stop | None, list[tuple[str, str]]]:

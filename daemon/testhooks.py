@@ -10,6 +10,8 @@ reached the point by creating a marker file and then blocks until it is killed:
         the same, but go on once the release file exists (a distributed test holds one
         rank there, signals it, then lets it reach the next collective)
     MATHLORA_TEST_ENOSPC="<step>"                      the save of that step fails
+    MATHLORA_TEST_SLOW_COMPILE="<seconds>"             building each compiled trace takes that
+        much longer (a CPU test of how a GPU's minutes of kernel compilation are accounted)
 
 Nothing here runs in normal use: with the variables unset each call is one dict lookup.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 HOLD_VAR = "MATHLORA_TEST_HOLD"
 ENOSPC_VAR = "MATHLORA_TEST_ENOSPC"
+SLOW_COMPILE_VAR = "MATHLORA_TEST_SLOW_COMPILE"
 
 
 def hold_point(point: str, step: int) -> None:
@@ -60,3 +63,10 @@ def failing_writer(step: int, writer):
         writer(path, data)
 
     return write
+
+
+def slow_compile() -> None:
+    """When the slow-compile variable is set, wait that many seconds (inside a trace build)."""
+    delay = os.environ.get(SLOW_COMPILE_VAR)
+    if delay:
+        time.sleep(float(delay))

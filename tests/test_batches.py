@@ -10,7 +10,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from daemon.batches import Schedule, epoch_order, pad_batch, step_micro_batches, step_seed
+from daemon.batches import (GROUP_WINDOW_STEPS, Schedule, epoch_order, pad_batch, step_micro_batches, step_seed,
+                            training_order)
 from daemon.config import load_config
 from daemon.model import ADAPTER_WEIGHTS, adapter_config, apply_lora, load_base, save_adapters
 from daemon.trainer import make_optimizer, masked_loss, train_step
@@ -82,6 +83,51 @@ def test_micro_batches_of_a_partial_step():
     order = np.arange(11)[::-1]
     assert [b.tolist() for b in step_micro_batches(s, order, 0)] == [[10, 9], [8, 7], [6, 5]]
     assert [b.tolist() for b in step_micro_batches(s, order, 1)] == [[4, 3], [2, 1], [0]]
+
+
+# --- grouping by length -----------------------------------------------------------------------
+
+def lengths_of(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(2, 1025, size=n)
+
+
+@pytest.mark.parametrize("n, sps", [(1000, 8), (999, 8), (37, 4), (5, 8), (256, 1)])
+def test_grouped_order_is_the_epochs_permutation_regrouped(n, sps):
+    lengths = lengths_of(n)
+    order = training_order(lengths, 3, 1, sps, grouped=True)
+    assert sorted(order.tolist()) == list(range(n))  # every sequence once per epoch
+    assert np.array_equal(order, training_order(lengths, 3, 1, sps, grouped=True))  # (seed, epoch) decide it all
+    assert not np.array_equal(order, training_order(lengths, 3, 2, sps, grouped=True)) or n < 10
+    assert np.array_equal(training_order(lengths, 3, 1, sps, grouped=False), epoch_order(n, 3, 1))
+    window = sps * GROUP_WINDOW_STEPS
+    for start in range(0, n, window):  # each window holds the same sequences as the permutation's
+        assert sorted(order[start:start + window].tolist()) == sorted(epoch_order(n, 3, 1)[start:start + window])
+
+
+def test_grouped_steps_hold_similar_lengths_longest_first():
+    n, sps = 4096, 8
+    lengths = lengths_of(n, seed=1)
+    s = Schedule(n, 4, 2, 1)
+    grouped, plain = training_order(lengths, 0, 0, sps, True), training_order(lengths, 0, 0, sps, False)
+
+    def spread(order):  # mean over steps of (longest - shortest) in a step
+        steps = [lengths[np.concatenate(step_micro_batches(s, order, k))] for k in range(s.total_steps)]
+        assert all(list(step) == sorted(step, reverse=True) for step in steps) or order is plain
+        return np.mean([step.max() - step.min() for step in steps])
+
+    assert spread(grouped) < 0.1 * spread(plain)
+    # The steps of a window are shuffled: the run does not walk from long to short sequences.
+    firsts = [lengths[grouped[k * sps]] for k in range(GROUP_WINDOW_STEPS)]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_grouping_keeps_a_short_last_step_last():
+    lengths = np.array([5, 900, 7, 800, 3, 1000, 2, 600, 4, 700, 999])  # 11 sequences, steps of 4
+    order = training_order(lengths, 0, 0, 4, grouped=True)
+    s = Schedule(11, 2, 2, 1)
+    steps = [np.concatenate(step_micro_batches(s, order, k)) for k in range(s.total_steps)]
+    assert [len(step) for step in steps] == [4, 4, 3]
+    assert sorted(order.tolist()) == list(range(11))
 
 
 def test_step_seed_depends_on_seed_and_step_only():

@@ -118,7 +118,7 @@ def test_meta_reports_rows_skips_and_long_samples(tmp_path, write_jsonl, math_ro
     encoded = [encode_example(tiny_tokenizer, template.format_example(r["problem"], r["solution"]))
                for r in math_rows[:6]]
     expected_chunks = [c for ids in encoded for c in split_chunks(ids, max_len)]
-    exceeded = sum(len(ids) > max_len for ids in encoded)
+    exceeded = sum(len(ids) > max_len + 1 for ids in encoded)  # more than max_len targets
     assert exceeded > 0  # the test needs some long samples
 
     meta = json.loads((cache.path / "meta.json").read_text())
@@ -131,7 +131,7 @@ def test_meta_reports_rows_skips_and_long_samples(tmp_path, write_jsonl, math_ro
     assert meta["sequences"] == len(cache) == len(expected_chunks)
     assert meta["key"] == cache.path.name
     assert sequences(cache) == expected_chunks
-    assert max(cache.lengths) <= max_len
+    assert max(cache.lengths) == max_len + 1  # a full chunk: max_len model positions
 
     assert recording_log.fields("data.prepare.skipped")["skipped"] == 2
     assert recording_log.fields("data.prepare.done")["exceeded_max_seq_len"] == exceeded
@@ -224,6 +224,19 @@ def test_key_changes_with_template(run_dir, tiny_model_dir, tiny_tokenizer, reco
     a = key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log)
     monkeypatch.setattr(template, "TEMPLATE_ID", "0" * 16)
     assert key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log) != a
+
+
+def test_key_changes_with_the_chunking_so_an_older_cache_is_rebuilt_not_misread(run_dir, tiny_model_dir, tiny_tokenizer,
+                                                                                 recording_log, monkeypatch):
+    import daemon.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "CHUNKING", "max_seq_len tokens, overlap 1")  # how earlier versions cut
+    old = key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log)
+    monkeypatch.undo()
+    tok = CountingTokenizer(tiny_tokenizer)
+    new = prepare(run_dir, tiny_model_dir, tok, recording_log)
+    assert new.path.name != old and tok.calls > 0  # tokenized again into a cache of its own
+    assert sorted(cache_entries(run_dir)) == sorted([old, new.path.name])
 
 
 def test_key_follows_content_not_path(run_dir, tiny_model_dir, tiny_tokenizer, recording_log):

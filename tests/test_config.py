@@ -18,7 +18,7 @@ DESIGN_DEFAULTS = {
              "solution_field": "solution", "max_seq_len": 1024, "limit": 0},
     "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
     "train": {"epochs": 1, "batch_size": 1, "grad_accumulation_steps": 8, "learning_rate": 1e-5, "seed": 0,
-              "max_steps": 0},
+              "max_steps": 0, "group_by_length": False, "grad_checkpoint": False},
     "daemon": {"budget_hours": 16.0, "segment_minutes": 10.0, "keep_checkpoints": 3, "checkpoint_every_steps": 0,
                "window": "", "prevent_sleep": True, "pause_on_battery": True,
                "memory_warning_available_gb": 2.0, "memory_critical_available_gb": 0.5, "memory_limit_gb": 0.0,
@@ -327,3 +327,10 @@ def test_memory_critical_above_warning_is_refused():
         load_config(None, ["daemon.memory_warning_available_gb=1", "daemon.memory_critical_available_gb=2"])
     assert "daemon.memory_critical_available_gb = 2.0" in str(err.value)
     assert "at most daemon.memory_warning_available_gb (1.0)" in str(err.value)
+
+
+def test_grad_checkpoint_with_lora_dropout_is_refused(tmp_path):
+    # Recomputing a layer in the backward pass would draw other dropout masks than the forward's.
+    message = config_error(tmp_path, overrides=["train.grad_checkpoint=true", "lora.dropout=0.05"])
+    assert "train.grad_checkpoint = true needs lora.dropout = 0" in message and "0.05" in message
+    assert load_config(None, ["train.grad_checkpoint=true"]).train.grad_checkpoint is True

@@ -299,22 +299,24 @@ def test_damaged_parquet_is_an_input_error(tmp_path):
 
 # --- chunking and encoding --------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [0, 1, 5, 16])
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17])
 def test_short_sequence_is_unchanged(n):
+    # up to max_seq_len + 1 tokens: max_seq_len model positions, max_seq_len targets
     ids = list(range(100, 100 + n))
     assert split_chunks(ids, 16) == [ids]
 
 
-@pytest.mark.parametrize("n, max_len", [(17, 16), (31, 16), (32, 16), (33, 16), (100, 16), (1000, 37), (2049, 1024)])
+@pytest.mark.parametrize("n, max_len", [(18, 16), (31, 16), (32, 16), (33, 16), (34, 16), (100, 16), (1000, 37),
+                                        (2049, 1024), (2050, 1024)])
 def test_long_sequence_chunks_overlap_by_one_and_cover_every_target_once(n, max_len):
     ids = list(range(1000, 1000 + n))
     chunks = split_chunks(ids, max_len)
     assert len(chunks) > 1
-    assert all(2 <= len(c) <= max_len for c in chunks)
+    assert all(2 <= len(c) <= max_len + 1 for c in chunks)
     assert chunks[0][0] == ids[0]
     for prev, nxt in zip(chunks, chunks[1:]):
         assert prev[-1] == nxt[0]          # overlap of exactly one token
-        assert len(prev) == max_len        # only the last chunk may be short
+        assert len(prev) == max_len + 1    # a full chunk feeds the model exactly max_len positions
     targets = [t for c in chunks for t in c[1:]]
     assert targets == ids[1:]              # every token after the first is a target exactly once
 

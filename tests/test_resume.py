@@ -177,3 +177,45 @@ def test_checkpoints_cli_lists_verifies_and_prunes(at_step_12, tmp_path):
     assert [c["step"] for c in pruned["kept"]] == [12]
     assert sorted(c["step"] for c in pruned["pruned"]) == [4, 8]
     assert ckpt_cli(run, "prune", "--keep", "0").returncode == 78
+
+
+def _grouped(template: Path, dest: Path) -> Path:
+    run = copy(template, dest)
+    config = run / "mathlora.toml"
+    text = config.read_text()
+    assert "group_by_length = false" in text
+    config.write_text(text.replace("group_by_length = false", "group_by_length = true"))
+    return run
+
+
+def test_length_grouped_batches_resume_bit_exactly(template_dir, reference, tmp_path):
+    uninterrupted = _grouped(template_dir, tmp_path / "grouped-ref")
+    finish(start(uninterrupted))
+    grouped = {"losses": {e["step"]: e["loss"] for e in events(uninterrupted, "train.step")},
+               "adapters": sha(uninterrupted / "adapters" / "adapters.safetensors")}
+    assert grouped["losses"] != reference["losses"]  # another order of the same sequences
+
+    run = _grouped(template_dir, tmp_path / "grouped")
+    kill_at(run, "micro@7", tmp_path)
+    kill_at(run, "micro@19", tmp_path)
+    finish(start(run))
+    assert [e["from_step"] for e in events(run, "resume")] == [4, 16]
+    assert_matches_reference(run, grouped)
+
+
+def test_building_compiled_traces_is_logged_and_not_charged_to_the_budget(template_dir, tmp_path):
+    run = copy(template_dir, tmp_path / "run")
+    # Each trace build takes 2 s longer, as a GPU's kernel compilation would.
+    finish(start(run, "--set", "train.max_steps=6", env={"MATHLORA_TEST_SLOW_COMPILE": "2"}))
+    compiled = events(run, "train.compiled")
+    assert compiled[0]["step"] == 1 and compiled[0]["budgeted"] is False
+    assert compiled[0]["traces"][0].startswith("accumulate 4x")  # batch 4, a length bucket
+    total = sum(e["seconds"] for e in compiled)
+    assert total >= 2 * sum(len(e["traces"]) for e in compiled) >= 4
+    steps = events(run, "train.step")
+    done = events(run, "train.done")[0]
+    assert done["traces"] == compiled[-1]["traces_total"] and done["compile_s"] == pytest.approx(total, abs=0.01)
+    # The budget counted the steps (and the checkpoints), not the seconds spent compiling.
+    assert done["train_seconds"] < total / 2
+    assert steps[-1]["budget_used_s"] <= done["train_seconds"] + 0.1
+    assert all(e["step_s"] < 2 for e in steps)  # step times (and tokens/s) leave compiling out
