@@ -35,10 +35,10 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoints import store  # noqa: E402
-from daemon.checkpointing import Progress, restore_training_checkpoint, save_training_checkpoint  # noqa: E402
-from daemon.config import Config  # noqa: E402
-from daemon.trainer import make_optimizer  # noqa: E402
+from mathlora_checkpoints import store  # noqa: E402
+from mathlora_daemon.config import Config  # noqa: E402
+from mathlora_daemon.training.checkpointing import Progress, restore_training_checkpoint, save_training_checkpoint  # noqa: E402
+from mathlora_daemon.training.step import make_optimizer  # noqa: E402
 
 LAYERS, HIDDEN, RANK = 30, 4096, 8
 

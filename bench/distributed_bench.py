@@ -41,12 +41,12 @@ def measure(args) -> dict:
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
-
-    from daemon.config import Config
-    from daemon.distributed import broadcast_arrays, gather_ints, init_world
-    from daemon.model import apply_lora
-    from daemon.trainer import make_optimizer, train_step
     from train_bench import SHAPES, build_mlx_model, fixed_sequences, memory_cache
+
+    from mathlora_daemon.config import Config
+    from mathlora_daemon.runtime.world import broadcast_arrays, gather_ints, init_world
+    from mathlora_daemon.training.model import apply_lora
+    from mathlora_daemon.training.step import make_optimizer, train_step
 
     world = init_world()
     model, _ = build_mlx_model(args.shape, args.dtype, 0, args, None)

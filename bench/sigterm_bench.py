@@ -39,10 +39,10 @@ def build_run(run: Path, shape: str) -> None:
     from mlx_lm.models.llama import Model, ModelArgs
     from mlx_lm.utils import save_model
 
-    from daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
-    from daemon.demo_assets import train_tokenizer
-    from daemon.mathgen import generate_problems
-    from daemon.template import format_example
+    from mathlora_daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
+    from mathlora_daemon.demo.assets import train_tokenizer
+    from mathlora_daemon.demo.mathgen import generate_problems
+    from mathlora_daemon.training.template import format_example
 
     hidden, layers, heads, inter, vocab, dtype, seq, batch, accum = SHAPES[shape]
     rows = generate_problems(2000, seed=0)
@@ -90,7 +90,7 @@ def main() -> int:
         t0 = time.perf_counter()
         build_run(run, args.shape)
         build_s = time.perf_counter() - t0
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run)],
+        proc = subprocess.Popen([sys.executable, "-m", "mathlora_daemon", "run", "--run-dir", str(run)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while not any(e["step"] >= args.at_step for e in events(run, "train.step")):
             if proc.poll() is not None:

@@ -122,8 +122,8 @@ def find_gguf(path: Path | None) -> Path:
 def load_gguf_model(gguf: Path, workdir: Path):
     """The GGUF converted by the daemon's own converter and loaded by mlx-lm; returns
     (model, config dict)."""
-    from daemon.gguf import convert_gguf
-    from daemon.model import load_base
+    from mathlora_daemon.modelio.gguf import convert_gguf
+    from mathlora_daemon.training.model import load_base
 
     out = workdir / "smollm2"
     convert_gguf(gguf, out)
@@ -158,7 +158,7 @@ def strip_lora(model) -> None:
     from mlx.utils import tree_unflatten
     from mlx_lm.tuner.lora import LoRALinear
 
-    from daemon.trainer import DequantizedMatmulLinear
+    from mathlora_daemon.training.step import DequantizedMatmulLinear
 
     for _, module in model.named_modules():  # the daemon's compiled step may have switched them
         if type(module) is DequantizedMatmulLinear:
@@ -218,7 +218,7 @@ def real_length_rows(n_rows: int, vocab: int, seed: int = SEED) -> list[np.ndarr
 def real_sequences(n_rows: int, seq: int, vocab: int) -> tuple[list[np.ndarray], dict]:
     """Rows of REAL_LENGTHS cut by the daemon's own split_chunks at max_seq_len = seq;
     returns (sequences, what the rows were like)."""
-    from daemon.prepare import split_chunks
+    from mathlora_daemon.training.prepare import split_chunks
 
     rows = real_length_rows(n_rows, vocab)
     lengths = np.array([len(r) for r in rows])
@@ -230,7 +230,7 @@ def real_sequences(n_rows: int, seq: int, vocab: int) -> tuple[list[np.ndarray],
 
 def memory_cache(sequences: list[np.ndarray], key: str, max_seq_len: int):
     """A TokenCache held in memory, laid out like the one on disk."""
-    from daemon.cache import TokenCache
+    from mathlora_daemon.training.cache import TokenCache
 
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in sequences], out=offsets[1:])
@@ -242,7 +242,7 @@ def memory_cache(sequences: list[np.ndarray], key: str, max_seq_len: int):
 
 def step_batches(n: int, batch: int, accum: int, steps: int) -> list[list[np.ndarray]]:
     """Each step's micro-batches (sequence indices), in the daemon's own order."""
-    from daemon.batches import Schedule, epoch_order, step_micro_batches
+    from mathlora_daemon.training.batches import Schedule, epoch_order, step_micro_batches
 
     schedule = Schedule(n, batch, accum, 1, steps)
     order = epoch_order(n, SEED, 0)
@@ -272,15 +272,15 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
                grad_checkpoint: bool = False) -> dict:
     """Run `daemon.run.train()` on the in-memory model and data for warmup + steps + 1
     optimizer steps; time each loop iteration from one train_step call to the next."""
-    import daemon.model as dmodel
-    import daemon.prepare as dprepare
-    import daemon.trainer as dtrainer
-    from daemon.budget import Budget
-    from daemon.checkpointing import restore_training_checkpoint
-    from daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig
-    from daemon.logs import close_logging, setup_logging
-    from daemon.run import train
-    from daemon.status import Heartbeat
+    import mathlora_daemon.training.model as dmodel
+    import mathlora_daemon.training.prepare as dprepare
+    import mathlora_daemon.training.step as dtrainer
+    from mathlora_daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from mathlora_daemon.runtime.budget import Budget
+    from mathlora_daemon.runtime.heartbeat import Heartbeat
+    from mathlora_daemon.runtime.logs import close_logging, setup_logging
+    from mathlora_daemon.training.checkpointing import restore_training_checkpoint
+    from mathlora_daemon.training.loop import train
 
     compile_step, dequant = loop != "daemon-eager", loop == "daemon-dequant"
     grouped = real and loop != "daemon-ungrouped"
@@ -307,12 +307,12 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
         return result
 
     # Where the loop's own time goes: the step-boundary checks and the heartbeat writes.
-    import daemon.run as drun
-    from daemon.runtime import Runtime
+    from mathlora_daemon.runtime.boundary import Runtime
+    from mathlora_daemon.training.reporter import Reporter
 
     boundary_s: list[float] = []
     beat_s: list[float] = []
-    real_boundary, real_write = Runtime.boundary, drun._write_quietly
+    real_boundary, real_write = Runtime.boundary, Reporter.write_heartbeat
 
     def timed_boundary(self, checkpoint):
         start = time.perf_counter()
@@ -321,14 +321,14 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
         finally:
             boundary_s.append(time.perf_counter() - start)
 
-    def timed_write(heartbeat):
+    def timed_write(reporter):
         start = time.perf_counter()
         try:
-            return real_write(heartbeat)
+            return real_write(reporter)
         finally:
             beat_s.append(time.perf_counter() - start)
 
-    Runtime.boundary, drun._write_quietly = timed_boundary, timed_write
+    Runtime.boundary, Reporter.write_heartbeat = timed_boundary, timed_write
     dtrainer.train_step = timed_step
     previous_dequant = os.environ.get(dtrainer.DEQUANT_ENV)
     os.environ[dtrainer.DEQUANT_ENV] = "1" if dequant else "0"
@@ -344,7 +344,7 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
         peak = mx.get_peak_memory()
     finally:
         dtrainer.train_step, dmodel.load_base, dprepare.prepare_tokens = real_step, real_load, real_prepare
-        Runtime.boundary, drun._write_quietly = real_boundary, real_write
+        Runtime.boundary, Reporter.write_heartbeat = real_boundary, real_write
         if previous_dequant is None:
             os.environ.pop(dtrainer.DEQUANT_ENV, None)
         else:
@@ -362,7 +362,7 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
     events = [json.loads(line) for line in (run_dir / "logs" / "daemon.jsonl").read_text().splitlines()]
     saved = [e for e in events if e["event"] == "checkpoint.saved"][-1]
     state = json.loads((Path(saved["path"]) / "trainer_state.json").read_text())
-    from daemon.trainer import make_optimizer
+    from mathlora_daemon.training.step import make_optimizer
 
     t0 = time.perf_counter()
     restore_training_checkpoint(Path(saved["path"]), model, make_optimizer(LR), state["fingerprint"])
@@ -543,7 +543,8 @@ def run_peft(shape: str, dtype: str, sequences: list[np.ndarray], batches: list[
                    "last_loss": losses[-1], "first_step_s": round(all_s[0], 3), "compiled": compile_model,
                    "lora_param_dtype": lora_dtypes,
                    "how": f"transformers LlamaForCausalLM (sdpa) + PEFT LoRA, torch.optim.Adam, "
-                          f"{'torch.compile' if compile_model else 'eager'}, device sync per step, T tokens a sequence"})
+                          f"{'torch.compile' if compile_model else 'eager'}, device sync per step, "
+                          "T tokens a sequence"})
     del model, forward, optimizer, params, loss
     clear_memory()
     return record
@@ -553,13 +554,13 @@ def run_peft(shape: str, dtype: str, sequences: list[np.ndarray], batches: list[
 
 def data_prep(rows: int, seq: int, workdir: Path) -> dict:
     """prepare_tokens on synthetic math rows with the demo tokenizer, then load_cache."""
-    from daemon.cache import load_cache
-    from daemon.config import DataConfig
-    from daemon.demo_assets import build_demo_model_dir
-    from daemon.mathgen import generate_problems
-    from daemon.model import load_base
-    from daemon.prepare import prepare_tokens
-    from daemon.template import format_example
+    from mathlora_daemon.config import DataConfig
+    from mathlora_daemon.demo.assets import build_demo_model_dir
+    from mathlora_daemon.demo.mathgen import generate_problems
+    from mathlora_daemon.training.cache import load_cache
+    from mathlora_daemon.training.model import load_base
+    from mathlora_daemon.training.prepare import prepare_tokens
+    from mathlora_daemon.training.template import format_example
 
     class NullLog:
         def info(self, *a, **k):
@@ -807,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
                     if lengths == "fixed":
                         sequences = fixed_sequences(needed, args.seq, vocab)
                     else:  # at least one full group_by_length window, so grouping works as in a run
-                        from daemon.batches import GROUP_WINDOW_STEPS
+                        from mathlora_daemon.training.batches import GROUP_WINDOW_STEPS
 
                         rows = max(needed, GROUP_WINDOW_STEPS * batch * args.accum) * 2
                         sequences, doc["real_lengths"] = real_sequences(rows, args.seq, vocab)

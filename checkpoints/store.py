@@ -1,6 +1,6 @@
 """Checkpoint store: atomic save, verify, list, restore and retention of checkpoints.
 
-On-disk contract (DESIGN.md, "Checkpoint contract")::
+On-disk contract (docs/DESIGN.md, "Checkpoint contract")::
 
     <root>/step-00000012/          one checkpoint, named by its zero-padded global step
         adapters.safetensors       one file per tensor group (any group names; these two
@@ -46,12 +46,12 @@ import shutil
 import stat
 import struct
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from checkpoints import fsio
+from mathlora_checkpoints import fsio
 
 FORMAT_NAME = "mathlora-checkpoint"
 FORMAT_VERSION = 1
@@ -326,6 +326,45 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
         infos.append(CheckpointInfo(path, step, size, eval_loss, created))
     infos.sort(key=lambda info: info.step)
     return infos
+
+
+def manifested_newest_first(root: Path) -> Iterator[Path]:
+    """Given the checkpoints directory, yield its ``step-<8 digits>`` directories that
+    have a MANIFEST.json, highest step first. Cheap and unverified (a directory without a
+    manifest is not a checkpoint; hashes are checked only by verify and restore): for
+    `status` and the budget's lower bound."""
+    try:
+        names = [entry.name for entry in os.scandir(root)]
+    except OSError:
+        return
+    for _, name in sorted(((s, n) for n in names if (s := parse_step_dir(n)) is not None), reverse=True):
+        if (Path(root) / name / MANIFEST_NAME).is_file():
+            yield Path(root) / name
+
+
+def newest_checkpoint(root: Path) -> tuple[int, float | None] | None:
+    """Given the checkpoints directory, return (step, created Unix time or None) of the
+    newest directory with a manifest, or None (unverified, see manifested_newest_first)."""
+    for path in manifested_newest_first(root):
+        created = read_json_object(path / MANIFEST_NAME) or {}
+        created = created.get("created")
+        if isinstance(created, bool) or not isinstance(created, (int, float)):
+            try:
+                created = (path / MANIFEST_NAME).stat().st_mtime
+            except OSError:
+                created = None
+        return parse_step_dir(path.name), created
+    return None
+
+
+def read_json_object(path: Path) -> dict | None:
+    """Given a path, return the JSON object in it; None when it is missing, unreadable,
+    damaged or not an object (readers of a run directory describe damage, never crash)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def find_latest_valid(

@@ -1,7 +1,7 @@
-"""`python -m daemon` is the same as the `mathlora-daemon` console script."""
+"""`python -m mathlora_daemon` is the same as the `mathlora-daemon` console script."""
 
 import sys
 
-from daemon.cli import main
+from mathlora_daemon.cli import main
 
 sys.exit(main())

@@ -21,62 +21,130 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from daemon.errors import InputError
+from mathlora_daemon.errors import InputError
 
-CONFIG_FILE = "mathlora.toml"
+
+def key(default=None, *, help: str, allowed: str, expected: str | None = None,
+        check: Callable[[Any], bool] | None = None, reload: bool = False, fingerprint: bool = False,
+        factory: Callable[[], Any] | None = None):
+    """Declare a config key: its default, what it does (`help`, also README's table), what
+    is allowed (`allowed` for the table, `expected` for an error message, `check` the
+    test), whether a running daemon may apply a change (`reload`), and whether a change
+    makes existing checkpoints meaningless (`fingerprint`)."""
+    meta = {"help": help, "allowed": allowed, "expected": expected or allowed, "check": check, "reload": reload,
+            "fingerprint": fingerprint}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _non_empty(v: str) -> bool:
+    return bool(v.strip())
 
 
 @dataclass
 class ModelConfig:
-    name: str = "deepseek-ai/deepseek-math-7b-instruct"
-    path: str = "mlx_model"
-    quantize_bits: int = 0
+    name: str = key("deepseek-ai/deepseek-math-7b-instruct", fingerprint=True, check=_non_empty,
+                    allowed="non-empty", expected="a non-empty HF repo id, local directory or .gguf file",
+                    help="the base model this run is for (recorded in the adapters): HF repo id, local HF or MLX "
+                         "directory, or a `.gguf` file")
+    path: str = key("mlx_model", check=_non_empty, allowed="non-empty", expected="a non-empty directory path",
+                    help="the MLX model directory, relative to the run directory")
+    quantize_bits: int = key(0, fingerprint=True, check=lambda v: v in (0, 4, 8), allowed="0, 4, 8",
+                             expected="one of 0, 4, 8", help="quantized base for QLoRA (0 keeps the dtype)")
 
 
 @dataclass
 class DataConfig:
-    name: str = "open-r1/OpenR1-Math-220k"
-    subset: str = "all"
-    split: str = "train"
-    problem_field: str = "problem"
-    solution_field: str = "solution"
-    max_seq_len: int = 1024
-    limit: int = 0
+    name: str = key("open-r1/OpenR1-Math-220k", fingerprint=True, check=_non_empty, allowed="non-empty",
+                    expected="a non-empty HF dataset id or local .jsonl/.parquet path",
+                    help="HF dataset id, or a local `.jsonl`/`.parquet` file or folder (relative paths: run "
+                         "directory first)")
+    subset: str = key("all", fingerprint=True, allowed="string", help="HF dataset configuration")
+    split: str = key("train", fingerprint=True, allowed="string", help="HF dataset split")
+    problem_field: str = key("problem", fingerprint=True, check=_non_empty, allowed="non-empty",
+                             expected="a non-empty field name", help="field holding the problem")
+    solution_field: str = key("solution", fingerprint=True, check=_non_empty, allowed="non-empty",
+                              expected="a non-empty field name", help="field holding the solution")
+    max_seq_len: int = key(1024, fingerprint=True, check=lambda v: 16 <= v <= 131072, allowed="16 to 131072",
+                           expected="an integer from 16 to 131072",
+                           help="model positions per sequence: longer texts are split into chunks of max_seq_len + "
+                                "1 tokens (overlapping by one), so a full chunk trains exactly max_seq_len targets")
+    limit: int = key(0, fingerprint=True, check=lambda v: v >= 0, allowed=">= 0", expected="an integer >= 0 (0 = all "
+                     "rows)", help="use only the first N rows (0 = all)")
 
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank: int = key(8, fingerprint=True, check=lambda v: 1 <= v <= 4096, allowed="1 to 4096",
+                    expected="an integer from 1 to 4096", help="LoRA rank")
+    alpha: float = key(16.0, fingerprint=True, check=lambda v: v > 0, allowed="> 0", expected="a number > 0",
+                       help="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = key(0.0, fingerprint=True, check=lambda v: 0.0 <= v < 1.0, allowed="[0, 1)",
+                         expected="a number in [0, 1)", help="dropout on the LoRA input")
+    targets: list[str] = key(factory=lambda: ["q_proj", "v_proj"], fingerprint=True,
+                             check=lambda v: bool(v) and all(t.strip() for t in v) and len(set(v)) == len(v),
+                             allowed="non-empty, distinct",
+                             expected='a non-empty list of distinct module names, e.g. ["q_proj", "v_proj"]',
+                             help="linear layers to adapt in every layer (`q_proj` or `self_attn.q_proj`)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 1
-    grad_accumulation_steps: int = 8
-    learning_rate: float = 1e-5
-    seed: int = 0
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
-    group_by_length: bool = False  # steps of similar-length sequences: less padding at batch_size > 1
-    grad_checkpoint: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
+    epochs: int = key(1, check=lambda v: 1 <= v <= 10000, allowed="1 to 10000", expected="an integer from 1 to 10000",
+                      help="passes over the data")
+    batch_size: int = key(1, fingerprint=True, check=lambda v: 1 <= v <= 4096, allowed="1 to 4096",
+                          expected="an integer from 1 to 4096", help="sequences per micro-batch")
+    grad_accumulation_steps: int = key(8, fingerprint=True, check=lambda v: 1 <= v <= 4096, allowed="1 to 4096",
+                                       expected="an integer from 1 to 4096",
+                                       help="micro-batches per optimizer step (their gradients are averaged)")
+    learning_rate: float = key(1e-5, fingerprint=True, check=lambda v: 0 < v <= 1, allowed="(0, 1]",
+                               expected="a number > 0 and <= 1", help="Adam learning rate")
+    seed: int = key(0, fingerprint=True, check=lambda v: 0 <= v < 2**32, allowed="0 to 2^32-1",
+                    expected="an integer from 0 to 2^32-1", help="LoRA init, data order of every epoch, dropout")
+    max_steps: int = key(0, check=lambda v: v >= 0, allowed=">= 0", expected="an integer >= 0 (0 = no cap)",
+                         help="stop after this many optimizer steps (0 = all epochs)")
+    group_by_length: bool = key(False, fingerprint=True, allowed="bool",
+                                help="each step's sequences are of similar length (less padding when `batch_size` > "
+                                     "1); still a pure function of seed and epoch")
+    # Not in the fingerprint: it changes what is kept in memory, not what is computed
+    # (bit-identical on the CPU), so after an out-of-memory exit a run may resume with it.
+    grad_checkpoint: bool = key(False, allowed="bool",
+                                help="recompute each layer's activations (and the logits, a slice at a time) in the "
+                                     "backward pass: much less memory for about a third more compute; needs "
+                                     "`lora.dropout = 0`")
 
 
 @dataclass
 class DaemonConfig:
-    budget_hours: float = 16.0
-    segment_minutes: float = 10.0
-    keep_checkpoints: int = 3
-    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = by time only)
-    window: str = ""
-    prevent_sleep: bool = True
-    pause_on_battery: bool = True
-    memory_warning_available_gb: float = 2.0  # below this much free system memory: clear MLX's cache, warn
-    memory_critical_available_gb: float = 0.5  # below this: checkpoint and pause until memory recovers
-    memory_limit_gb: float = 0.0  # MLX memory limit (0 = MLX's default)
-    max_crash_restarts: int = 3  # crashed starts in a row without a step before giving up (exit 0)
+    budget_hours: float = key(16.0, reload=True, check=lambda v: 0 < v <= 24 * 365, allowed="> 0",
+                              expected="a number of hours > 0", help="training time across all restarts")
+    segment_minutes: float = key(10.0, reload=True, check=lambda v: 0 < v <= 24 * 60, allowed="(0, 1440]",
+                                 expected="a number of minutes > 0 and <= 1440", help="checkpoint at least this often")
+    keep_checkpoints: int = key(3, reload=True, check=lambda v: 1 <= v <= 1000, allowed="1 to 1000",
+                                expected="an integer from 1 to 1000", help="newest checkpoints kept")
+    checkpoint_every_steps: int = key(0, reload=True, check=lambda v: v >= 0, allowed=">= 0",
+                                      expected="an integer >= 0 (0 = by time only)",
+                                      help="also checkpoint every N optimizer steps (0 = by time only)")
+    window: str = key("", reload=True, check=lambda v: _window_ok(v), allowed='`""` or `HH:MM-HH:MM`',
+                      expected='"" (any time) or "HH:MM-HH:MM" with different start and end, e.g. "22:00-07:00"',
+                      help="train only inside this daily window")
+    prevent_sleep: bool = key(True, reload=True, allowed="bool", help="keep the Mac awake while training")
+    pause_on_battery: bool = key(True, reload=True, allowed="bool", help="pause while on battery")
+    memory_warning_available_gb: float = key(2.0, reload=True, check=lambda v: 0 <= v <= 4096,
+                                             allowed="0 to 4096 (0 = off)", expected="a number of GB from 0 to 4096 "
+                                             "(0 = off)", help="below this free memory: clear MLX's cache, "
+                                                               "`memory.warning`")
+    memory_critical_available_gb: float = key(0.5, reload=True, check=lambda v: 0 <= v <= 4096,
+                                              allowed="0 to the warning level",
+                                              expected="a number of GB from 0 to 4096 (0 = off)",
+                                              help="below this: checkpoint and wait until memory recovers")
+    memory_limit_gb: float = key(0.0, reload=True, check=lambda v: 0 <= v <= 65536, allowed=">= 0",
+                                 expected="a number of GB >= 0 (0 = MLX's default)",
+                                 help="MLX's memory limit (0 = MLX's default)")
+    max_crash_restarts: int = key(3, reload=True, check=lambda v: 1 <= v <= 1000, allowed="1 to 1000",
+                                  expected="an integer from 1 to 1000",
+                                  help="crashed starts in a row (no step completed) before recording `failed`")
 
 
 @dataclass
@@ -102,40 +170,27 @@ def _window_ok(value: str) -> bool:
     return bool(m) and (m.group(1), m.group(2)) != (m.group(3), m.group(4))
 
 
-def _targets_ok(value: list[str]) -> bool:
-    return bool(value) and all(t.strip() for t in value) and len(set(value)) == len(value)
+def _keys() -> dict[str, dataclasses.Field]:
+    """{"section.key": its dataclass field} for every key, in declaration order."""
+    return {f"{sec.name}.{f.name}": f for sec in dataclasses.fields(Config)
+            for f in dataclasses.fields(sec.default_factory)}  # type: ignore[arg-type]
 
 
-# Range checks: key -> (predicate on the already type-checked value, what is allowed).
-_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model.name": (lambda v: bool(v.strip()), "a non-empty HF repo id, local directory or .gguf file"),
-    "model.path": (lambda v: bool(v.strip()), "a non-empty directory path"),
-    "model.quantize_bits": (lambda v: v in (0, 4, 8), "one of 0, 4, 8"),
-    "data.name": (lambda v: bool(v.strip()), "a non-empty HF dataset id or local .jsonl/.parquet path"),
-    "data.problem_field": (lambda v: bool(v.strip()), "a non-empty field name"),
-    "data.solution_field": (lambda v: bool(v.strip()), "a non-empty field name"),
-    "data.max_seq_len": (lambda v: 16 <= v <= 131072, "an integer from 16 to 131072"),
-    "data.limit": (lambda v: v >= 0, "an integer >= 0 (0 = all rows)"),
-    "lora.rank": (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
-    "lora.alpha": (lambda v: v > 0, "a number > 0"),
-    "lora.dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "lora.targets": (_targets_ok, "a non-empty list of distinct module names, e.g. [\"q_proj\", \"v_proj\"]"),
-    "train.epochs": (lambda v: 1 <= v <= 10000, "an integer from 1 to 10000"),
-    "train.batch_size": (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
-    "train.grad_accumulation_steps": (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
-    "train.learning_rate": (lambda v: 0 < v <= 1, "a number > 0 and <= 1"),
-    "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2^32-1"),
-    "train.max_steps": (lambda v: v >= 0, "an integer >= 0 (0 = no cap)"),
-    "daemon.budget_hours": (lambda v: 0 < v <= 24 * 365, "a number of hours > 0"),
-    "daemon.segment_minutes": (lambda v: 0 < v <= 24 * 60, "a number of minutes > 0 and <= 1440"),
-    "daemon.keep_checkpoints": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
-    "daemon.checkpoint_every_steps": (lambda v: v >= 0, "an integer >= 0 (0 = by time only)"),
-    "daemon.memory_warning_available_gb": (lambda v: 0 <= v <= 4096, "a number of GB from 0 to 4096 (0 = off)"),
-    "daemon.memory_critical_available_gb": (lambda v: 0 <= v <= 4096, "a number of GB from 0 to 4096 (0 = off)"),
-    "daemon.memory_limit_gb": (lambda v: 0 <= v <= 65536, "a number of GB >= 0 (0 = MLX's default)"),
-    "daemon.max_crash_restarts": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
-    "daemon.window": (_window_ok, "\"\" (any time) or \"HH:MM-HH:MM\" with different start and end, e.g. \"22:00-07:00\""),
-}
+KEYS = _keys()
+ALL_KEYS = list(KEYS)
+# Derived from the declarations above: what a running daemon may apply, and what a
+# checkpoint must agree on (training/checkpointing.py adds the model, cache and template
+# identities it computes).
+RELOADABLE = frozenset(k for k, f in KEYS.items() if f.metadata["reload"])
+FINGERPRINT_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["fingerprint"])
+# Memory guard settings added later are safe to change while running by construction.
+RELOADABLE_PREFIXES = ("daemon.memory_",)
+
+
+def is_reloadable(name: str) -> bool:
+    """Given a dotted config key, return whether a running daemon may apply a change."""
+    return name in RELOADABLE or name.startswith(RELOADABLE_PREFIXES)
+
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list of strings"}
 
@@ -150,7 +205,6 @@ def _schema() -> dict[str, dict[str, type]]:
 
 
 SCHEMA = _schema()
-ALL_KEYS = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys]
 
 
 def _coerce(value: Any, kind: type) -> tuple[bool, Any]:
@@ -257,9 +311,9 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         if not ok:
             errors.append(f"{where}: {dotted} = {_fmt(value)} has the wrong type: expected {_TYPE_NAMES[kind]}")
             continue
-        check = _CHECKS.get(dotted)
-        if check and not check[0](converted):
-            errors.append(f"{where}: {dotted} = {_fmt(converted)} is not allowed: expected {check[1]}")
+        meta = KEYS[dotted].metadata
+        if meta["check"] and not meta["check"](converted):
+            errors.append(f"{where}: {dotted} = {_fmt(converted)} is not allowed: expected {meta['expected']}")
             continue
         setattr(getattr(cfg, section), key, converted)
 
@@ -302,3 +356,24 @@ def to_toml(cfg: Config, comment: str = "") -> str:
         lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def reference_table() -> str:
+    """README's configuration table, generated from the declarations (a test keeps the
+    README in step with it). "change" says when a new value takes effect: while running
+    (hot reload), at the next start, or only in a new run (it is in the fingerprint:
+    checkpoints made with another value are refused)."""
+    rows = ["| key | default | allowed | change | meaning |", "|---|---|---|---|---|"]
+    defaults = config_to_dict(Config())
+    for dotted, f in KEYS.items():
+        section, name = dotted.split(".")
+        value = defaults[section][name]
+        if isinstance(value, str):
+            shown = value or '""'
+        elif isinstance(value, float) and 0 < value < 1e-3:
+            shown = f"{value:g}".replace("e-0", "e-")
+        else:
+            shown = _toml_value(value)
+        change = "while running" if f.metadata["reload"] else "new run" if f.metadata["fingerprint"] else "next start"
+        rows.append(f"| `{dotted}` | `{shown}` | {f.metadata['allowed']} | {change} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"

@@ -1,4 +1,4 @@
-"""Errors that end a command with a documented exit code (see DESIGN.md, "Exit codes")."""
+"""Errors that end a command with a documented exit code (see docs/DESIGN.md, "Exit codes")."""
 
 EXIT_OK = 0
 EXIT_TEMPFAIL = 75  # safe to retry (launchd/systemd restart it)

@@ -12,6 +12,8 @@ reached the point by creating a marker file and then blocks until it is killed:
     MATHLORA_TEST_ENOSPC="<step>"                      the save of that step fails
     MATHLORA_TEST_SLOW_COMPILE="<seconds>"             building each compiled trace takes that
         much longer (a CPU test of how a GPU's minutes of kernel compilation are accounted)
+    MATHLORA_TEST_TRACE_COLLECTIVES="<file>"           append the name of every collective this
+        process calls to <file>.<rank> (the test that every rank calls the same, in order)
 
 Nothing here runs in normal use: with the variables unset each call is one dict lookup.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 HOLD_VAR = "MATHLORA_TEST_HOLD"
 ENOSPC_VAR = "MATHLORA_TEST_ENOSPC"
 SLOW_COMPILE_VAR = "MATHLORA_TEST_SLOW_COMPILE"
+TRACE_VAR = "MATHLORA_TEST_TRACE_COLLECTIVES"
 
 
 def hold_point(point: str, step: int) -> None:
@@ -70,3 +73,11 @@ def slow_compile() -> None:
     delay = os.environ.get(SLOW_COMPILE_VAR)
     if delay:
         time.sleep(float(delay))
+
+
+def trace_collective(name: str) -> None:
+    """When the trace variable is set, append the collective's name to this rank's file."""
+    path = os.environ.get(TRACE_VAR)
+    if path:
+        with open(f"{path}.{os.environ.get('MLX_RANK', '0')}", "a", encoding="utf-8") as fh:
+            fh.write(name + "\n")

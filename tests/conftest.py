@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fakes import RecordingLog
+
 # The tiny models load from local directories; make any stray hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,37 +18,17 @@ TINY_DIMS = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, inte
 
 
 def training_texts(n: int = 60, seed: int = 0) -> list[str]:
-    from daemon.mathgen import generate_problems
-    from daemon.template import format_example
+    from mathlora_daemon.demo.mathgen import generate_problems
+    from mathlora_daemon.training.template import format_example
 
     return [format_example(r["problem"], r["solution"]) for r in generate_problems(n, seed=seed)]
-
-
-class RecordingLog:
-    """A structlog-like logger that records (event, fields) for every call."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict]] = []
-
-    def _record(self, event: str, **fields) -> None:
-        self.events.append((event, fields))
-
-    info = warning = error = debug = _record
-
-    def names(self) -> list[str]:
-        return [event for event, _ in self.events]
-
-    def fields(self, event: str) -> dict:
-        matches = [f for e, f in self.events if e == event]
-        assert len(matches) == 1, f"expected one {event!r} event, got {self.names()}"
-        return matches[0]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A loadable MLX model dir (byte-level BPE tokenizer + 2-layer Llama, hidden 32).
     Session-scoped: tests must not modify it (copy it first)."""
-    from daemon.demo_assets import build_demo_model_dir
+    from mathlora_daemon.demo.assets import build_demo_model_dir
 
     return build_demo_model_dir(tmp_path_factory.mktemp("tiny") / "model", training_texts(), seed=0, **TINY_DIMS)
 
@@ -54,7 +36,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     """The tiny model's tokenizer wrapper, as the daemon loads it."""
-    from daemon.model import load_base
+    from mathlora_daemon.training.model import load_base
 
     return load_base(tiny_model_dir)[1]
 
@@ -81,7 +63,7 @@ def write_jsonl():
 @pytest.fixture(scope="session")
 def math_rows() -> list[dict]:
     """Twelve synthetic math rows with problem/solution fields (shared, do not mutate)."""
-    from daemon.mathgen import generate_problems
+    from mathlora_daemon.demo.mathgen import generate_problems
 
     return generate_problems(12, seed=3)
 
@@ -91,7 +73,7 @@ def make_token_cache(tmp_path):
     """Return make(sequences) -> TokenCache held in memory (same layout as on disk)."""
     import numpy as np
 
-    from daemon.cache import TokenCache
+    from mathlora_daemon.training.cache import TokenCache
 
     def make(seqs) -> TokenCache:
         arrays = [np.asarray(s, dtype=np.int32) for s in seqs]

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
+from mathlora_daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 STEPS_PER_EPOCH, EPOCHS = 8, 4  # 64 rows, 4 x 2 sequences a step
 TOTAL = STEPS_PER_EPOCH * EPOCHS
@@ -36,9 +37,9 @@ def tiny_config() -> Config:
 
 def make_tiny_run(run: Path) -> Path:
     """Write a tiny model, data and mathlora.toml into `run` (no training)."""
-    from daemon.demo_assets import build_demo_model_dir
-    from daemon.mathgen import write_demo_dataset
-    from daemon.template import format_example
+    from mathlora_daemon.demo.assets import build_demo_model_dir
+    from mathlora_daemon.demo.mathgen import write_demo_dataset
+    from mathlora_daemon.training.template import format_example
 
     train, _ = write_demo_dataset(run / "data", n_train=80, n_test=4, seed=3)
     rows = [json.loads(line) for line in train.read_text().splitlines()]
@@ -50,15 +51,15 @@ def make_tiny_run(run: Path) -> Path:
 
 def cli(*args: str, run: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     extra = ["--run-dir", str(run)] if run is not None else []
-    return subprocess.run([sys.executable, "-m", "daemon", *args, *extra], capture_output=True, text=True, env=ENV,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", "mathlora_daemon", *args, *extra], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 STARTED: list[subprocess.Popen] = []  # reaped after every test (conftest), so a failed test leaves no daemon
 
 
 def start(run_dir: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return track(subprocess.Popen([sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args],
+    return track(subprocess.Popen([sys.executable, "-m", "mathlora_daemon", "run", "--run-dir", str(run_dir), *args],
                                   env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   stdin=subprocess.DEVNULL, text=True))
 
@@ -95,18 +96,21 @@ def finish(proc: subprocess.Popen, expect: int = 0) -> str:
     return err
 
 
-def wait_for(predicate, proc: subprocess.Popen | None = None, what: str = "condition"):
-    """Poll `predicate()` until it returns something truthy (an event wait with a
-    deadline, not a timed race); fail early if `proc` exits first."""
-    deadline = time.monotonic() + DEADLINE_S
+def wait_for(predicate, proc: subprocess.Popen | None = None, what: str = "condition",
+             timeout_s: float = DEADLINE_S, interval_s: float = 0.01):
+    """Poll `predicate()` until it returns something truthy and return that (an event
+    wait with a deadline, not a timed race); fail after `timeout_s`, or early when `proc`
+    exits first. The one polling helper of the tests."""
+    deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"daemon exited ({proc.returncode}) before {what}: {proc.stderr.read()}")
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}: {err}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        time.sleep(interval_s)
 
 
 def step_logged(run: Path, at_least: int):
@@ -230,7 +234,7 @@ def mlx_launch(run_dir: Path, ranks: int, *args: str, timeout: float = DEADLINE_
     launcher = Path(sys.executable).parent / "mlx.launch"
     base = free_port_range(ranks)
     argv = [str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(ranks), "--starting-port",
-            str(base), "--", sys.executable, "-m", "daemon", "run", "--run-dir", str(run_dir), *args]
+            str(base), "--", sys.executable, "-m", "mathlora_daemon", "run", "--run-dir", str(run_dir), *args]
     proc = track(subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   stdin=subprocess.DEVNULL))
     out, err = proc.communicate(timeout=timeout)

@@ -1,0 +1,55 @@
+"""`checkpoints list|verify|prune`: look at and tidy a run's checkpoints without MLX.
+
+Human output is a table; `--json` prints one JSON document. `verify` exits 1 when any
+checkpoint fails, so scripts can gate on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TextIO
+
+from mathlora_checkpoints.store import CheckpointInfo, list_checkpoints, prune, verify_checkpoint
+
+
+def _row(info: CheckpointInfo, problem: str | None = None, checked: bool = False) -> dict:
+    row = {"step": info.step, "path": str(info.path), "bytes": info.bytes, "eval_loss": info.eval_loss,
+           "created": info.created}
+    if checked:
+        row["valid"] = problem is None
+        row["problem"] = problem
+    return row
+
+
+def _table(rows: list[dict], out: TextIO) -> None:
+    if not rows:
+        out.write("no checkpoints\n")
+        return
+    for r in rows:
+        age = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r["created"] else "?"
+        status = "" if "valid" not in r else ("  ok" if r["valid"] else f"  INVALID: {r['problem']}")
+        loss = f"  eval_loss={r['eval_loss']:.4f}" if r["eval_loss"] is not None else ""
+        out.write(f"step {r['step']:>8}  {r['bytes'] / 1e6:9.2f} MB  {age}{loss}{status}\n")
+
+
+def checkpoints_command(action: str, root: Path, keep: int, as_json: bool, out: TextIO) -> int:
+    """Given an action (list, verify, prune), the checkpoints directory and the number
+    to keep, print the result and return the exit code (verify: 1 when any fails)."""
+    if action == "list":
+        rows = [_row(i) for i in list_checkpoints(root)]
+        out.write(json.dumps({"checkpoints": rows}, indent=2) + "\n") if as_json else _table(rows, out)
+        return 0
+    if action == "verify":
+        rows = [_row(i, verify_checkpoint(i.path), checked=True) for i in list_checkpoints(root)]
+        out.write(json.dumps({"checkpoints": rows}, indent=2) + "\n") if as_json else _table(rows, out)
+        return 0 if all(r["valid"] for r in rows) else 1
+    removed = prune(root, keep)
+    rows = [_row(i) for i in removed]
+    if as_json:
+        out.write(json.dumps({"pruned": rows, "kept": [_row(i) for i in list_checkpoints(root)]}, indent=2) + "\n")
+    else:
+        out.write(f"pruned {len(rows)} checkpoint(s), kept the newest {keep} and the best by eval loss\n")
+        _table(rows, out)
+    return 0

@@ -1,0 +1,120 @@
+"""The run directory: every path in it, in one place (docs/DESIGN.md, "Run directory").
+
+Users, scripts and launchd rely on these names; nothing else in the package spells
+them. Light on purpose (pathlib only): `status` builds one without loading MLX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_FILE = "mathlora.toml"
+LOCK_FILE = "daemon.lock"
+LOG_FILE = Path("logs") / "daemon.jsonl"
+# An adapters directory, in mlx-lm's own format (what `mlx_lm.generate --adapter-path` reads).
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory. `debug` is the `run --debug` variant, whose checkpoints and
+    adapters live under `debug/` so a quick check never touches the real ones."""
+
+    root: Path
+    debug: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- what the user provides --------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        """mathlora.toml: the run's config (the daemon hot-reloads its safe fields)."""
+        return self.root / CONFIG_FILE
+
+    def model(self, model_path: str) -> Path:
+        """The MLX base model: `model.path`, relative to the run directory unless absolute."""
+        path = Path(model_path).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    @property
+    def data(self) -> Path:
+        """data/: the demo's train.jsonl and test.jsonl (eval's default problems)."""
+        return self.root / "data"
+
+    # -- what training writes --------------------------------------------------------------
+    @property
+    def cache(self) -> Path:
+        """cache/<key>/: token caches, one per dataset/tokenizer/template/length."""
+        return self.root / "cache"
+
+    @property
+    def kernel_cache(self) -> Path:
+        """cache/mlx-kernels/: kernels MLX compiled on CUDA, kept across restarts."""
+        return self.cache / "mlx-kernels"
+
+    @property
+    def debug_root(self) -> Path:
+        return self.root / "debug"
+
+    @property
+    def checkpoints(self) -> Path:
+        """checkpoints/step-<8 digits>/ (debug/checkpoints/ for --debug)."""
+        return (self.debug_root if self.debug else self.root) / "checkpoints"
+
+    @property
+    def adapters(self) -> Path:
+        """adapters/: the final adapters in mlx-lm's format (debug/adapters/ for --debug)."""
+        return (self.debug_root if self.debug else self.root) / "adapters"
+
+    # -- the runtime's files ---------------------------------------------------------------
+    @property
+    def log_file(self) -> Path:
+        """logs/daemon.jsonl: the structured log, rotated."""
+        return self.root / LOG_FILE
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def status_file(self) -> Path:
+        """state/status.json: the live heartbeat, replaced atomically."""
+        return self.state / "status.json"
+
+    @property
+    def control_file(self) -> Path:
+        """state/control.json: the last pause/resume/stop request from the CLI."""
+        return self.state / "control.json"
+
+    @property
+    def starts_file(self) -> Path:
+        """state/starts.json: the crash guard's record of starts."""
+        return self.state / "starts.json"
+
+    @property
+    def failure_file(self) -> Path:
+        """state/failure.json: a recorded failure that stops launchd's restarts."""
+        return self.state / "failure.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """daemon.lock: the single-instance lock (flock)."""
+        return self.root / LOCK_FILE
+
+    # -- what the other commands write -----------------------------------------------------
+    def export(self, fmt: str) -> Path:
+        """export/<format>/: adapters for other tools (peft, gguf)."""
+        return self.root / "export" / fmt
+
+    @property
+    def fused(self) -> Path:
+        """fused/: the base model with the adapters merged in."""
+        return self.root / "fused"
+
+    @property
+    def plot(self) -> Path:
+        """loss.png: the loss curve across every restart."""
+        return self.root / "loss.png"

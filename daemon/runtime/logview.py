@@ -1,0 +1,367 @@
+"""The ``logs`` command: show and follow the daemon's JSON log, filtered and readable.
+
+The log is ``<run>/logs/daemon.jsonl`` (one JSON object per line with ``ts``, ``level``,
+``event``, ``run``), rotated by size into ``daemon.jsonl.1`` (newest) ... ``.5``
+(oldest). ``logs`` prints the last N matching lines across all of them, oldest first,
+either as ``HH:MM:SS level event key=value ...`` (local time) or raw (``--json``), and
+with ``follow`` keeps printing new lines like ``tail -F``: it survives rotation and waits
+for a log that does not exist yet.
+
+Filters: ``level`` is a minimum (debug < info < warning < error < critical); ``event``
+is an exact name or a dotted prefix ("checkpoint" matches "checkpoint.saved", "train"
+matches "train.step" but not "training"). A line that is not a JSON object cannot match
+a filter, so it is shown (raw) only when no filter is given.
+
+No MLX, numpy or structlog import here: reading the log must not load the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+from mathlora_daemon.rundir import RunDir
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "exception": "error"}
+_HIDDEN_KEYS = ("ts", "level", "event", "run")
+_BLOCK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class LineFilter:
+    """Which lines to show: a minimum level rank (None: any) and an event name or
+    dotted prefix (None: any)."""
+
+    min_level: int | None = None
+    event: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.min_level is not None or self.event is not None
+
+    def matches(self, record: dict | None) -> bool:
+        """Given a parsed line (None when it is not a JSON object), return whether to show it."""
+        if record is None:
+            return not self.active
+        if self.min_level is not None:
+            rank = level_rank(record.get("level"))
+            if rank is None or rank < self.min_level:
+                return False
+        if self.event is not None:
+            event = record.get("event")
+            if not isinstance(event, str) or not event_matches(event, self.event):
+                return False
+        return True
+
+
+def level_rank(level: Any) -> int | None:
+    """Given a level name (any case; warn/fatal/exception accepted), return its rank, or
+    None when it is not a level."""
+    if not isinstance(level, str):
+        return None
+    name = level.strip().lower()
+    return LEVELS.get(_LEVEL_ALIASES.get(name, name))
+
+
+def event_matches(event: str, wanted: str) -> bool:
+    """Given an event name and the wanted name or prefix, return whether it matches at
+    a dot boundary ("train" matches "train.step", not "training")."""
+    if wanted.endswith("."):
+        return event.startswith(wanted)
+    return event == wanted or event.startswith(wanted + ".")
+
+
+def parse_line(text: str) -> dict | None:
+    """Given one log line, return its JSON object, or None when it is not one."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def render_line(text: str, record: dict | None) -> str:
+    """Given a raw line and its parsed object (None: shown raw), return the human form
+    ``HH:MM:SS level event key=value ...`` with keys sorted and ts/level/event/run left out."""
+    if record is None:
+        return text
+    level, event = record.get("level"), record.get("event")
+    parts = [_local_clock(record.get("ts")), f"{level if isinstance(level, str) else '-':<7}",
+             "-" if event is None else str(event)]
+    parts += [f"{key}={_value(record[key])}" for key in sorted(record, key=str) if key not in _HIDDEN_KEYS]
+    return " ".join(parts)
+
+
+def log_files(run_dir: Path) -> tuple[Path, list[Path]]:
+    """Given a run directory, return (the current log path, the rotated files that exist,
+    oldest first: ``daemon.jsonl.5`` ... ``daemon.jsonl.1``)."""
+    current = RunDir(run_dir).log_file
+    rotated = []
+    try:
+        for entry in os.scandir(current.parent):
+            suffix = entry.name[len(current.name) + 1:]
+            if entry.name.startswith(current.name + ".") and suffix.isdigit() and entry.is_file():
+                rotated.append((int(suffix), Path(entry.path)))
+    except OSError:
+        pass
+    return current, [path for _, path in sorted(rotated, reverse=True)]
+
+
+def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str | None = None,
+              event: str | None = None, as_json: bool = False, out: TextIO | None = None,
+              stop: Callable[[], bool] | None = None, poll_s: float = 0.2,
+              err: TextIO | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Given a run directory, print the last ``lines`` matching log lines (oldest first)
+    to ``out`` and, with ``follow``, keep printing new ones every ``poll_s`` until
+    ``stop()`` is true or KeyboardInterrupt. Return 0; 2 when ``level`` is not a level.
+
+    No log at all: say so on ``err`` (default stderr) and return 0, or with ``follow``
+    wait for it to appear. A last line still being written (no newline yet) is left for
+    the next poll rather than shown half. ``sleep`` is injectable so tests can decide
+    when the follower polls.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    min_level = None
+    if level is not None:
+        min_level = level_rank(level)
+        if min_level is None:
+            err.write(f"unknown level {level!r}: use one of {', '.join(LEVELS)}\n")
+            return 2
+    line_filter = LineFilter(min_level, event or None)
+
+    def emit(batch: list[bytes]) -> None:
+        for raw in batch:
+            text = raw.decode("utf-8", errors="replace").rstrip("\r")
+            if not text.strip():
+                continue
+            record = parse_line(text)
+            if line_filter.matches(record):
+                out.write((text if as_json else render_line(text, record)) + "\n")
+        out.flush()
+
+    current, _ = log_files(run_dir)
+    follower = _Follower(current)
+    try:
+        follower.open_current()
+        tail = _last_matching(run_dir, follower, max(0, lines), line_filter)
+        if tail is None:
+            err.write(f"no log yet at {current}\n")
+            err.flush()
+            if not follow:
+                return 0
+        else:
+            emit(tail)
+        while follow:
+            emit(follower.poll())
+            if stop is not None and stop():
+                break
+            sleep(poll_s)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `logs -f | head`: the reader left
+        pass
+    finally:
+        follower.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _last_matching(run_dir: Path, follower: _Follower, want: int,
+                   line_filter: LineFilter) -> list[bytes] | None:
+    """Given the follower (its open current file, positioned after the last complete
+    line), return the last ``want`` lines that match, oldest first; None when there is no
+    log file at all."""
+    _, rotated = log_files(run_dir)
+    # A rotation between opening the current file and listing makes it also appear as
+    # daemon.jsonl.1: skip rotated files that are the very file we hold open.
+    rotated = [p for p in rotated if not follower.is_same_file(p)]
+    if follower.fh is None and not rotated:
+        return None
+    found: deque[bytes] = deque()
+    sources: list[tuple[BinaryIO | None, Path | None, int | None]] = []
+    if follower.fh is not None:
+        sources.append((follower.fh, None, follower.pos))
+    sources += [(None, path, None) for path in reversed(rotated)]  # newest first
+    for fh, path, end in sources:
+        if len(found) >= want:
+            break
+        own = None
+        try:
+            if fh is None:
+                own = fh = open(path, "rb")
+            for raw in _reverse_lines(fh, end):
+                text = raw.decode("utf-8", errors="replace").rstrip("\r")
+                if text.strip() and line_filter.matches(parse_line(text)):
+                    found.appendleft(raw)
+                    if len(found) >= want:
+                        break
+        except OSError:  # a rotated file removed while we read: show what we have
+            continue
+        finally:
+            if own is not None:
+                own.close()
+    return list(found)
+
+
+def _reverse_lines(fh: BinaryIO, end: int | None) -> Iterator[bytes]:
+    """Given an open binary file and where to stop (None: its size), yield its lines
+    from the last to the first without their newlines, reading backwards in blocks
+    (the newest lines of a 10 MB log cost one block)."""
+    pos = os.fstat(fh.fileno()).st_size if end is None else end
+    carry = b""
+    first = True
+    while pos > 0:
+        size = min(_BLOCK, pos)
+        pos -= size
+        fh.seek(pos)
+        chunk = fh.read(size) + carry
+        pieces = chunk.split(b"\n")
+        carry = pieces[0]
+        tail = pieces[1:]
+        if first and tail and tail[-1] == b"":
+            tail = tail[:-1]  # the file's final newline ends a line; it does not start one
+        first = False
+        yield from reversed(tail)
+    if carry:
+        yield carry
+
+
+class _Follower:
+    """``tail -F`` on one path: reads appended complete lines, drains the old file and
+    reopens when it is rotated (another inode at the path) or truncated (shrank), and
+    waits while the path does not exist."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fh: BinaryIO | None = None
+        self.ino: tuple[int, int] | None = None
+        self.pos = 0        # offset just after the last complete line handed out
+        self.partial = b""  # bytes after that: a line still being written
+
+    def open_current(self) -> None:
+        """Open the path if it exists, positioned after its last complete line (the
+        lines before are the tail's business)."""
+        if not self._open():
+            return
+        size = os.fstat(self.fh.fileno()).st_size
+        # Find the last newline, scanning back block by block for very long lines.
+        start = size
+        while start > 0:
+            begin = max(0, start - _BLOCK)
+            self.fh.seek(begin)
+            idx = self.fh.read(start - begin).rfind(b"\n")
+            if idx >= 0:
+                self.pos = begin + idx + 1
+                break
+            start = begin
+        else:
+            self.pos = 0
+        self.fh.seek(self.pos)
+
+    def is_same_file(self, path: Path) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return self.ino == (st.st_dev, st.st_ino)
+
+    def poll(self) -> list[bytes]:
+        """Return the complete lines appended since the last poll, following rotation."""
+        if self.fh is None:
+            if not self._open():
+                return []
+        lines = self._read_new()
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return lines  # rotated away, the new file not created yet: keep the old one
+        except OSError:
+            return lines
+        if (st.st_dev, st.st_ino) != self.ino:
+            # Rotated: the writer may have added lines to the old file between our read
+            # and the rename; drain them, including an unterminated last line.
+            lines += self._read_new()
+            if self.partial:
+                lines.append(self.partial)
+            self.close()
+            if self._open():
+                lines += self._read_new()
+        elif st.st_size < self.pos:
+            # Truncated in place (copytruncate): start over from the beginning.
+            self.fh.seek(0)
+            self.pos, self.partial = 0, b""
+            lines += self._read_new()
+        return lines
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        self.fh, self.ino, self.pos, self.partial = None, None, 0, b""
+
+    def _open(self) -> bool:
+        try:
+            self.fh = open(self.path, "rb")
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False
+        st = os.fstat(self.fh.fileno())
+        self.ino = (st.st_dev, st.st_ino)
+        self.pos, self.partial = 0, b""
+        return True
+
+    def _read_new(self) -> list[bytes]:
+        self.fh.seek(self.pos + len(self.partial))
+        data = self.fh.read()
+        if not data:
+            return []
+        data = self.partial + data
+        pieces = data.split(b"\n")
+        self.partial = pieces.pop()
+        self.pos += len(data) - len(self.partial)
+        return pieces
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _local_clock(ts: Any) -> str:
+    """Given the ``ts`` field (UTC ISO, ``Z`` or offset), return local ``HH:MM:SS``."""
+    if isinstance(ts, str) and ts:
+        text = ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return ts
+        if moment.tzinfo is not None:
+            moment = moment.astimezone()
+        return moment.strftime("%H:%M:%S")
+    return "--:--:--"
+
+
+def _value(value: Any) -> str:
+    """Given a field value, return it compactly: plain words bare, other strings quoted,
+    floats to 6 significant digits, lists and dicts as compact JSON."""
+    if isinstance(value, str):
+        if value and all(c.isalnum() or c in "._-/:+@%" for c in value):
+            return value
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=str)

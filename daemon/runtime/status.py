@@ -1,0 +1,389 @@
+"""The ``status`` command: what a run is doing (or did last), fast, whether it runs or not.
+
+It reads the heartbeat (``state/status.json``, written by runtime/heartbeat.py),
+``state/failure.json`` and the ``daemon.lock`` probe and says what the run is doing,
+including whether a daemon died without saying goodbye.
+
+Fields the daemon puts in status.json (every one optional to a reader):
+
+=====================  ===========================================================
+pid, run, version      the daemon's process id, the run's name, the package version
+state                  running | paused | waiting | stopped | finished |
+                       budget_exhausted | failed
+phase                  loading | preparing | training | checkpointing | paused |
+                       waiting | done
+reason                 why paused / waiting / stopped / failed (free text)
+step, total_steps      global optimizer step and the planned total
+epoch                  current epoch (0-based)
+loss                   the last step's loss; recent_mean_loss: mean of recent steps
+tok_per_s, step_s      recent throughput: tokens per second, seconds per step
+budget_used_s          training seconds spent across all restarts;
+budget_total_s,        the budget and what is left of it (left is derived from
+budget_left_s          total - used when the daemon does not set it)
+window, window_ends    the schedule window ("22:00-07:00") and its end (ISO, local)
+last_checkpoint_step,  the newest checkpoint's step and when it was saved (UTC ISO)
+last_checkpoint_at
+memory                 {mem_active_gb, mem_peak_gb, rss_gb, sys_available_gb,
+                       swap_used_gb}
+log_path               the JSON log (``<run>/logs/daemon.jsonl``)
+started_at             when this daemon process started (UTC ISO)
+world_size             ranks training together (1: one process; mlx.launch: more)
+updated_at,            when the file was written (UTC ISO, and Unix seconds); set
+updated_unix           by :meth:`Heartbeat.write`
+=====================  ===========================================================
+
+``read_status`` adds the derived state (``not_started`` and ``crashed`` exist only
+there), ``heartbeat_age_s``, ``stale``, ``crashed_reason``, ``eta_s``, ``eta_at``,
+``checkpoint_age_s``, ``log_path``, ``run_dir`` and ``service`` (the launchd agent or
+systemd unit of this run: ``{manager, label, installed, loaded, path}``, from the
+injected ``service_probe``, service/install.py's ``service_status`` when the CLI asks;
+loaded is None when it cannot be told).
+
+No MLX, numpy or structlog import here: ``status`` must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import psutil
+
+from mathlora_checkpoints.store import newest_checkpoint, read_json_object
+from mathlora_daemon.rundir import RunDir
+from mathlora_daemon.runtime.heartbeat import json_int, json_number, jsonable, utc_iso
+from mathlora_daemon.runtime.lock import probe_lock
+
+LIVE_STATES = ("running", "paused", "waiting")
+TERMINAL_STATES = ("stopped", "finished", "budget_exhausted", "failed")
+STALE_AFTER_S = 120.0
+
+
+def read_status(run_dir: Path, now: float | None = None,
+                probe: Callable[[Path], tuple[bool, int | None]] = probe_lock,
+                pid_alive: Callable[[int], bool] = psutil.pid_exists,
+                stale_after_s: float = STALE_AFTER_S,
+                service_probe: Callable[[Path], dict | None] | None = None) -> dict[str, Any]:
+    """Given a run directory, return the ``status`` answer: the heartbeat's fields with
+    the derived ``state`` and the derived fields listed in the module docstring. Never
+    raises for a missing or damaged run directory (an empty one is ``not_started``).
+
+    The lock is the authority on liveness: held -> the heartbeat's state (flagged
+    ``stale`` when its heartbeat is older than ``stale_after_s``); free -> a recorded
+    failure, else the final state the daemon wrote, else ``crashed``.
+    """
+    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    now = time.time() if now is None else float(now)
+
+    # Probe, read, probe again: a daemon starting or exiting between the two reads
+    # would otherwise be reported as crashed (lock free, file says running).
+    for _ in range(3):
+        lock_before = _safe_probe(probe, run_dir)
+        heartbeat = read_json_object(run.status_file)
+        failure = read_json_object(run.failure_file)
+        lock_after = _safe_probe(probe, run_dir)
+        if lock_before == lock_after:
+            break
+    held, lock_pid = lock_after
+
+    status: dict[str, Any] = dict(heartbeat or {})
+    file_state = status.get("state") if isinstance(status.get("state"), str) else None
+    file_pid = json_int(status.get("pid"))
+    updated = json_number(status.get("updated_unix"))
+    age = max(0.0, now - updated) if updated is not None else None
+    if age is not None:
+        status["heartbeat_age_s"] = round(age, 1)
+    stale = age is not None and age > stale_after_s
+
+    if held is None:
+        # The lock cannot be probed (odd file system, permissions): fall back to the pid
+        # and the heartbeat's freshness.
+        held = file_pid is not None and _alive(pid_alive, file_pid) and not stale
+        lock_pid = file_pid if held else None
+
+    if held:
+        ours = heartbeat is not None and (lock_pid is None or lock_pid == file_pid)
+        if ours:
+            status["state"] = file_state or "running"
+            if stale:
+                status["stale"] = True  # alive but silent: a hung daemon
+        else:
+            # A new daemon holds the lock and has not written its first heartbeat yet;
+            # the rest of the file is the previous daemon's last word (still the progress).
+            status["state"] = "running"
+            status["phase"] = "starting"
+            status.pop("reason", None)
+        if lock_pid is not None:
+            status["pid"] = lock_pid
+    elif failure is not None:
+        status["state"] = "failed"
+        status["reason"] = str(failure.get("reason") or "recorded failure")
+        status["failure"] = failure
+    elif heartbeat is None:
+        status["state"] = "not_started"
+    elif file_state in TERMINAL_STATES:
+        status["state"] = file_state
+    else:
+        # The file says the daemon is alive, but nobody holds the lock: it died without
+        # writing a final state (SIGKILL, power loss, crash).
+        status["state"] = "crashed"
+        status["crashed_reason"] = _crashed_reason(file_pid, age, pid_alive)
+
+    _add_checkpoint(status, run_dir, now)
+    _add_eta(status, now)
+    total, used = json_number(status.get("budget_total_s")), json_number(status.get("budget_used_s"))
+    if total is not None and used is not None and json_number(status.get("budget_left_s")) is None:
+        status["budget_left_s"] = max(0.0, total - used)
+    if not isinstance(status.get("log_path"), str):
+        status["log_path"] = str(run.log_file)
+    status["run_dir"] = str(run_dir)
+    # Whether launchd/systemd will (re)start this run; a probe only when its file exists.
+    service = service_probe(run_dir) if service_probe is not None else None
+    if service is not None:
+        status["service"] = service
+    return status
+
+
+def _safe_probe(probe, run_dir: Path) -> tuple[bool | None, int | None]:
+    try:
+        held, pid = probe(run_dir)
+    except OSError:
+        return None, None
+    return bool(held), pid
+
+
+def _alive(pid_alive, pid: int) -> bool:
+    if pid <= 0:  # pid 0 would mean "our process group" to kill(); never a daemon
+        return False
+    try:
+        return bool(pid_alive(pid))
+    except Exception:  # noqa: BLE001 - a liveness probe that fails says nothing
+        return False
+
+
+def _crashed_reason(pid: int | None, age: float | None, pid_alive) -> str:
+    who = f"process {pid}" if pid is not None else "the daemon"
+    if pid is not None and _alive(pid_alive, pid):
+        # The pid exists but does not hold the lock: reused by another process, or a
+        # daemon that lost its lock file.
+        what = f"{who} no longer holds the lock"
+    else:
+        what = f"{who} is gone"
+    when = f"last heartbeat {_duration(age)} ago" if age is not None else "no heartbeat time"
+    return f"{what}; {when}"
+
+
+def _add_checkpoint(status: dict, run_dir: Path, now: float) -> None:
+    if json_int(status.get("last_checkpoint_step")) is None:
+        newest = newest_checkpoint(RunDir(run_dir).checkpoints)
+        if newest is not None:
+            status["last_checkpoint_step"] = newest[0]
+            if newest[1] is not None:
+                status["last_checkpoint_at"] = utc_iso(newest[1])
+    at = _parse_iso(status.get("last_checkpoint_at"))
+    if at is not None:
+        status["checkpoint_age_s"] = round(max(0.0, now - at), 1)
+
+
+def _add_eta(status: dict, now: float) -> None:
+    # tok/s alone cannot give an ETA (tokens per step vary); seconds per step can.
+    step, total = json_int(status.get("step")), json_int(status.get("total_steps"))
+    step_s = json_number(status.get("step_s"))
+    if status.get("state") == "finished" or None in (step, total, step_s) or step_s <= 0:
+        return
+    eta = max(0, total - step) * step_s
+    status["eta_s"] = round(eta, 1)
+    if status.get("state") == "running" and not status.get("stale"):
+        status["eta_at"] = _local_iso(now + eta)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """Given a ``read_status`` answer, return a short human table (one ``label value``
+    per line; missing fields are left out, never shown as None)."""
+    rows: list[tuple[str, str]] = []
+    state = str(status.get("state") or "unknown")
+    pid, phase = json_int(status.get("pid")), status.get("phase")
+
+    head = state.replace("_", " ")
+    if state in LIVE_STATES:
+        if pid is not None:
+            head += f" (pid {pid})"
+        if phase:
+            head += f", phase {phase}"
+    if status.get("stale"):
+        head += f", NO HEARTBEAT FOR {_duration(json_number(status.get('heartbeat_age_s')))} (hung?)"
+    rows.append(("state", head))
+
+    if state == "crashed" and status.get("crashed_reason"):
+        rows.append(("why", str(status["crashed_reason"])))
+    elif status.get("reason"):
+        rows.append(("why" if state == "failed" else "reason", str(status["reason"])))
+    if state == "not_started":
+        rows.append(("run dir", str(status.get("run_dir", ""))))
+
+    step, total = json_int(status.get("step")), json_int(status.get("total_steps"))
+    epoch = json_int(status.get("epoch"))
+    if step is not None:
+        text = f"step {step}"
+        if total:
+            text += f" / {total} ({100.0 * step / total:.1f}%)"
+        if epoch is not None:
+            text += f", epoch {epoch}"
+        rows.append(("progress", text))
+
+    loss, mean = json_number(status.get("loss")), json_number(status.get("recent_mean_loss"))
+    if loss is not None or mean is not None:
+        parts = [f"{loss:.3f}"] if loss is not None else []
+        if mean is not None:
+            parts.append(f"(mean of recent steps {mean:.3f})" if parts else f"mean of recent steps {mean:.3f}")
+        rows.append(("loss", " ".join(parts)))
+
+    world = json_int(status.get("world_size"))
+    if world is not None and state != "not_started":
+        rows.append(("world", "1 process" if world == 1 else
+                     f"{world} ranks (mlx.launch; rank 0 reports, speed is the whole job's)"))
+
+    tok_s, step_s = json_number(status.get("tok_per_s")), json_number(status.get("step_s"))
+    speed = []
+    if tok_s is not None:
+        speed.append(f"{tok_s:,.0f} tok/s")
+    if step_s is not None:
+        speed.append(f"{step_s:.1f} s/step" if step_s >= 1 else f"{step_s:.2f} s/step")
+    if speed:
+        rows.append(("speed", ", ".join(speed)))
+
+    used, left, total_b = (json_number(status.get(k)) for k in ("budget_used_s", "budget_left_s", "budget_total_s"))
+    budget = []
+    if used is not None:
+        budget.append(f"used {used / 3600:.2f} h")
+    if left is not None:
+        budget.append(f"left {left / 3600:.2f} h")
+    if budget or total_b is not None:
+        text = ", ".join(budget)
+        if total_b is not None:
+            text = f"{text} of {total_b / 3600:.2f} h" if text else f"{total_b / 3600:.2f} h"
+        rows.append(("budget", text))
+
+    window, window_ends = status.get("window"), _parse_iso(status.get("window_ends"))
+    if window or window_ends is not None:
+        parts = [str(window)] if window else []
+        if window_ends is not None:
+            parts.append(f"ends {_clock_time(window_ends, json_number(status.get('updated_unix')))}")
+        rows.append(("window", ", ".join(parts)))
+
+    eta_s, eta_at = json_number(status.get("eta_s")), _parse_iso(status.get("eta_at"))
+    if eta_s is not None:
+        if eta_at is not None:
+            text = f"{_clock_time(eta_at, eta_at - eta_s)} (in {_duration(eta_s)})"
+        else:
+            text = f"{_duration(eta_s)} of training left"
+        if left is not None and eta_s > left:
+            text += "; the budget runs out first"
+        rows.append(("eta", text))
+
+    ck_step, ck_age = json_int(status.get("last_checkpoint_step")), json_number(status.get("checkpoint_age_s"))
+    if ck_step is not None:
+        text = f"step {ck_step}"
+        if ck_age is not None:
+            text += f", {_duration(ck_age)} ago"
+        rows.append(("checkpoint", text))
+
+    memory = status.get("memory") if isinstance(status.get("memory"), dict) else {}
+    mem = []
+    for key, label in (("mem_active_gb", "active"), ("mem_peak_gb", "peak"), ("rss_gb", "rss"),
+                       ("sys_available_gb", "available"), ("swap_used_gb", "swap")):
+        value = json_number(memory.get(key))
+        if value is not None and not (key == "swap_used_gb" and value == 0):
+            mem.append(f"{label} {value:.1f} GB")
+    if mem:
+        rows.append(("memory", ", ".join(mem)))
+
+    hb_age = json_number(status.get("heartbeat_age_s"))
+    if hb_age is not None and state in LIVE_STATES:
+        rows.append(("heartbeat", f"{_duration(hb_age)} ago"))
+    if status.get("log_path") and state != "not_started":
+        rows.append(("log", str(status["log_path"])))
+    if isinstance(status.get("service"), dict):
+        rows.append(("service", _service_text(status["service"])))
+    return "\n".join(f"{label:<10} {value}".rstrip() for label, value in rows) + "\n"
+
+
+def _service_text(service: dict) -> str:
+    """Given the ``service`` field, return e.g. ``launchd agent com.mathlora.daemon.x:
+    installed, loaded``."""
+    manager = service.get("manager")
+    what = f"{manager} {'agent' if manager == 'launchd' else 'unit'} {service.get('label', '')}".rstrip()
+    if service.get("other_run_dir"):
+        return f"{what}: not installed for this run (taken by {service['other_run_dir']})"
+    if not service.get("installed"):
+        return f"{what}: not installed (mathlora-daemon install)"
+    word = "loaded" if manager == "launchd" else "enabled"
+    loaded = service.get("loaded")
+    state = word if loaded is True else f"not {word}" if loaded is False else f"{word}: unknown (no answer)"
+    return f"{what}: installed, {state}"
+
+
+def status_main(run_dir: Path, as_json: bool = False, out: TextIO | None = None,
+                service_probe: Callable[[Path], dict | None] | None = None) -> int:
+    """Given a run directory, print its status as JSON (``as_json``) or as the human
+    table to ``out`` (default stdout) and return 0: status always answers, even for a
+    missing or empty directory ("not started")."""
+    out = sys.stdout if out is None else out
+    status = read_status(Path(run_dir), service_probe=service_probe)
+    if as_json:
+        out.write(json.dumps(jsonable(status), sort_keys=True, indent=2) + "\n")
+    else:
+        out.write(render_status(status))
+    out.flush()
+    return 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _local_iso(t: float) -> str:
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+def _parse_iso(value: Any) -> float | None:
+    """Given an ISO-8601 string (``Z`` or an offset; naive means local), return Unix
+    seconds, else None. Python 3.10's fromisoformat does not accept ``Z``."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _clock_time(t: float, reference: float | None) -> str:
+    """Given a Unix time, return local ``HH:MM``, with the weekday when it is not on the
+    reference time's day."""
+    moment = datetime.fromtimestamp(t)
+    if reference is not None and datetime.fromtimestamp(reference).date() != moment.date():
+        return moment.strftime("%a %H:%M")
+    return moment.strftime("%H:%M")
+
+
+def _duration(seconds: float | None) -> str:
+    """Given seconds, return a short human duration: ``45 s``, ``4 min``, ``6.2 h``, ``3.1 days``."""
+    if seconds is None:
+        return "?"
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

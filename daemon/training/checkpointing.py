@@ -1,0 +1,224 @@
+"""Trainer state <-> checkpoint files: what is saved, and putting it back.
+
+A checkpoint holds (see docs/DESIGN.md, "Checkpoint contract"):
+- `adapters.safetensors`: the LoRA weights, mlx-lm key names;
+- `optimizer.safetensors`: the full flattened Adam state (moments, step, learning rate);
+- `trainer_state.json`: global step, epoch and position in that epoch's order (the data
+  cursor), tokens seen, training seconds used, a loss summary, the RNG scheme, the config
+  fingerprint, package versions and the world size that wrote it.
+Randomness is re-derived from (seed, step, micro-batch) before every micro-batch
+(`batches.step_seed`) and the data order from (seed, epoch), so these files are
+everything a bit-exact resume needs. A checkpoint of a distributed job is the same
+files (rank 0 writes them) and resumes under any world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mathlora_checkpoints import fsio
+from mathlora_checkpoints.store import CheckpointInfo, load_checkpoint, prune, save_checkpoint
+from mathlora_daemon import testhooks
+from mathlora_daemon.config import FINGERPRINT_KEYS, Config
+from mathlora_daemon.errors import InputError, TemporaryFailure
+from mathlora_daemon.training import template
+
+RECENT_LOSSES = 100
+
+# Fields whose change makes a checkpoint meaningless for this run: the config keys
+# declared with fingerprint=True (config.py), plus the identities computed here (the
+# base model's config, the token cache, the prompt template). Everything else (budget,
+# window, segment length, retention, power, logging, epochs, max_steps, grad_checkpoint)
+# may change between restarts.
+FINGERPRINT_FIELDS = FINGERPRINT_KEYS + ("base_model", "token_cache", "template")
+
+
+@dataclass
+class Progress:
+    """What the loop knows besides tensors; saved in trainer_state.json."""
+
+    global_step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    recent_losses: list[float] = field(default_factory=list)
+    best_loss: float | None = None
+
+    def record(self, loss: float, tokens: int) -> None:
+        self.global_step += 1
+        self.tokens_seen += tokens
+        self.recent_losses = (self.recent_losses + [loss])[-RECENT_LOSSES:]
+        self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
+
+
+def fingerprint(cfg: Config, model_dir: Path, cache_key: str) -> dict:
+    """Given the config, the model directory and the token cache key, return the values
+    that must not change across a resume (see FINGERPRINT_FIELDS)."""
+    config_json = model_dir / "config.json"
+    values = {
+        "base_model": hashlib.sha256(config_json.read_bytes()).hexdigest()[:16] if config_json.exists() else None,
+        "token_cache": cache_key,
+        "template": template.TEMPLATE_ID,
+    }
+    for name in FINGERPRINT_FIELDS:
+        if "." in name:
+            section, key = name.split(".")
+            values[name] = getattr(getattr(cfg, section), key)
+    return {name: values[name] for name in FINGERPRINT_FIELDS}
+
+
+def fingerprint_conflicts(saved: dict, current: dict) -> list[str]:
+    """Given a saved and a current fingerprint, return 'field: saved -> current' for each
+    field that differs (fields unknown to either side are compared too)."""
+    return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
+            for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for dist in ("mathlora-daemon", "mlx", "mlx-lm", "numpy", "safetensors"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def _safetensors_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    mx.save_safetensors(buf, arrays, metadata={"format": "mlx"})
+    return buf.getvalue()
+
+
+def save_training_checkpoint(root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress,
+                             epoch: int, position: int, fp: dict, cfg: Config,
+                             world_size: int = 1) -> CheckpointInfo:
+    """Given the checkpoint root, the model, optimizer and loop progress at an optimizer
+    step boundary, write checkpoint `step-<global step>` atomically and return it; raise
+    OSError (e.g. ENOSPC) with every earlier checkpoint left intact."""
+    step = progress.global_step
+    groups = {"adapters": _safetensors_bytes(dict(tree_flatten(model.trainable_parameters()))),
+              "optimizer": _safetensors_bytes(dict(tree_flatten(optimizer.state)))}
+    losses = progress.recent_losses
+    state = {
+        "global_step": step, "epoch": epoch, "position": position, "tokens_seen": progress.tokens_seen,
+        "train_seconds": progress.train_seconds,
+        "loss": {"last": losses[-1] if losses else None, "recent": losses,
+                 "recent_mean": sum(losses) / len(losses) if losses else None, "best": progress.best_loss},
+        "rng": {"scheme": "mx.random.seed(SeedSequence([train.seed, global_step, micro_batch])) before every "
+                          "micro-batch; data order from default_rng([train.seed, epoch])", "seed": cfg.train.seed},
+        "world_size": world_size,  # informational: any world size may resume it
+        "fingerprint": fp, "versions": package_versions(),
+    }
+    writer = testhooks.failing_writer(step, _held_writer(step))
+    return save_checkpoint(root, step, groups, state, writer=writer)
+
+
+def _held_writer(step: int):
+    """The durable writer, with the crash tests' hold point after the first file."""
+    def write(path: Path, data: bytes) -> None:
+        fsio.write_bytes_durable(path, data)
+        testhooks.hold_point("save", step)
+    return write
+
+
+def restore_training_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer,
+                                current_fp: dict) -> tuple[dict, Progress]:
+    """Given a verified checkpoint directory, a model with LoRA applied, its optimizer and
+    the current fingerprint, load adapters and optimizer state in place and return
+    (trainer state, Progress); raise InputError naming every conflicting field when the
+    checkpoint belongs to a different configuration."""
+    state, files = load_checkpoint(path)
+    conflicts = fingerprint_conflicts(state.get("fingerprint", {}), current_fp)
+    if conflicts:
+        raise InputError(f"checkpoint {path} was made with a different configuration; these fields differ "
+                         f"(checkpoint -> now): {'; '.join(conflicts)}. Restore the old values, or start a new "
+                         "run directory (or move checkpoints/ away) to train from scratch.")
+    model.load_weights(list(mx.load(str(files["adapters"])).items()), strict=False)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(mx.load(str(files["optimizer"])).items()))
+    mx.eval(model.trainable_parameters(), optimizer.state)
+    loss = state.get("loss", {})
+    progress = Progress(global_step=state["global_step"], tokens_seen=state["tokens_seen"],
+                        train_seconds=state["train_seconds"], recent_losses=list(loss.get("recent") or []),
+                        best_loss=loss.get("best"))
+    return state, progress
+
+
+def describe(info: CheckpointInfo) -> dict:
+    """Given a CheckpointInfo, return a JSON-ready dict for logs and the CLI."""
+    return {"step": info.step, "path": str(info.path), "bytes": info.bytes, "eval_loss": info.eval_loss,
+            "created": info.created}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+class Checkpointer:
+    """Saves the run's state at an optimizer-step boundary, as the checkpoint contract
+    above says, and keeps the retention rule (docs/DESIGN.md, "Checkpoint contract").
+
+    State it reads at each save: the model's adapters, the optimizer's state, the loop's
+    Progress (step, tokens, losses), the cursor that the schedule derives from the step,
+    and the budget's seconds used. Only rank 0 writes; on the other ranks `save` does
+    nothing. `settings()` returns the live daemon settings (retention, segment length,
+    checkpoint interval), which a config reload may change.
+    """
+
+    def __init__(self, root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress, schedule,
+                 fp: dict, cfg: Config, budget, log, heartbeat, settings, resumed: CheckpointInfo | None,
+                 world_size: int = 1, leader: bool = True, clock=time.monotonic):
+        self.root, self.model, self.optimizer, self.progress = root, model, optimizer, progress
+        self.schedule, self.fp, self.cfg, self.budget = schedule, fp, cfg, budget
+        self.log, self.heartbeat, self.settings = log, heartbeat, settings
+        self.world_size, self.leader = world_size, leader
+        self.clock = clock
+        self.protect = {resumed.path} if resumed else set()  # pruning never removes what we resumed from
+        self.last_step = progress.global_step if resumed else -1
+        self.last_time = self.clock()
+
+    def due(self) -> bool:
+        """Whether the step just taken ends a segment: every `checkpoint_every_steps`
+        steps (when set) or `segment_minutes` after the last checkpoint."""
+        d = self.settings()
+        every = d.checkpoint_every_steps
+        return bool(every and self.progress.global_step % every == 0) or \
+            self.clock() - self.last_time >= d.segment_minutes * 60
+
+    def save(self) -> None:
+        """Checkpoint the current step boundary (once per step), then prune; raise
+        TemporaryFailure (exit 75) when it cannot be written, every earlier one intact."""
+        step = self.progress.global_step
+        if self.last_step == step or not self.leader:
+            return
+        epoch, position = self.schedule.cursor(step)
+        self.progress.train_seconds = self.budget.used_s
+        self.heartbeat.update(phase="checkpointing")
+        t0 = time.monotonic()
+        try:
+            info = save_training_checkpoint(self.root, self.model, self.optimizer, self.progress, epoch, position,
+                                            self.fp, self.cfg, world_size=self.world_size)
+        except OSError as exc:
+            self.log.error("checkpoint.failed", step=step, errno=exc.errno, error=str(exc))
+            raise TemporaryFailure(f"checkpoint at step {step} could not be written: {exc}; "
+                                   "earlier checkpoints are intact") from exc
+        self.log.info("checkpoint.saved", step=info.step, path=str(info.path), bytes=info.bytes,
+                      seconds=round(time.monotonic() - t0, 4))
+        self.last_step, self.last_time = step, self.clock()
+        self.heartbeat.update(phase="training", last_checkpoint_step=info.step,
+                              last_checkpoint_at=datetime.now().astimezone().isoformat())
+        prune(self.root, self.settings().keep_checkpoints, protect=self.protect,
+              on_pruned=lambda i: self.log.info("checkpoint.pruned", step=i.step, path=str(i.path)))

@@ -1,0 +1,178 @@
+"""The training loop: set up, take optimizer steps until done or told to stop, wrap up.
+
+`train` sets the run up (signals, the control-file watcher, the sleep inhibitor, the
+Session: model, data, optimizer, resume), runs `loop`, and on every way out leaves a
+checkpoint, the adapters and the final status. `loop` is the part to read: at each
+step boundary the runtime decides whether to go on, pause (after a checkpoint) or
+stop; the step itself is training/step.py's; the Reporter tells the user; the
+Checkpointer saves a segment's end.
+
+In a distributed job every rank runs this; the collectives happen in the same order on
+every rank (the runtime's boundary look, the step's abort check and all_sums, the
+session's set-up), and only rank 0 writes into the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from mathlora_daemon import __version__
+from mathlora_daemon.config import Config
+from mathlora_daemon.errors import EXIT_OK, InputError, TemporaryFailure
+from mathlora_daemon.rundir import RunDir
+from mathlora_daemon.runtime.world import SINGLE, World
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    adapters: Path | None
+    state: str = "finished"
+
+
+def loop(session, runtime, checkpointer, reporter, should_abort):
+    """Take optimizer steps from the session's progress to the schedule's end; return
+    the runtime's Stop when training must end first, else None. The model, optimizer and
+    progress are left at an optimizer-step boundary either way."""
+    from mathlora_daemon.training.batches import step_micro_batches, training_order
+    from mathlora_daemon.training.step import train_step
+
+    s, train = session, session.cfg.train
+    order_epoch, order = -1, None
+    runtime.account(training=False)  # loading and preparing do not count against the budget
+    for step in range(s.progress.global_step, s.schedule.total_steps):
+        stop = runtime.boundary(checkpointer.save)
+        if stop:
+            return stop
+        epoch, _ = s.schedule.cursor(step)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, training_order(s.cache.lengths, train.seed, epoch,
+                                                       s.schedule.sequences_per_step, train.group_by_length)
+        started = time.monotonic()
+        result = train_step(s.model, s.optimizer, s.cache, step_micro_batches(s.schedule, order, step), train.seed,
+                            step, should_abort=should_abort, world=s.world)
+        if result is None:  # stopped between two micro-batches: the state is still at the last boundary
+            return runtime.boundary(checkpointer.save)
+        # Building compiled traces (the first step, a new length bucket) is set-up, not training.
+        runtime.not_training(result.compile_s)
+        s.progress.record(result.loss, result.tokens)
+        reporter.on_step(epoch, result, max(time.monotonic() - started - result.compile_s, 1e-9))
+        if checkpointer.due():
+            runtime.account(training=True)
+            checkpointer.save()
+    runtime.account(training=True)
+    return None
+
+
+def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
+          debug: bool = False, progress: bool | None = None, world: World = SINGLE) -> RunResult:
+    """Given a locked run directory, a validated config and the runtime's pieces, train
+    until done, stopped, out of budget or window; return the RunResult. Raise InputError
+    (exit 78) for a bad model, dataset, target list or a checkpoint of another
+    configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written."""
+    from mathlora_daemon.runtime import signals
+    from mathlora_daemon.runtime.boundary import Runtime
+    from mathlora_daemon.runtime.world import any_true, lost_peer, peer_lost_error
+    from mathlora_daemon.training.checkpointing import Checkpointer
+    from mathlora_daemon.training.reporter import Reporter, show_progress_bar
+    from mathlora_daemon.training.session import setup_session
+
+    run = RunDir(run_dir, debug=debug)
+    if debug and world.leader:
+        import shutil
+
+        shutil.rmtree(run.debug_root, ignore_errors=True)  # a debug run always starts from scratch
+    show_bar = show_progress_bar(progress)
+    with ExitStack() as stack:
+        flags = signals.Flags()
+        stack.callback(signals.install(flags, on_signal=lambda name: log.info("signal.received", signal=name)))
+        heartbeat.update(state="running", phase="loading", started_at=datetime.now().astimezone().isoformat(),
+                         version=__version__, world_size=world.size, log_path=str(run.log_file))
+        heartbeat.start(10.0, live_fields=lambda: {"budget_used_s": round(budget.used_s, 1),
+                                                   "budget_left_s": round(budget.left_s, 1)})
+        watcher = _setup_watcher(stack, run, None if debug else config_path, flags) if world.leader else None
+        try:
+            s = setup_session(run, cfg, log, heartbeat, world, show_bar)
+            runtime = Runtime(run.root, cfg, config_path, overrides, log, flags, heartbeat, budget,
+                              take_control=watcher.take_control if watcher else list, world=world)
+            checkpointer = Checkpointer(run.checkpoints, s.model, s.optimizer, s.progress, s.schedule, s.fingerprint,
+                                        cfg, budget, log, heartbeat, lambda: runtime.cfg.daemon, s.resumed,
+                                        world.size, world.leader)
+            reporter = Reporter(run.root, log, heartbeat, budget, runtime, s.progress, s.optimizer,
+                                s.schedule.total_steps, s.resumed.step if s.resumed else 0, show_bar, world.leader)
+            stack.callback(reporter.close)
+            _setup_sleep_inhibitor(stack, cfg, log)
+            s.model.train()  # dropout active
+            log.info("train.start", sequences=len(s.cache), steps_per_epoch=s.schedule.steps_per_epoch,
+                     total_steps=s.schedule.total_steps, sequences_per_step=s.schedule.sequences_per_step,
+                     start_step=s.progress.global_step, budget_used_s=round(budget.used_s, 1),
+                     budget_total_s=budget.total_s)
+            heartbeat.update(phase="training", total_steps=s.schedule.total_steps, step=s.progress.global_step)
+            # A stop must be seen by every rank between the same two micro-batches (all ranks).
+            should_abort = flags.stop.is_set if not world.distributed else (
+                lambda: any_true(world, flags.stop.is_set()))
+            stop = loop(s, runtime, checkpointer, reporter, should_abort)
+            reporter.close()
+            checkpointer.save()  # every way out leaves its state as a checkpoint
+            runtime.account(training=True)
+            return _finish(s, run, log, heartbeat, budget, reporter, stop, flags)
+        except BaseException as exc:
+            if world.distributed and lost_peer(exc):  # e.g. "[ring] connection to a peer was lost" in a step
+                raise peer_lost_error(world, exc) from exc
+            if not isinstance(exc, (InputError, TemporaryFailure)):
+                log.error("daemon.stop", reason="crash", error=f"{type(exc).__name__}: {exc}", exit_code=1)
+            raise
+
+
+def _setup_watcher(stack: ExitStack, run: RunDir, config_path: Path | None, flags):
+    """Rank 0 watches the control file and the config; it passes stops and pauses on."""
+    from mathlora_daemon.runtime.control import FileWatcher
+
+    watcher = FileWatcher(run.root, config_path, on_control=flags.request_control, on_config=flags.request_reload)
+    watcher.prime()
+    watcher.start()
+    stack.callback(watcher.stop)
+    return watcher
+
+
+def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:
+    import os
+
+    from mathlora_daemon.runtime.power import SleepInhibitor
+
+    inhibitor = SleepInhibitor()
+    stack.callback(inhibitor.stop)
+    if cfg.daemon.prevent_sleep:
+        inhibitor.start(os.getpid())
+        log.info("power.prevent_sleep", **inhibitor.describe())
+
+
+def _finish(s, run: RunDir, log, heartbeat, budget, reporter, stop, flags) -> RunResult:
+    """Write the adapters and tell how training ended (log, status)."""
+    from mathlora_daemon.training.model import adapter_config, save_adapters
+
+    step = s.progress.global_step
+    if s.world.leader:
+        save_adapters(s.model, run.adapters, adapter_config(s.cfg, len(s.model.layers), s.keys))
+    final_state = stop.state if stop else "finished"
+    if stop and stop.event:
+        log.info(stop.event, reason=stop.reason, step=step, budget_used_s=round(budget.used_s, 1),
+                 budget_total_s=budget.total_s)
+    if stop is None and s.world.leader:
+        log.info("train.done", steps=step, first_loss=reporter.first_loss, last_loss=reporter.last_loss,
+                 adapters=str(run.adapters), train_seconds=round(budget.used_s, 2),
+                 tokens_seen=s.progress.tokens_seen, **reporter.totals())
+    fields = {"reason": stop.reason if stop else "finished", "exit_code": EXIT_OK, "step": step}
+    if flags.signal_at is not None:
+        fields["signal_to_exit_s"] = round(time.monotonic() - flags.signal_at, 3)
+    log.info("daemon.stop", **fields)
+    heartbeat.update(state=final_state, phase="done", reason=fields["reason"], step=step,
+                     budget_used_s=round(budget.used_s, 1), budget_left_s=round(budget.left_s, 1))
+    return RunResult(EXIT_OK, step, reporter.first_loss, reporter.last_loss, run.adapters, final_state)

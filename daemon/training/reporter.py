@@ -1,0 +1,99 @@
+"""What the loop tells the user after each step: the log line, the heartbeat, the
+progress bar (as mlx-lm's TrainingCallback, called by the loop).
+
+Kept cheap: a small model takes tens of steps a second, so the heartbeat file is
+written at most once a second and the bar redraws at most ten times a second. Only
+rank 0 reports; on the other ranks every call returns at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+
+from mathlora_daemon.runtime import crashguard
+
+HEARTBEAT_WRITE_S = 1.0  # status stays current, and a crash refunds less than this plus a step
+
+
+class Reporter:
+    def __init__(self, run_dir, log, heartbeat, budget, runtime, progress, optimizer, total_steps: int,
+                 resumed_step: int, show_bar: bool, leader: bool = True):
+        from tqdm import tqdm
+
+        self.run_dir, self.log, self.heartbeat, self.budget, self.runtime = run_dir, log, heartbeat, budget, runtime
+        self.progress, self.optimizer, self.leader = progress, optimizer, leader
+        self.first_step = resumed_step + 1  # the crash guard counts a start as progress after this one
+        self.first_loss = self.last_loss = None
+        self.traces = 0
+        self.compile_s = 0.0
+        self.tokens = self.positions = 0
+        self.last_write = time.monotonic()
+        self.bar = tqdm(total=total_steps, initial=resumed_step, unit="step", disable=not (show_bar and leader),
+                        dynamic_ncols=True)
+
+    def on_step(self, epoch: int, result, step_s: float) -> None:
+        """After an optimizer step: `result` is the trainer's StepResult, `step_s` the
+        step's seconds without the traces it built."""
+        self.traces += len(result.traces)
+        self.compile_s += result.compile_s
+        self.tokens += result.tokens
+        self.positions += result.positions
+        if not self.leader:
+            return
+        step = self.progress.global_step
+        if step == self.first_step:
+            crashguard.record_progress(self.run_dir)
+        if result.traces:
+            self.log.info("train.compiled", step=step, seconds=round(result.compile_s, 3), traces=result.traces,
+                          traces_total=self.traces, budgeted=False)
+        self.first_loss = result.loss if self.first_loss is None else self.first_loss
+        self.last_loss = result.loss
+        mem = self.runtime.last_memory.as_fields() if self.runtime.last_memory else {}
+        budget = self.budget
+        self.log.info("train.step", step=step, epoch=epoch, loss=result.loss,
+                      lr=float(self.optimizer.learning_rate.item()), tokens=result.tokens,
+                      tok_per_s=round(result.tokens / step_s, 1), step_s=round(step_s, 4),
+                      padding=round(result.padding_share, 4), budget_used_s=round(budget.used_s + step_s, 1),
+                      budget_left_s=round(max(budget.total_s - budget.used_s - step_s, 0), 1), **mem)
+        recent = self.progress.recent_losses
+        self.heartbeat.update(step=step, epoch=epoch, loss=result.loss, step_s=round(step_s, 4),
+                              recent_mean_loss=sum(recent) / len(recent), tok_per_s=round(result.tokens / step_s, 1),
+                              memory=mem)
+        if time.monotonic() - self.last_write >= HEARTBEAT_WRITE_S:
+            self.heartbeat.update(budget_used_s=round(budget.used_s + step_s, 1))
+            self.write_heartbeat()
+            self.last_write = time.monotonic()
+        if not self.bar.disable:
+            self.bar.set_description_str(self.bar_prefix(), refresh=False)
+            self.bar.set_postfix_str(f"loss={result.loss:.3f} used={budget.used_s / 3600:.2f}h "
+                                     f"left={budget.left_s / 3600:.2f}h tok/s={result.tokens / step_s:,.0f}",
+                                     refresh=False)
+            self.bar.update(1)
+
+    def write_heartbeat(self) -> None:
+        try:
+            self.heartbeat.write()
+        except OSError:
+            pass  # a full disk must not stop training; the heartbeat thread retries, checkpoints report
+
+    def bar_prefix(self) -> str:
+        """`[ends 07:00]`: when the window closes or the budget runs out, whichever is first."""
+        ends = [t for t in (self.runtime.window_ends(),) if t is not None]
+        if self.budget.left_s != float("inf"):
+            ends.append(datetime.now() + (datetime.fromtimestamp(self.budget.left_s) - datetime.fromtimestamp(0)))
+        return f"[ends {min(ends):%H:%M}]" if ends else "training"
+
+    def totals(self) -> dict:
+        """This start's compiled traces, compile seconds and padding share, for train.done."""
+        padding = 1.0 - self.tokens / self.positions if self.positions else 0.0
+        return {"traces": self.traces, "compile_s": round(self.compile_s, 3), "padding": round(padding, 4)}
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def show_progress_bar(progress: bool | None) -> bool:
+    """Whether to draw the progress bar: as asked, else when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else progress

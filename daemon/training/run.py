@@ -1,0 +1,222 @@
+"""`run`: what launchd starts, up to the first step.
+
+`run_command` holds the run directory's lock and applies the guards that decide, before
+anything heavy is loaded, whether this start should train at all (crash loop, repeated
+config error, spent budget, outside the window); then training/loop.py's `train` sets
+up, trains and wraps up.
+
+Started by `mlx.launch`, every rank runs this same command. Rank 0 does everything above;
+the other ranks (`_run_worker`) hold no lock and write nothing into the run directory:
+they wait for rank 0's go (`_StartGate`), load the same model and data, take rank 0's
+adapters and optimizer state, and compute their share of every step
+(training/distributed.py). Stops, pauses and the budget act at the same step boundary on
+all ranks (runtime/boundary.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from mathlora_daemon import __version__
+from mathlora_daemon.config import Config, load_config
+from mathlora_daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
+from mathlora_daemon.runtime import crashguard
+from mathlora_daemon.runtime.logs import close_logging, setup_logging
+from mathlora_daemon.runtime.world import GO, World, init_world, start_handshake
+from mathlora_daemon.training.loop import train
+
+DEBUG_ROWS = 10
+DEBUG_STEPS = 4
+
+
+def debug_config(cfg: Config) -> Config:
+    """Given a config, return the `--debug` variant: the first 10 rows, a few steps, no
+    budget or window."""
+    data = replace(cfg.data, limit=DEBUG_ROWS)
+    training = replace(cfg.train, epochs=1, max_steps=min(cfg.train.max_steps or DEBUG_STEPS, DEBUG_STEPS))
+    daemon = replace(cfg.daemon, window="", pause_on_battery=False, prevent_sleep=False)
+    return replace(cfg, data=data, train=training, daemon=daemon)
+
+
+class _StartGate:
+    """Rank 0's half of the start handshake. The other ranks wait for rank 0's guards
+    (lock, crash loop, budget, window) before loading anything; `open` lets them train,
+    `release` sends them rank 0's exit code instead. It happens exactly once."""
+
+    def __init__(self, world: World):
+        self.world, self.done = world, not world.distributed
+
+    def open(self) -> None:
+        """Start every rank; raise InputError / TemporaryFailure when a rank cannot."""
+        self.done = True
+        statuses = start_handshake(self.world, GO)
+        failed = [(rank, code) for rank, code in enumerate(statuses) if code != GO]
+        if failed:
+            what = "; ".join(f"rank {rank} exits {code}" for rank, code in failed)
+            error = InputError if any(code == EXIT_CONFIG for _, code in failed) else TemporaryFailure
+            raise error(f"the distributed job cannot start: {what} (its own output says why)")
+
+    def release(self, exit_code: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            start_handshake(self.world, exit_code)
+        except (RuntimeError, TemporaryFailure):
+            pass  # a rank is already gone; rank 0's own exit status stands
+
+
+def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool = False,
+                progress: bool | None = None) -> int:
+    """Given the run directory, the config file and `--set` overrides, run the daemon and
+    return its exit code (docs/DESIGN.md, "Exit codes"); a second daemon on the same run
+    directory gets 75 and changes nothing. Under mlx.launch, rank 0 runs this and the
+    other ranks run `_run_worker`."""
+    if not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir}: no such directory")
+    world = init_world()
+    if not world.leader:
+        return _run_worker(run_dir, config_path, overrides, debug, world)
+    gate = _StartGate(world)
+    exit_code = 1
+    try:
+        exit_code = _run_leader(run_dir, config_path, overrides, debug, progress, world, gate)
+        return exit_code
+    except InputError:
+        exit_code = EXIT_CONFIG
+        raise
+    except TemporaryFailure:
+        exit_code = EXIT_TEMPFAIL
+        raise
+    finally:
+        gate.release(exit_code)
+
+
+def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool, world: World) -> int:
+    """A rank other than 0: no lock, no files written into the run directory; logs go to
+    its stderr (mlx.launch prefixes nothing, so every line carries `rank`)."""
+    from mathlora_daemon.runtime.budget import Budget
+    from mathlora_daemon.runtime.heartbeat import NullHeartbeat
+
+    log = setup_logging(None, run_dir.resolve().name).bind(rank=world.rank, world_size=world.size)
+    try:
+        cfg = load_config(config_path, overrides)
+    except InputError as exc:
+        start_handshake(world, EXIT_CONFIG)
+        raise InputError(f"rank {world.rank}: {exc}") from exc
+    statuses = start_handshake(world, GO)
+    if any(code != GO for code in statuses):
+        code = statuses[0] if statuses[0] != GO else EXIT_TEMPFAIL
+        log.info("daemon.stop", reason="rank 0 did not start training", exit_code=code)
+        return code
+    if debug:
+        cfg = debug_config(cfg)
+    # Rank 0 alone owns the budget and the window; this rank brings its signals, memory and power.
+    cfg = replace(cfg, daemon=replace(cfg.daemon, window=""))
+    try:
+        result = train(run_dir, cfg, log, NullHeartbeat(), Budget(float("inf"), 0.0), None, overrides, debug,
+                       progress=False, world=world)
+    finally:
+        close_logging()
+    return result.exit_code
+
+
+def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool,
+                progress: bool | None, world: World, gate: _StartGate) -> int:
+    """Rank 0 (or the only process): lock, guards, then train."""
+    from mathlora_daemon.runtime.budget import Budget, initial_used, read_used_seconds
+    from mathlora_daemon.runtime.heartbeat import Heartbeat
+    from mathlora_daemon.runtime.lock import LockHeld, acquire_lock
+    from mathlora_daemon.runtime.schedule import inside, next_start, parse_window
+
+    config_text = config_path.read_text(errors="replace") if config_path and config_path.is_file() else None
+    chash = crashguard.config_hash(config_text, overrides)
+    try:
+        lock = acquire_lock(run_dir)
+    except LockHeld as exc:
+        print(f"mathlora-daemon run: {exc}; not starting a second daemon", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    with lock:
+        crashes = crashguard.begin_start(run_dir, os.getpid(), time.time())
+        # launchd restarts us after every non-zero exit; the guard ends such loops. A start
+        # from a terminal is a person trying again (after fixing data, freeing memory ...).
+        guarded = not debug and not sys.stdin.isatty()
+        if not guarded:
+            crashguard.clear_failure(run_dir)
+        try:
+            cfg = load_config(config_path, overrides)
+        except InputError as exc:
+            failure = crashguard.read_failure(run_dir)
+            if failure and failure.get("kind") == "config" and failure.get("config_hash") == chash:
+                print(f"mathlora-daemon run: not starting: the configuration error recorded earlier is unchanged "
+                      f"(fix {config_path} and start again):\n{exc}", file=sys.stderr)
+                crashguard.record_clean_exit(run_dir, EXIT_OK)
+                return EXIT_OK
+            crashguard.record_failure(run_dir, str(exc), "config", chash, time.time())
+            crashguard.record_clean_exit(run_dir, EXIT_CONFIG)
+            raise
+        if debug:
+            cfg = debug_config(cfg)
+        log = setup_logging(run_dir, run_dir.resolve().name, quiet_events=_quiet(progress))
+        if world.distributed:
+            log = log.bind(rank=0, world_size=world.size)
+        heartbeat = Heartbeat(run_dir, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
+        exit_code = EXIT_CONFIG
+        try:
+            log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()),
+                     debug=debug, crashed_starts_before=crashes, **world.describe())
+            reason = crashguard.decide(run_dir, crashes, cfg.daemon.max_crash_restarts, chash) if guarded else None
+            if reason:
+                if crashguard.read_failure(run_dir) is None:
+                    crashguard.record_failure(run_dir, reason, "crash_loop", chash, time.time())
+                heartbeat.update(state="failed", phase="done", reason=reason)
+                log.error("daemon.failed", reason=reason)
+                exit_code = EXIT_OK  # launchd must stop restarting us
+                return exit_code
+            used = 0.0 if debug else initial_used(*read_used_seconds(run_dir))
+            budget = Budget(float("inf") if debug else cfg.daemon.budget_hours * 3600, used)
+            heartbeat.update(budget_used_s=budget.used_s, budget_total_s=budget.total_s,
+                             budget_left_s=budget.left_s, window=cfg.daemon.window)
+            if budget.exhausted:
+                log.info("budget.exhausted", budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
+                heartbeat.update(state="budget_exhausted", phase="done", reason="training budget spent")
+                exit_code = EXIT_OK
+                return exit_code
+            window = parse_window(cfg.daemon.window)
+            if not inside(window, datetime.now()):
+                opens = next_start(window, datetime.now())
+                log.info("schedule.outside_window", window=cfg.daemon.window, next_start=opens.isoformat())
+                heartbeat.update(state="stopped", phase="done",
+                                 reason=f"outside the training window {cfg.daemon.window}; opens {opens:%H:%M}")
+                exit_code = EXIT_OK
+                return exit_code
+            gate.open()
+            result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world)
+            exit_code = result.exit_code
+            return exit_code
+        except InputError as exc:
+            log.error("daemon.stop", reason="error", error=str(exc), exit_code=EXIT_CONFIG)
+            crashguard.record_failure(run_dir, str(exc), "config", chash, time.time())
+            heartbeat.update(state="failed", phase="done", reason=str(exc))
+            raise
+        except TemporaryFailure as exc:
+            log.error("daemon.stop", reason="temporary failure", error=str(exc), exit_code=EXIT_TEMPFAIL)
+            exit_code = EXIT_TEMPFAIL
+            raise
+        finally:
+            if exit_code in (EXIT_OK, EXIT_CONFIG, EXIT_TEMPFAIL):
+                crashguard.record_clean_exit(run_dir, exit_code)
+                heartbeat.update(pid=os.getpid())
+                heartbeat.stop()  # the final state is on disk before the lock is released
+            close_logging()
+
+
+def _quiet(progress: bool | None) -> set[str]:
+    from mathlora_daemon.training.reporter import show_progress_bar
+
+    return {"train.step"} if show_progress_bar(progress) else set()

@@ -1,0 +1,145 @@
+"""Set-up of a training run: everything the loop needs, in named steps.
+
+`setup_session` converts and loads the base model, tokenizes the data (or reuses the
+token cache), adds LoRA, makes the schedule and the optimizer, and resumes from the
+newest checkpoint that verifies. In a distributed job every rank runs it; the
+collectives (marked "all ranks") happen in the same order on each, and rank 0's step,
+adapters and Adam state are copied to the others bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mathlora_checkpoints.store import CheckpointInfo
+from mathlora_daemon.config import Config
+from mathlora_daemon.rundir import RunDir
+from mathlora_daemon.runtime.world import World
+from mathlora_daemon.training.batches import Schedule
+from mathlora_daemon.training.cache import TokenCache
+from mathlora_daemon.training.checkpointing import Progress
+
+
+@dataclass
+class Session:
+    """A run ready to train: the model with LoRA, its data, optimizer and progress."""
+
+    cfg: Config
+    run: RunDir
+    world: World
+    model_dir: Path
+    model: object
+    tokenizer: object
+    cache: TokenCache
+    keys: list[str]
+    schedule: Schedule
+    optimizer: object
+    fingerprint: dict
+    progress: Progress
+    resumed: CheckpointInfo | None
+
+
+def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_bar: bool) -> Session:
+    """Given the run directory, the config, the log, the heartbeat and the World, return
+    the Session; raise InputError (exit 78) for a bad model, dataset, target list or a
+    checkpoint of another configuration."""
+    _setup_device(run, cfg, log, world)
+    model_dir, model, tokenizer, cache = _setup_model_and_data(run, cfg, log, heartbeat, world, show_bar)
+    keys = _setup_lora(model, cfg, log, world)
+    schedule, optimizer, fp = _setup_optimizer(cfg, cache, model_dir, world)
+    resumed, progress = _resume(run, model, optimizer, schedule, fp, log, world)
+    return Session(cfg, run, world, model_dir, model, tokenizer, cache, keys, schedule, optimizer, fp, progress,
+                   resumed)
+
+
+def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
+    from mathlora_daemon.runtime.memory import apply_limits
+    from mathlora_daemon.training.step import use_kernel_cache
+
+    log.info("memory.limits", **apply_limits(cfg.daemon.memory_limit_gb, wired_limit=True))
+    kernels = use_kernel_cache(run.kernel_cache) if world.leader else None  # the other ranks write nothing here
+    if kernels:
+        log.info("train.kernel_cache", path=str(kernels))
+
+
+def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World, show_bar: bool):
+    from mathlora_daemon.modelio.convert import ensure_model
+    from mathlora_daemon.runtime.world import barrier
+    from mathlora_daemon.training.model import load_base
+    from mathlora_daemon.training.prepare import prepare_tokens
+
+    if not world.leader:
+        barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
+    model_dir = ensure_model(cfg, run.root, log)  # converts model.name into model.path when it is missing
+    log.info("model.load.start", path=str(model_dir))
+    model, tokenizer, _ = load_base(model_dir)
+    heartbeat.update(phase="preparing")
+    cache = prepare_tokens(cfg.data, run.root, model_dir, tokenizer, log, progress=show_bar)
+    if world.leader:
+        barrier(world)
+    return model_dir, model, tokenizer, cache
+
+
+def _setup_lora(model, cfg: Config, log, world: World) -> list[str]:
+    from mathlora_daemon.training.model import apply_lora, total_count, trainable_count, use_grad_checkpoint
+
+    keys = apply_lora(model, cfg)
+    if cfg.train.grad_checkpoint:
+        use_grad_checkpoint(model)
+    trainable, total = trainable_count(model), total_count(model)
+    log.info("model.lora", trainable_params=trainable, total_params=total, keys=keys, lora_rank=cfg.lora.rank,
+             scale=cfg.lora_scale, dropout=cfg.lora.dropout, layers=len(model.layers),
+             grad_checkpoint=cfg.train.grad_checkpoint)
+    if world.leader:
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%), "
+              f"LoRA rank {cfg.lora.rank} on {', '.join(keys)} of {len(model.layers)} layers", file=sys.stderr)
+    return keys
+
+
+def _setup_optimizer(cfg: Config, cache: TokenCache, model_dir: Path, world: World):
+    from mathlora_daemon.runtime.world import check_agreement
+    from mathlora_daemon.training.checkpointing import fingerprint
+    from mathlora_daemon.training.step import make_optimizer
+
+    schedule = Schedule(len(cache), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
+                        cfg.train.max_steps)
+    optimizer = make_optimizer(cfg.train.learning_rate)
+    fp = fingerprint(cfg, model_dir, cache.meta["key"])
+    check_agreement(world, "configuration fingerprint", json.dumps(fp, sort_keys=True))  # all ranks
+    return schedule, optimizer, fp
+
+
+def _resume(run: RunDir, model, optimizer, schedule: Schedule, fp: dict, log,
+            world: World) -> tuple[CheckpointInfo | None, Progress]:
+    """Rank 0 resumes from the newest checkpoint that verifies (torn ones are logged and
+    skipped); in a distributed job every rank then takes rank 0's step, adapters and Adam
+    state, a fresh start too, so no rank depends on its own initialisation."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mathlora_checkpoints.store import cleanup_temporaries, find_latest_valid
+    from mathlora_daemon.runtime.world import broadcast_arrays, gather_ints
+    from mathlora_daemon.training.checkpointing import restore_training_checkpoint
+
+    resumed, progress = None, Progress()
+    if world.leader:
+        for leftover in cleanup_temporaries(run.checkpoints):
+            log.info("checkpoint.cleaned", path=str(leftover))
+        resumed = find_latest_valid(run.checkpoints, on_rejected=lambda path, why: log.warning(
+            "checkpoint.rejected", path=str(path), why=why))
+    if resumed is not None:
+        saved, progress = restore_training_checkpoint(resumed.path, model, optimizer, fp)
+        log.info("resume", from_step=progress.global_step, path=str(resumed.path),
+                 epoch=schedule.cursor(progress.global_step)[0], tokens_seen=progress.tokens_seen,
+                 world_size=world.size, saved_world_size=saved.get("world_size", 1))
+    if world.distributed:  # all ranks
+        progress.global_step = gather_ints(world, [progress.global_step])[0][0]
+        optimizer.init(model.trainable_parameters())
+        params = broadcast_arrays(world, dict(tree_flatten(model.trainable_parameters())))
+        moments = broadcast_arrays(world, dict(tree_flatten(optimizer.state)))
+        if not world.leader:
+            model.load_weights(list(params.items()), strict=False)
+            optimizer.state = tree_unflatten(list(moments.items()))
+    return resumed, progress

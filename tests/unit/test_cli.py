@@ -1,0 +1,69 @@
+"""The command line's shape (cli/arguments.py, cli/actions.py): shared options wherever
+a user puts them, one way from options to a config, and help for every option."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from mathlora_daemon.cli import actions, arguments
+from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import RunDir
+
+
+@pytest.mark.parametrize("argv", [
+    ["checkpoints", "--run-dir", "D", "list"],
+    ["checkpoints", "list", "--run-dir", "D"],
+])
+def test_shared_options_work_before_and_after_the_action(argv):
+    args = arguments.parse(argv)
+    assert args.command == "checkpoints" and args.action == "list"
+    assert args.run_dir == Path("D") and args.config is None and args.overrides == []
+
+
+def test_set_options_from_every_level_are_kept_in_order():
+    args = arguments.parse(["checkpoints", "--set", "daemon.keep_checkpoints=5", "--config", "a.toml", "prune",
+                            "--set", "daemon.keep_checkpoints=2", "--run-dir", "R", "--keep", "1"])
+    assert args.overrides == ["daemon.keep_checkpoints=5", "daemon.keep_checkpoints=2"]  # the later one wins
+    assert args.config == Path("a.toml") and args.run_dir == Path("R") and args.keep == 1
+
+
+def test_defaults_when_no_shared_option_is_given():
+    assert arguments.parse(["status"]).run_dir == Path(".")
+    assert arguments.parse(["demo"]).run_dir == Path(arguments.DEMO_DIR)
+    assert arguments.parse(["run"]).overrides == []
+
+
+def test_commands_that_read_no_config_refuse_config_options():
+    with pytest.raises(SystemExit) as info:
+        arguments.parse(["status", "--set", "train.seed=1"])
+    assert info.value.code == 2  # argparse's usage error
+
+
+def test_every_command_has_an_action_and_every_option_has_help():
+    parser = arguments.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == set(actions.COMMANDS)
+    missing = []
+
+    def check(p: argparse.ArgumentParser, where: str):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    check(sub, f"{where} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{where} {'/'.join(action.option_strings) or action.dest}")
+
+    for name, sub in commands.choices.items():
+        check(sub, name)
+    assert not missing, missing
+
+
+def test_config_from_reads_the_run_directory_s_file_and_the_overrides(tmp_path):
+    RunDir(tmp_path).config.write_text("[train]\nseed = 3\n")
+    cfg = actions.config_from(arguments.parse(["prepare", "--run-dir", str(tmp_path), "--set", "lora.rank=4"]))
+    assert (cfg.train.seed, cfg.lora.rank) == (3, 4)
+    with pytest.raises(InputError, match="--config .*nope.toml: no such file"):
+        actions.config_from(arguments.parse(["prepare", "--config", str(tmp_path / "nope.toml")]))

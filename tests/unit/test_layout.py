@@ -1,0 +1,125 @@
+"""The package layout as docs/DESIGN.md ("Architecture") describes it: layers that only
+import downwards, no import circles (function-level imports included), a docstring at
+the top of every module, and every sub-package installed."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from runs import ROOT
+
+PACKAGE = ROOT / "daemon"
+# Lowest first. A module may import from its own package or from a lower layer; the
+# packages of one layer do not import each other.
+CONTRACTS = {"errors", "rundir", "config", "testhooks", "__init__"}  # top-level modules: one home per contract
+LAYERS = [
+    {"contracts"},
+    {"runtime"},      # the guards around the loop; no MLX at import
+    {"modelio"},      # models in (convert, GGUF), adapters out (export, fuse)
+    {"training"},     # data, model, step, checkpointing, the loop
+    {"evaluation", "service"},
+    {"demo"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(("mathlora_daemon",) + parts).removesuffix(".__init__")
+        out[name] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every mathlora_daemon module this one imports, at module level or in a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mathlora_daemon"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("mathlora_daemon"))
+    return {m for m in found if m in known and m != name}
+
+
+def layer_of(name: str) -> tuple[int, str]:
+    top = name.split(".")[1] if "." in name else "__init__"
+    top = "contracts" if top in CONTRACTS else top
+    for index, layer in enumerate(LAYERS):
+        if top in layer:
+            return index, top
+    raise AssertionError(f"{name}: its package {top!r} is in no layer of LAYERS (add it, and to docs/DESIGN.md)")
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_every_module_belongs_to_a_layer_and_imports_only_downwards():
+    wrong = []
+    for name, deps in graph().items():
+        here, pkg = layer_of(name)
+        for dep in deps:
+            there, dep_pkg = layer_of(dep)
+            if dep_pkg != pkg and there >= here:
+                wrong.append(f"{name} imports {dep} ({dep_pkg} is not below {pkg})")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_there_are_no_import_circles():
+    edges = graph()
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(node):  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for dep in edges[node]:
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in on_stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    # A package's __init__ re-exporting its modules would be fine; ours re-export nothing.
+    assert not circles, circles
+
+
+def test_every_module_says_what_it_holds():
+    missing = [str(path.relative_to(ROOT)) for path in sorted(PACKAGE.rglob("*.py")) + sorted(
+        (ROOT / "checkpoints").rglob("*.py")) if ast.get_docstring(ast.parse(path.read_text())) is None]
+    assert not missing, f"modules without a docstring: {missing}"
+
+
+def test_every_sub_package_is_installed():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(("mathlora_daemon",) + p.parent.relative_to(PACKAGE).parts)
+               for p in PACKAGE.rglob("__init__.py")} | {"mathlora_checkpoints"}
+    assert listed == on_disk
+    assert project["tool"]["setuptools"]["package-dir"] == {"mathlora_daemon": "daemon",
+                                                             "mathlora_checkpoints": "checkpoints"}
