@@ -290,7 +290,7 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
     (run_dir / "mlx_model").mkdir(parents=True)
     (run_dir / "mlx_model" / "config.json").write_text(json.dumps(model_cfg))
     cfg = Config(model=ModelConfig(name=f"bench/{label}", path="mlx_model", quantize_bits=quant),
-                 data=DataConfig(name="bench/random-tokens", max_seq_len=seq),
+                 data=DataConfig(name="bench/random-tokens", max_seq_len=seq, template="tutor"),
                  lora=LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, targets=list(TARGETS)),
                  train=TrainConfig(epochs=1, batch_size=batch, grad_accumulation_steps=accum, learning_rate=LR,
                                    seed=SEED, max_steps=total, group_by_length=grouped,

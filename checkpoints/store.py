@@ -328,6 +328,18 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
     return infos
 
 
+def manifest_problem(path: Path) -> str | None:
+    """Given a checkpoint directory, return why its MANIFEST.json cannot be read (one
+    line), or None when it reads. Cheap: no hashes (``verify_checkpoint`` checks those)."""
+    try:
+        _read_manifest(Path(path))
+    except FileNotFoundError:
+        return f"no {MANIFEST_NAME} (an incomplete checkpoint)"
+    except (OSError, ValueError) as exc:
+        return f"{MANIFEST_NAME}: {exc}"
+    return None
+
+
 def manifested_newest_first(root: Path) -> Iterator[Path]:
     """Given the checkpoints directory, yield its ``step-<8 digits>`` directories that
     have a MANIFEST.json, highest step first. Cheap and unverified (a directory without a

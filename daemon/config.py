@@ -72,6 +72,26 @@ class DataConfig:
                                 "1 tokens (overlapping by one), so a full chunk trains exactly max_seq_len targets")
     limit: int = key(0, fingerprint=True, check=lambda v: v >= 0, allowed=">= 0", expected="an integer >= 0 (0 = all "
                      "rows)", help="use only the first N rows (0 = all)")
+    template: str = key("chat", fingerprint=True, check=lambda v: v in ("chat", "tutor"), allowed="chat, tutor",
+                        expected='"chat" or "tutor"',
+                        help="`chat`: the model's own chat template, the problem followed by DeepSeek-Math's "
+                             "instruction to reason step by step and box the answer; `tutor`: the original text "
+                             "template (for base models without a chat template)")
+    solution_source: str = key("solution", fingerprint=True, check=lambda v: v in ("solution", "generation"),
+                               allowed="solution, generation", expected='"solution" or "generation"',
+                               help="what to train on: the solution field, or the first of OpenR1's `generations` "
+                                    "that `correctness_math_verify` marks correct (rows without one are skipped)")
+    long_rows: str = key("chunk", fingerprint=True, check=lambda v: v in ("chunk", "skip"), allowed="chunk, skip",
+                         expected='"chunk" or "skip"',
+                         help="rows longer than max_seq_len + 1 tokens: split into chunks (a later chunk has lost its "
+                              "problem) or skip them; `prepare` counts both")
+    validation_fraction: float = key(0.01, fingerprint=True, check=lambda v: 0 <= v < 0.5, allowed="[0, 0.5)",
+                                     expected="a number in [0, 0.5)",
+                                     help="share of rows held out for validation, chosen by a hash of the problem "
+                                          "(deterministic, never trained on); 0 = none")
+    validation_name: str = key("", fingerprint=True, allowed='`""` or a path',
+                               help="a separate validation file or folder (`.jsonl`/`.parquet`); when set, every row "
+                                    "of data.name is trained on and validation_fraction is not used")
 
 
 @dataclass
@@ -109,6 +129,37 @@ class TrainConfig:
                                      "1); still a pure function of seed and epoch")
     # Not in the fingerprint: it changes what is kept in memory, not what is computed
     # (bit-identical on the CPU), so after an out-of-memory exit a run may resume with it.
+    mask_prompt: bool = key(True, fingerprint=True, allowed="bool",
+                            help="train on the solution only: the prompt's tokens are not prediction targets")
+    lr_schedule: str = key("cosine", fingerprint=True, check=lambda v: v in ("constant", "cosine", "linear"),
+                           allowed="constant, cosine, linear", expected='"constant", "cosine" or "linear"',
+                           help="learning rate over the run, after warmup; its length is the run's total steps, or "
+                                "the steps the budget allows when the budget ends the run first (estimated once from "
+                                "the measured step time, then kept in the checkpoints)")
+    warmup_steps: int = key(0, fingerprint=True, check=lambda v: 0 <= v <= 10**6, allowed=">= 0",
+                            expected="an integer >= 0", help="steps of linear warmup from 0 to learning_rate")
+    min_lr_ratio: float = key(0.1, fingerprint=True, check=lambda v: 0 <= v <= 1, allowed="[0, 1]",
+                              expected="a number in [0, 1]",
+                              help="the floor of a decaying schedule, as a share of learning_rate")
+    weight_decay: float = key(0.0, fingerprint=True, check=lambda v: 0 <= v <= 1, allowed="[0, 1]",
+                              expected="a number in [0, 1]", help="AdamW's decoupled weight decay on the adapters")
+    max_grad_norm: float = key(1.0, fingerprint=True, check=lambda v: v >= 0, allowed=">= 0 (0 = off)",
+                               expected="a number >= 0 (0 = no clipping)",
+                               help="clip the gradient's global norm to this (0 = off); the norm is logged each step")
+    eval_sequences: int = key(64, check=lambda v: 0 <= v <= 100000, allowed=">= 0 (0 = off)",
+                              expected="an integer from 0 to 100000",
+                              help="validation sequences whose loss is measured at every checkpoint (a fixed subset; "
+                                   "the time counts against the budget)")
+    select: str = key("best", check=lambda v: v in ("best", "last"), allowed="best, last", expected='"best" or "last"',
+                      help="what adapters/ holds at the end: the checkpoint with the lowest validation loss, or the "
+                           "last one")
+    early_stop_evals: int = key(0, check=lambda v: 0 <= v <= 10000, allowed=">= 0 (0 = off)",
+                                expected="an integer >= 0 (0 = off)",
+                                help="stop after this many validation evaluations without a new best")
+    final_eval: int = key(0, check=lambda v: 0 <= v <= 100000, allowed=">= 0 (0 = off)",
+                          expected="an integer >= 0 (0 = off)",
+                          help="at the end of a run, answer this many validation problems with the base model and "
+                               "with the adapters and compare accuracy and format (logged, and shown by `status`)")
     grad_checkpoint: bool = key(False, allowed="bool",
                                 help="recompute each layer's activations (and the logits, a slice at a time) in the "
                                      "backward pass: much less memory for about a third more compute; needs "

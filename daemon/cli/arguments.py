@@ -166,18 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mathlora_daemon.modelio.export import FORMATS
 
-    p = command("export", "export the adapters for other libraries (PEFT)")
-    p.add_argument("--format", choices=FORMATS, default="peft", help="output format (default: peft)")
+    p = command("export", "export the adapters for other tools: PEFT, or llama.cpp / Ollama (GGUF)")
+    p.add_argument("--format", choices=FORMATS, default="peft",
+                   help="peft (Hugging Face PEFT) or gguf (a llama.cpp LoRA adapter and an Ollama Modelfile); "
+                        "default: peft")
     p.add_argument("--adapter-path", type=Path, default=None, help="adapters directory (default: <run-dir>/adapters)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: <run-dir>/export/<format>)")
     p.add_argument("--base-model", default=None,
-                   help="base_model_name_or_path to record (default: model.name, or the local model's path)")
+                   help="peft: base_model_name_or_path to record (default: model.name, or the local model's path)")
+    p.add_argument("--base-gguf", type=Path, default=None,
+                   help="gguf: the base model's GGUF file: every tensor is checked against it and the Modelfile's "
+                        "FROM names it (default: model.name when it is a .gguf)")
+    p.add_argument("--outtype", choices=("f32", "f16"), default="f32",
+                   help="gguf: the adapter tensors' type (default: f32, as llama.cpp's converter writes)")
 
-    p = command("fuse", "merge the adapters into the base model (for mlx-lm and transformers)")
+    p = command("fuse", "merge the adapters into the base model (for mlx-lm and transformers; --gguf: llama.cpp)")
     p.add_argument("--adapter-path", type=Path, default=None, help="adapters directory (default: <run-dir>/adapters)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: <run-dir>/fused)")
     p.add_argument("--dequantize", action="store_true",
                    help="write a quantized base as full-precision weights (needed for transformers)")
+    p.add_argument("--base-gguf", type=Path, default=None,
+                   help="also write <out>/model.gguf for llama.cpp / Ollama: this GGUF of the base model with the "
+                        "adapters merged in (llama architecture; default: model.name when it is a .gguf, with --gguf)")
+    p.add_argument("--gguf", action="store_true", help="write model.gguf too (needs a base GGUF: --base-gguf)")
+
+    p = command("serve", "the base model with the adapters behind an OpenAI-compatible HTTP server (mlx-lm's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument("--adapter-path", type=Path, default=None,
+                   help="adapters directory (default: <run-dir>/adapters when it exists)")
+    p.add_argument("--no-adapters", action="store_true", help="serve the base model alone")
+    p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request (default: 512)")
 
     p = command("plot", "draw the loss and learning-rate curves of the run as a PNG")  # reads only the log
     p.add_argument("--out", type=Path, default=None, help="the PNG to write (default: <run-dir>/loss.png)")
@@ -185,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "tiny model + synthetic math data: prepare, train, generate (offline)", config=False,
                 run_dir_default=DEMO_DIR)
     p.add_argument("--prepare-only", action="store_true", help="write model, data and config, then stop")
-    p.add_argument("--base-steps", type=int, default=None, metavar="N",
-                   help="steps to pretrain the tiny base model (default 150, about a minute; 0 = random base)")
     return parser
 
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from mathlora_checkpoints.store import CheckpointInfo, list_checkpoints, prune, verify_checkpoint
+from mathlora_checkpoints.store import CheckpointInfo, list_checkpoints, manifest_problem, prune, verify_checkpoint
+from mathlora_daemon.runtime import humanize
 
 
 def _row(info: CheckpointInfo, problem: str | None = None, checked: bool = False) -> dict:
@@ -23,33 +24,44 @@ def _row(info: CheckpointInfo, problem: str | None = None, checked: bool = False
     return row
 
 
-def _table(rows: list[dict], out: TextIO) -> None:
+def _table(rows: list[dict], out: TextIO, now: float, empty: str = "no checkpoints") -> None:
     if not rows:
-        out.write("no checkpoints\n")
+        out.write(f"{empty}\n")
         return
     for r in rows:
-        age = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r["created"] else "?"
-        status = "" if "valid" not in r else ("  ok" if r["valid"] else f"  INVALID: {r['problem']}")
+        when = humanize.ago(r["created"], now) if r["created"] else "?"
+        if "valid" in r:
+            status = "  ok" if r["valid"] else f"  INVALID: {r['problem']}"
+        else:  # list reads manifests only: say when one cannot be read, without hashing anything
+            problem = manifest_problem(Path(r["path"]))
+            status = f"  DAMAGED: {problem} (see `checkpoints verify`)" if problem else ""
         loss = f"  eval_loss={r['eval_loss']:.4f}" if r["eval_loss"] is not None else ""
-        out.write(f"step {r['step']:>8}  {r['bytes'] / 1e6:9.2f} MB  {age}{loss}{status}\n")
+        out.write(f"step {r['step']:>8}  {r['bytes'] / 1e6:9.2f} MB  {when}{loss}{status}\n")
 
 
 def checkpoints_command(action: str, root: Path, keep: int, as_json: bool, out: TextIO) -> int:
     """Given an action (list, verify, prune), the checkpoints directory and the number
     to keep, print the result and return the exit code (verify: 1 when any fails)."""
+    now = time.time()
     if action == "list":
         rows = [_row(i) for i in list_checkpoints(root)]
-        out.write(json.dumps({"checkpoints": rows}, indent=2) + "\n") if as_json else _table(rows, out)
+        out.write(json.dumps({"checkpoints": rows}, indent=2) + "\n") if as_json else _table(rows, out, now)
         return 0
     if action == "verify":
         rows = [_row(i, verify_checkpoint(i.path), checked=True) for i in list_checkpoints(root)]
-        out.write(json.dumps({"checkpoints": rows}, indent=2) + "\n") if as_json else _table(rows, out)
+        out.write(json.dumps({"checkpoints": rows}, indent=2) + "\n") if as_json else _table(rows, out, now)
         return 0 if all(r["valid"] for r in rows) else 1
     removed = prune(root, keep)
     rows = [_row(i) for i in removed]
+    kept = [_row(i) for i in list_checkpoints(root)]
     if as_json:
-        out.write(json.dumps({"pruned": rows, "kept": [_row(i) for i in list_checkpoints(root)]}, indent=2) + "\n")
-    else:
-        out.write(f"pruned {len(rows)} checkpoint(s), kept the newest {keep} and the best by eval loss\n")
-        _table(rows, out)
+        out.write(json.dumps({"pruned": rows, "kept": kept}, indent=2) + "\n")
+        return 0
+    rule = f"the newest {keep} and the best by eval loss"
+    if not rows:
+        out.write(f"nothing to prune: {len(kept)} checkpoint(s) kept ({rule})\n")
+        return 0
+    out.write(f"pruned {len(rows)} checkpoint(s):\n")
+    _table(rows, out, now)
+    out.write(f"{len(kept)} checkpoint(s) kept ({rule})\n")
     return 0

@@ -26,6 +26,16 @@ BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 # exceeds ~2.5 and the loss cannot fall below ~5.8. Std 0.1 starts near uniform (loss
 # ~6.8 for 512 tokens) and leaves LoRA room to learn (measured: ~4.8 after 80 steps).
 EMBED_INIT_STD = 0.1
+# DeepSeek-Math-7B-Instruct's own chat template, so the demo prompts its tiny model the
+# way the real run prompts the real one (data.template = "chat").
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 def _private_dir(path: Path) -> Path:
@@ -90,6 +100,7 @@ def train_tokenizer(
             "add_bos_token": True,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
         },
     )
     _write_json(

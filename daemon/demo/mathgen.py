@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -74,6 +75,11 @@ def _paren(value: int) -> str:
     return f"({value})" if value < 0 else str(value)
 
 
+def _nonzero(limit: int) -> list[int]:
+    """-limit .. limit without 0."""
+    return [n for n in range(-limit, limit + 1) if n != 0]
+
+
 def _coef_x(a: int) -> str:
     if a == 1:
         return "x"
@@ -96,12 +102,12 @@ def _make(kind: str, problem: str, steps: list[str], answer: str, params: dict) 
 # --- linear equations -------------------------------------------------------------
 
 
-def _linear_equation(rng: random.Random) -> dict:
-    x = rng.randint(-9, 12)
+def _linear_equation(rng: random.Random, easy: bool = False) -> dict:
+    x = rng.randint(-5, 9) if easy else rng.randint(-9, 12)
     form = rng.randrange(3)
     if form == 0:
-        a = rng.choice([2, 3, 4, 5, 6, 7, 8, 9, -2, -3])
-        b = rng.choice([n for n in range(-20, 21) if n != 0])
+        a = rng.choice([2, 3, 4, 5] if easy else [2, 3, 4, 5, 6, 7, 8, 9, -2, -3])
+        b = rng.choice(_nonzero(9 if easy else 20))
         c = a * x + b
         op = f"+ {b}" if b > 0 else f"- {-b}"
         equation = f"{_coef_x(a)} {op} = {c}"
@@ -111,8 +117,8 @@ def _linear_equation(rng: random.Random) -> dict:
             f"Divide both sides by {a}: x = {x}.",
         ]
     elif form == 1:
-        a = rng.randint(2, 9)
-        b = rng.choice([n for n in range(-9, 10) if n != 0])
+        a = rng.randint(2, 5 if easy else 9)
+        b = rng.choice(_nonzero(5 if easy else 9))
         c = a * (x + b)
         inner = f"x + {b}" if b > 0 else f"x - {-b}"
         equation = f"{a}({inner}) = {c}"
@@ -122,9 +128,9 @@ def _linear_equation(rng: random.Random) -> dict:
             f"{move}: x = {x}.",
         ]
     else:
-        c = rng.randint(1, 6)
-        a = c + rng.randint(1, 6)
-        b = rng.choice([n for n in range(-15, 16) if n != 0])
+        c = rng.randint(1, 3 if easy else 6)
+        a = c + rng.randint(1, 3 if easy else 6)
+        b = rng.choice(_nonzero(9 if easy else 15))
         d = a * x + b - c * x
         op = f"+ {b}" if b > 0 else f"- {-b}"
         equation = f"{a}x {op} = {_coef_x(c)} + {d}" if d >= 0 else f"{a}x {op} = {_coef_x(c)} - {-d}"
@@ -148,11 +154,11 @@ def _linear_equation(rng: random.Random) -> dict:
 # --- order of operations ----------------------------------------------------------
 
 
-def _order_of_operations(rng: random.Random) -> dict:
+def _order_of_operations(rng: random.Random, easy: bool = False) -> dict:
     form = rng.randrange(4)
     if form == 0:
-        a, b = rng.randint(1, 20), rng.randint(2, 6)
-        c, d = rng.randint(1, 12), rng.randint(1, 12)
+        a, b = rng.randint(1, 9 if easy else 20), rng.randint(2, 3 if easy else 6)
+        c, d = rng.randint(1, 6 if easy else 12), rng.randint(1, 6 if easy else 12)
         e = c - d
         f = e * e
         g = b * f
@@ -165,8 +171,8 @@ def _order_of_operations(rng: random.Random) -> dict:
             f"Add: {a} + {g} = {value}.",
         ]
     elif form == 1:
-        a, b = rng.randint(1, 15), rng.randint(1, 15)
-        c, d = rng.randint(2, 9), rng.randint(1, 40)
+        a, b = rng.randint(1, 9 if easy else 15), rng.randint(1, 9 if easy else 15)
+        c, d = rng.randint(2, 5 if easy else 9), rng.randint(1, 20 if easy else 40)
         e = a + b
         f = e * c
         value = f - d
@@ -177,8 +183,8 @@ def _order_of_operations(rng: random.Random) -> dict:
             f"Subtract: {f} - {d} = {value}.",
         ]
     elif form == 2:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        d, k = rng.randint(2, 9), rng.randint(1, 12)
+        a, b = rng.randint(2, 9 if easy else 12), rng.randint(2, 9 if easy else 12)
+        d, k = rng.randint(2, 5 if easy else 9), rng.randint(1, 9 if easy else 12)
         c = d * k
         e = a * b
         value = e - k
@@ -188,7 +194,8 @@ def _order_of_operations(rng: random.Random) -> dict:
             f"Subtract: {e} - {k} = {value}.",
         ]
     else:
-        a, b, c, d = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 30)
+        top = 6 if easy else 9
+        a, b, c, d = rng.randint(2, top), rng.randint(2, top), rng.randint(2, top), rng.randint(1, 9 if easy else 30)
         e = a * a
         f = b * c
         g = e - f
@@ -206,9 +213,9 @@ def _order_of_operations(rng: random.Random) -> dict:
 # --- fractions --------------------------------------------------------------------
 
 
-def _fractions(rng: random.Random) -> dict:
-    b, d = rng.randint(2, 12), rng.randint(2, 12)
-    a, c = rng.randint(1, 11), rng.randint(1, 11)
+def _fractions(rng: random.Random, easy: bool = False) -> dict:
+    b, d = rng.randint(2, 6 if easy else 12), rng.randint(2, 6 if easy else 12)
+    a, c = rng.randint(1, 5 if easy else 11), rng.randint(1, 5 if easy else 11)
     op = rng.choice("+-*")
     x, y = Fraction(a, b), Fraction(c, d)
     expr = f"{a}/{b} {op} {c}/{d}"
@@ -250,10 +257,13 @@ def _fractions(rng: random.Random) -> dict:
 # --- percentages ------------------------------------------------------------------
 
 
-def _percentage(rng: random.Random) -> dict:
+def _percentage(rng: random.Random, easy: bool = False) -> dict:
     form = rng.randrange(4)
-    p = rng.choice([5, 10, 12, 15, 20, 25, 30, 35, 40, 45, 50, 60, 75, 80])
-    base = rng.randrange(20, 401, rng.choice([1, 2, 4, 5, 10]))
+    if easy:
+        p, base = rng.choice([10, 20, 25, 50]), rng.randrange(20, 201, 20)
+    else:
+        p = rng.choice([5, 10, 12, 15, 20, 25, 30, 35, 40, 45, 50, 60, 75, 80])
+        base = rng.randrange(20, 401, rng.choice([1, 2, 4, 5, 10]))
     part = Fraction(p * base, 100)
     fp, fb, fpart = _fmt_decimal(Fraction(p, 100)), str(base), _fmt_decimal(part)
     if form == 0:
@@ -324,12 +334,12 @@ def format_polynomial(coefs: dict[int, int]) -> str:
     return out or "0"
 
 
-def _derivative(rng: random.Random) -> dict:
-    degree = rng.randint(2, 4)
-    coefs = {degree: rng.choice([n for n in range(-6, 10) if n != 0])}
+def _derivative(rng: random.Random, easy: bool = False) -> dict:
+    degree = rng.randint(2, 3 if easy else 4)
+    coefs = {degree: rng.choice(_nonzero(5) if easy else [n for n in range(-6, 10) if n != 0])}
     for power in range(degree - 1, -1, -1):
         # Some lower terms are dropped so the polynomials are not all the same shape.
-        coefs[power] = 0 if rng.random() < 0.25 else rng.choice([n for n in range(-9, 10) if n != 0])
+        coefs[power] = 0 if rng.random() < 0.25 else rng.choice(_nonzero(5 if easy else 9))
     deriv = {p - 1: c * p for p, c in coefs.items() if p >= 1 and c != 0}
     poly, answer = format_polynomial(coefs), format_polynomial(deriv)
     terms = [
@@ -374,9 +384,9 @@ def _fmt_factors(factors: dict[int, int]) -> str:
     return " * ".join(str(p) if e == 1 else f"{p}^{e}" for p, e in sorted(factors.items()))
 
 
-def _gcd_lcm(rng: random.Random) -> dict:
-    g = rng.randint(2, 15)
-    m, n = rng.sample(range(1, 13), 2)
+def _gcd_lcm(rng: random.Random, easy: bool = False) -> dict:
+    g = rng.randint(2, 6 if easy else 15)
+    m, n = rng.sample(range(1, 7 if easy else 13), 2)
     a, b = g * m, g * n
     fa, fb = _factorize(a), _factorize(b)
     want = rng.choice(["gcd", "lcm"])
@@ -412,7 +422,7 @@ def _gcd_lcm(rng: random.Random) -> dict:
     return _make("gcd_lcm", problem, steps, _fmt_int(value), {"a": a, "b": b, "want": want})
 
 
-_GENERATORS: dict[str, Callable[[random.Random], dict]] = {
+_GENERATORS: dict[str, Callable[[random.Random, bool], dict]] = {
     "linear_equation": _linear_equation,
     "order_of_operations": _order_of_operations,
     "fractions": _fractions,
@@ -422,14 +432,23 @@ _GENERATORS: dict[str, Callable[[random.Random], dict]] = {
 }
 
 
-def generate_problems(n: int, seed: int, kinds: tuple[str, ...] | None = None) -> list[dict]:
+def problem_key(row: dict) -> tuple:
+    """What makes two problems the same exercise, whatever their wording: the kind, the
+    numbers in the problem and the answer ("Find 20% of 40." and "What is 20% of 40?"
+    are one). Splits are kept apart by this key, not by the text."""
+    return row.get("kind"), tuple(sorted(re.findall(r"\d+", row["problem"]))), str(row.get("answer"))
+
+
+def generate_problems(n: int, seed: int, kinds: tuple[str, ...] | None = None, easy: bool = False,
+                      exclude: set | None = None) -> list[dict]:
     """Given a count, a seed and optionally the kinds to draw from, return n distinct
     problems as dicts with keys problem, solution, answer and kind.
 
     The same arguments always give the same list. Kinds are dealt in shuffled rounds
-    so each kind appears n/len(kinds) times, give or take one. Raise ValueError when n
-    is negative, a kind is unknown or empty, or the kinds cannot supply n distinct
-    problem texts.
+    so each kind appears n/len(kinds) times, give or take one. `easy` draws small
+    numbers (the demo's tiny model); `exclude` holds problem_key()s that must not be
+    drawn (another split's). Raise ValueError when n is negative, a kind is unknown or
+    empty, or the kinds cannot supply n distinct problems.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -442,7 +461,7 @@ def generate_problems(n: int, seed: int, kinds: tuple[str, ...] | None = None) -
 
     rng = random.Random(seed)
     items: list[dict] = []
-    seen: set[str] = set()
+    seen: set = set(exclude or ())
     round_kinds: list[str] = []
     repeats = 0
     while len(items) < n:
@@ -450,18 +469,51 @@ def generate_problems(n: int, seed: int, kinds: tuple[str, ...] | None = None) -
             round_kinds = list(kinds)
             rng.shuffle(round_kinds)
         kind = round_kinds[-1]
-        item = _GENERATORS[kind](rng)
-        if item["problem"] in seen:
+        item = _GENERATORS[kind](rng, easy)
+        key = problem_key(item) if exclude is not None else item["problem"]
+        if key in seen or item["problem"] in seen:
             repeats += 1
             if repeats > _MAX_REPEATS:
                 raise ValueError(f"kinds {list(kinds)} cannot supply {n} distinct problems")
             continue
         repeats = 0
         round_kinds.pop()
-        seen.add(item["problem"])
+        seen.update((key, item["problem"]))
         del item["_params"]
         items.append(item)
     return items
+
+
+def problem_pool(seed: int, exclude: set, kinds: tuple[str, ...] = KINDS, easy: bool = True,
+                 per_kind: int = 20_000) -> list[dict]:
+    """Every distinct problem of each kind the generator gives before it runs dry (at
+    most `per_kind`), leaving out the keys in `exclude`: the demo's pretraining corpus,
+    drawn from with repetition."""
+    pool: list[dict] = []
+    for i, kind in enumerate(kinds):
+        rng, seen, repeats, found = random.Random(seed * 1000 + i), set(exclude), 0, 0
+        while found < per_kind and repeats <= _MAX_REPEATS:
+            item = _GENERATORS[kind](rng, easy)
+            key = problem_key(item)
+            if key in seen:
+                repeats += 1
+                continue
+            repeats, found = 0, found + 1
+            seen.add(key)
+            del item["_params"]
+            pool.append(item)
+    return pool
+
+
+def plain_text(row: dict, boxed: bool = False) -> str:
+    """A problem worked in the pretraining corpus's own plain format ("Q: ... A: ..."),
+    ending with "Answer: N", or with `boxed` the solution's own boxed final line; never
+    the chat format."""
+    if boxed:
+        return f"Q: {row['problem']}\nA: {row['solution']}"
+    steps = row["solution"].rsplit("\n", 1)[0] if row["solution"].endswith(final_line(row["answer"])) \
+        else row["solution"]
+    return f"Q: {row['problem']}\nA: {steps}\nAnswer: {row['answer']}"
 
 
 def write_demo_dataset(
@@ -475,15 +527,22 @@ def write_demo_dataset(
     """
     if n_train < 0 or n_test < 0:
         raise ValueError(f"split sizes must be >= 0, got n_train={n_train}, n_test={n_test}")
+    # One draw of distinct problems, cut in two, keeps the splits disjoint.
+    items = generate_problems(n_train + n_test, seed)
+    test, train = items[:n_test], items[n_test:]
+    paths = write_rows(data_dir, {"train.jsonl": train, "test.jsonl": test})
+    return paths[0], paths[1]
+
+
+def write_rows(data_dir: Path, files: dict[str, list[dict]]) -> list[Path]:
+    """Given a directory and {file name: rows}, write each as JSON lines (user-only, the
+    directory 0o700, each file replaced atomically) and return the paths."""
     data_dir = Path(data_dir)
     ensure_private_dir(data_dir)
     # ensure_private_dir leaves an existing directory's mode alone; the data is ours.
     data_dir.chmod(0o700)
-    # One draw of distinct problems, cut in two, keeps the splits disjoint.
-    items = generate_problems(n_train + n_test, seed)
-    test, train = items[:n_test], items[n_test:]
-    paths = (data_dir / "train.jsonl", data_dir / "test.jsonl")
-    for path, rows in zip(paths, (train, test)):
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        atomic_write_text(path, text)
+    paths = []
+    for name, rows in files.items():
+        paths.append(data_dir / name)
+        atomic_write_text(paths[-1], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return paths

@@ -17,31 +17,42 @@ import sys
 import time
 from pathlib import Path
 
-from mathlora_daemon.config import Config, DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config, to_toml
+from mathlora_daemon.config import (
+    Config,
+    DaemonConfig,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    load_config,
+    to_toml,
+)
+from mathlora_daemon.demo.base_model import N_TEST
+from mathlora_daemon.demo.mathgen import write_rows
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import CONFIG_FILE, LOCK_FILE, RunDir
 
 MARKER = "mathlora-daemon demo run directory"
-# What a demo run directory may already hold (anything else: refuse, lose nothing).
+# What a demo run directory may already hold, the outputs of every command a user may
+# try on it included (anything else: refuse, lose nothing).
 DEMO_ENTRIES = {CONFIG_FILE, LOCK_FILE, ".tmp-mlx_model", "mlx_model", "data", "cache", "checkpoints", "adapters",
-                "logs", "state", "debug"}
-N_TRAIN, N_TEST = 800, 60
-# The base model is pretrained on these kinds only; LoRA then has to teach percentages
-# and derivatives, which the base has never seen.
-BASE_KINDS = ("linear_equation", "order_of_operations", "fractions", "gcd_lcm")
-BASE_ROWS, BASE_STEPS = 2000, 150
+                "logs", "state", "debug", "export", "fused", "loss.png"}
+LEARNING_RATE = 3e-3
 
 
 def demo_config() -> Config:
-    """Return the demo's config: the tiny model and the synthetic data, with a learning
-    rate and step count sized so that the loss visibly falls within a couple of minutes."""
+    """Return the demo's config: the shipped tiny base model and the synthetic data in
+    DeepSeek-Math's chat format, one epoch sized to a couple of minutes on two CPU cores,
+    validated and finally evaluated on the 60 held-out problems."""
     return Config(
         # The model is the directory the demo writes: a local path, nothing to download or convert.
         model=ModelConfig(name="mlx_model", path="mlx_model"),
-        data=DataConfig(name="data/train.jsonl", max_seq_len=256),
+        data=DataConfig(name="data/train.jsonl", max_seq_len=256, validation_name="data/test.jsonl"),
         lora=LoraConfig(rank=16, alpha=32.0, dropout=0.0,
                         targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-        train=TrainConfig(epochs=1, batch_size=4, grad_accumulation_steps=2, learning_rate=1e-3, seed=0),
+        train=TrainConfig(epochs=1, batch_size=4, grad_accumulation_steps=2, learning_rate=LEARNING_RATE, seed=0,
+                          warmup_steps=5, final_eval=N_TEST),
+        daemon=DaemonConfig(checkpoint_every_steps=25),
     )
 
 
@@ -62,32 +73,21 @@ def check_run_dir(run_dir: Path) -> None:
                          "directory for the demo")
 
 
-def prepare_demo(run_dir: Path, base_steps: int = BASE_STEPS) -> Config:
-    """Given a run directory and how many steps to pretrain the tiny base model (0 = a
-    random base), write the demo model, data and config there (reusing any already
-    written) and return the config."""
-    from mathlora_daemon.demo.assets import build_demo_model_dir, pretrain_base
-    from mathlora_daemon.demo.mathgen import generate_problems, write_demo_dataset
-    from mathlora_daemon.training.template import format_example
+def prepare_demo(run_dir: Path) -> Config:
+    """Given a run directory, write the demo model (the shipped pretrained base), data
+    and config there (reusing any already written) and return the config."""
+    from mathlora_daemon.demo.base_model import copy_base, demo_splits
 
     check_run_dir(run_dir)
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    train_path = run_dir / "data" / "train.jsonl"
-    if not train_path.exists():
-        write_demo_dataset(run_dir / "data", n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    data = run_dir / "data"
+    if not (data / "train.jsonl").exists() or not (data / "test.jsonl").exists():
+        train, test = demo_splits()
+        write_rows(data, {"train.jsonl": train, "test.jsonl": test})
     if not (run_dir / "mlx_model" / "model.safetensors").exists():
-        rows = [json.loads(line) for line in train_path.read_text().splitlines()]
         tmp = run_dir / ".tmp-mlx_model"
         shutil.rmtree(tmp, ignore_errors=True)
-        build_demo_model_dir(tmp, [format_example(r["problem"], r["solution"]) for r in rows], seed=0, vocab_size=512)
-        if base_steps:
-            test = {json.loads(line)["problem"] for line in (run_dir / "data" / "test.jsonl").read_text().splitlines()}
-            base = [format_example(r["problem"], r["solution"]) for r in generate_problems(BASE_ROWS, 1, BASE_KINDS)
-                    if r["problem"] not in test]
-            print(f"pretraining the tiny base model on {len(base)} problems of {len(BASE_KINDS)} kinds "
-                  f"({base_steps} steps) ...", file=sys.stderr)
-            losses = pretrain_base(tmp, base, base_steps, seed=0)
-            print(f"base model loss {losses[0]:.3f} -> {losses[-1]:.3f}", file=sys.stderr)
+        copy_base(tmp)
         os.rename(tmp, run_dir / "mlx_model")  # the model appears whole or not at all
     config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
@@ -121,41 +121,63 @@ def _train(run_dir: Path, interrupt_at: int | None) -> int:
         raise
 
 
-def run_demo(run_dir: Path, prepare_only: bool = False, base_steps: int = BASE_STEPS) -> int:
+INTERRUPT_AT = 30  # the step at which the demo sends SIGTERM (75 steps in all)
+HONEST = """\
+What happened: the base model is a 437k-parameter Llama the project pretrained on easy
+problems written as "Q: ... A: ... The final answer is $\\boxed{..}$." (75% right that
+way; daemon/demo/base/BUILD.json). It had never seen the chat format or the instruction,
+so prompted the way DeepSeek-Math-7B-Instruct is prompted it answered nothing right.
+LoRA (70k parameters, one epoch of 600 examples, two minutes on two CPU cores) taught it
+to answer in that format; the arithmetic is the base model's own, and one epoch moves
+only part of it into the new format (tuned accuracy stays below that 75%). On a real
+pretrained model the same daemon and settings are measured in bench/LEARNING.md."""
+
+
+def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
     """Given a run directory, prepare the demo and, unless prepare_only, train it the way
     the daemon trains overnight: interrupted once by SIGTERM (checkpoint, exit 0), started
-    again (resume), then show `status`, the loss and a generation. Return the exit code."""
+    again (resume), then show `status` with the base model against the adapters on the
+    held-out problems, a generation before and after, and what it means. Return the
+    exit code."""
     from mathlora_daemon.evaluation.generate import generate_text
-    from mathlora_daemon.runtime.status import status_main
+    from mathlora_daemon.runtime.status import read_status, status_main
 
-    prepare_demo(run_dir, base_steps)
-    print(f"demo prepared in {run_dir}: model {run_dir / 'mlx_model'}, data {run_dir / 'data'}, "
-          f"config {run_dir / CONFIG_FILE}")
+    prepare_demo(run_dir)
+    print(f"demo prepared in {run_dir}: model {run_dir / 'mlx_model'} (pretrained, shipped with the package), "
+          f"data {run_dir / 'data'} ({N_TEST} held-out problems), config {run_dir / CONFIG_FILE}")
     if prepare_only:
         return 0
-    test = json.loads((run_dir / "data" / "test.jsonl").read_text().splitlines()[0])
-    print(f"\nproblem: {test['problem']}\nexpected answer: {test['answer']}\n\nbase model, greedy:")
+    test = json.loads((run_dir / "data" / "test.jsonl").read_text().splitlines()[1])
+    print(f"\nproblem: {test['problem']}\nexpected answer: {test['answer']}\n\nbase model, greedy, "
+          "in DeepSeek-Math's chat format:")
     generate_text(run_dir / "mlx_model", test["problem"], None, max_new_tokens=80, temperature=0.0, out=sys.stdout)
 
-    print("\ntraining (mathlora-daemon run); it gets SIGTERM at step 40, as launchd would send at logout ...")
-    code = _train(run_dir, interrupt_at=40)
+    print(f"\ntraining (mathlora-daemon run); it gets SIGTERM at step {INTERRUPT_AT}, as launchd would send at "
+          "logout ...")
+    code = _train(run_dir, interrupt_at=INTERRUPT_AT)
     stopped = _steps_logged(run_dir)[-1]["step"] if _steps_logged(run_dir) else 0
     print(f"\nthe daemon exited with {code} after checkpointing step {stopped}; status now:\n")
     status_main(run_dir, as_json=False, out=sys.stdout)
     if code != 0:
         return code
-    print("\nstarting it again: it resumes from the checkpoint, exactly where it stopped ...")
+    print("\nstarting it again: it resumes from the checkpoint, exactly where it stopped, and at the end "
+          f"answers the {N_TEST} held-out problems with and without the adapters ...")
     code = _train(run_dir, interrupt_at=None)
     if code != 0:
         return code
-    print()
+    print(f"\nthe morning report, as `mathlora-daemon status --run-dir {run_dir}` gives it at any time:\n")
     status_main(run_dir, as_json=False, out=sys.stdout)
-    steps = _steps_logged(run_dir)
-    first, last = steps[0]["loss"], sum(s["loss"] for s in steps[-10:]) / len(steps[-10:])
-    print(f"\nloss: first step {first:.3f} -> mean of the last 10 steps {last:.3f} over {steps[-1]['step']} steps")
+    final = (read_status(run_dir).get("report") or {}).get("final_eval") or {}
+    if final.get("base") and final.get("adapters"):
+        print("\nper kind, correct of 10 (base -> adapters):")
+        for kind, base in final["base"]["by_kind"].items():
+            print(f"  {kind:<20} {base['correct']:>2} -> {final['adapters']['by_kind'][kind]['correct']:>2}")
     print("\nwith adapters, greedy:")
     generate_text(run_dir / "mlx_model", test["problem"], run_dir / "adapters", max_new_tokens=80, temperature=0.0,
                   out=sys.stdout)
-    print(f"\nnext: mathlora-daemon status --run-dir {run_dir} | mathlora-daemon logs --run-dir {run_dir} "
-          f"--event checkpoint | mathlora-daemon generate --run-dir {run_dir} --prompt \"Solve for x: 3x + 7 = 22\"")
+    print(f"\n{HONEST}\n\nnext, one at a time:\n"
+          f"  mathlora-daemon eval --run-dir {run_dir}\n"
+          f"  mathlora-daemon generate --run-dir {run_dir} --prompt \"Solve for x: 3x + 7 = 22\"\n"
+          f"  mathlora-daemon logs --run-dir {run_dir} --event train.eval\n"
+          f"  mathlora-daemon plot --run-dir {run_dir}")
     return 0

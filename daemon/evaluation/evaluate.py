@@ -22,13 +22,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from mathlora_daemon.errors import InputError
+from mathlora_daemon.errors import InputError, hub_load_error
 from mathlora_daemon.evaluation.answers import FORMATTED, HOWS, answers_match, extract_answer
-from mathlora_daemon.rundir import ADAPTER_WEIGHTS, RunDir
-from mathlora_daemon.training.template import format_prompt
+from mathlora_daemon.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir
+from mathlora_daemon.training.data import KIND_FIELDS
+from mathlora_daemon.training.template import PromptFormat
 
 DEFAULT_LIMIT = 50
-DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_NEW_TOKENS = 512  # a worked solution; DeepSeek-Math's run to several hundred tokens
+BATCH_SIZE = 32  # problems answered together
 DEFAULT_SPLIT = "test"
 ANSWER_FIELD = "answer"
 HUB_PREFIX = "hub:"
@@ -46,20 +48,22 @@ def cut_at_markers(text: str) -> str:
     return text[:cut]
 
 
-def greedy_generate(model, tokenizer, prompt: str, max_tokens: int) -> tuple[str, int]:
-    """Given a loaded model, its tokenizer, a templated prompt and a token limit, return
-    (the greedy continuation, tokens generated); it stops at EOS, at the limit, or at a
-    template header (a new example begun)."""
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
+def batched_greedy(model, tokenizer, prompts: list[list[int]], max_tokens: int,
+                   batch_size: int = BATCH_SIZE) -> list[tuple[str, int]]:
+    """Given a loaded model, its tokenizer, prompts (token ids) and a token limit, return
+    (the greedy continuation, tokens generated) for each, answered `batch_size` at a time
+    by mlx-lm's batch generator (one forward pass serves the whole batch at every token).
+    Generation stops at an end-of-turn token or the limit; a tutor-format answer is cut
+    where the model began a new example."""
+    from mlx_lm.generate import batch_generate
 
-    text, tokens = "", 0
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=0.0)):
-        text += response.text
-        tokens = response.generation_tokens
-        if any(m in text for m in STOP_MARKERS):
-            break
-    return cut_at_markers(text), tokens
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        response = batch_generate(model, tokenizer, prompts[start:start + batch_size], max_tokens=max_tokens,
+                                  completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 8),
+                                  return_token_ids=True)
+        out += [(cut_at_markers(text), len(ids)) for text, ids in zip(response.texts, response.token_ids)]
+    return out
 
 
 def reference_answer(item: dict) -> str | None:
@@ -72,34 +76,28 @@ def reference_answer(item: dict) -> str | None:
     return extract_answer(solution)[0] if isinstance(solution, str) else None
 
 
+def recorded_template(adapter_path: Path | None, default: str) -> str:
+    """The prompt format adapters were trained in (adapter_config.json's prompt_format),
+    else `default` (the run's data.template)."""
+    if adapter_path is None:
+        return default
+    try:
+        config = json.loads((Path(adapter_path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+    template = (config.get("prompt_format") or {}).get("template") if isinstance(config, dict) else None
+    return template if template in ("chat", "tutor") else default
+
+
 def _load_model(model_dir: Path, adapter_path: Path | None):
-    from mlx_lm.utils import load
+    from mathlora_daemon.modelio.loading import load_model
 
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"model: {model_dir} is not an MLX model directory (no config.json)")
-    if adapter_path is not None and not (adapter_path / ADAPTER_WEIGHTS).is_file():
-        raise InputError(f"--adapter-path: {adapter_path} holds no adapters.safetensors")
-    return load(str(model_dir), adapter_path=str(adapter_path) if adapter_path else None)
+    return load_model(model_dir, adapter_path)
 
 
-def evaluate(model_dir: Path, problems: list[dict], adapter_path: Path | None, max_new_tokens: int, limit: int,
-             generate_fn: GenerateFn | None = None, progress: bool | None = None) -> dict:
-    """Given a model directory, problem records (`problem`, plus `answer` and/or
-    `solution`), optional adapters, a token limit and a problem limit (0 = all), return
-    {"adapter_path", "summary", "items"}: every scored problem's prediction, how it was
-    extracted, whether it is correct and well formatted, and the summary (n, accuracy,
-    format compliance, mean generated tokens, seconds); raise InputError for a missing
-    model or adapters, bad limits, or no problem with a problem text and a reference.
-
-    Problems without a problem text or a reference answer are not generated for; they
-    are counted in summary["skipped"]. `generate_fn` replaces greedy generation (tests).
-    """
-    from tqdm import tqdm
-
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens {max_new_tokens}: expected an integer >= 1")
-    if limit < 0:
-        raise InputError(f"--limit {limit}: expected an integer >= 0 (0 = all)")
+def scorable_problems(problems: list[dict], limit: int) -> tuple[list[tuple[int, dict, str]], int]:
+    """The problems that have a text and a reference answer (at most `limit`, 0 = all),
+    as (index, record, reference), and how many were skipped; raise InputError for none."""
     scorable = [(i, p, reference_answer(p)) for i, p in enumerate(problems)]
     scorable = [(i, p, ref) for i, p, ref in scorable
                 if isinstance(p.get("problem"), str) and p["problem"].strip() and ref]
@@ -109,39 +107,107 @@ def evaluate(model_dir: Path, problems: list[dict], adapter_path: Path | None, m
     if not scorable:
         raise InputError(f"none of the {len(problems)} problems has both a problem text and a reference answer "
                          f"(an '{ANSWER_FIELD}' field or a solution with a final answer)")
+    return scorable, skipped
 
+
+def answer_and_score(model, tokenizer, template: str, scorable, max_new_tokens: int,
+                     generate_fn: GenerateFn | None = None, batch_size: int = BATCH_SIZE) -> list[dict]:
+    """Given a loaded model, its tokenizer, the prompt format's name and scorable
+    problems, answer them greedily (batched) and return every scored item."""
+    fmt = PromptFormat.of(template, tokenizer)
+    if generate_fn is None:
+        outs = batched_greedy(model, tokenizer, [fmt.prompt_ids(p["problem"]) for _, p, _ in scorable],
+                              max_new_tokens, batch_size)
+    else:  # one prompt at a time, as text (tests)
+        outs = []
+        for _, problem, _ in scorable:
+            out = generate_fn(model, tokenizer, fmt.prompt_text(problem["problem"]), max_new_tokens)
+            outs.append(out if isinstance(out, tuple)
+                        else (out, len(tokenizer.encode(out, add_special_tokens=False))))
+    items = []
+    for (index, problem, reference), (text, tokens) in zip(scorable, outs):
+        predicted, how = extract_answer(text)
+        items.append({"index": index, "problem": problem["problem"], "kind": problem.get("kind"),
+                      "reference": reference, "predicted": predicted, "how": how,
+                      "correct": answers_match(predicted, reference), "format_ok": how in FORMATTED,
+                      "tokens": tokens, "output": text})
+    return items
+
+
+def evaluate(model_dir: Path, problems: list[dict], adapter_path: Path | None, max_new_tokens: int, limit: int,
+             generate_fn: GenerateFn | None = None, progress: bool | None = None, template: str = "tutor",
+             batch_size: int = BATCH_SIZE) -> dict:
+    """Given a model directory, problem records (`problem`, plus `answer` and/or
+    `solution`, optionally `kind`), optional adapters, a token limit and a problem limit
+    (0 = all), return {"adapter_path", "template", "summary", "items"}: every scored
+    problem's prediction, how it was extracted, whether it is correct and well
+    formatted, and the summary (n, accuracy, format compliance, per kind, mean generated
+    tokens, seconds); raise InputError for a missing model or adapters, bad limits, or no
+    problem with a problem text and a reference.
+
+    The prompt format is the one the adapters record, else `template`. Problems without
+    a problem text or a reference answer are not generated for; they are counted in
+    summary["skipped"]. `generate_fn` replaces greedy generation (tests).
+    """
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {max_new_tokens}: expected an integer >= 1")
+    if limit < 0:
+        raise InputError(f"--limit {limit}: expected an integer >= 0 (0 = all)")
+    scorable, skipped = scorable_problems(problems, limit)
     started = time.monotonic()
     model, tokenizer = _load_model(model_dir, adapter_path)
     load_seconds = time.monotonic() - started
-    generate = generate_fn or greedy_generate
-    show = sys.stderr.isatty() if progress is None else progress
+    template = recorded_template(adapter_path, template)
     which = "adapters" if adapter_path else "base"
-    items = []
+    if sys.stderr.isatty() if progress is None else progress:
+        print(f"eval {which}: {len(scorable)} problems, {template} format, batches of {batch_size} ...",
+              file=sys.stderr)
     started = time.monotonic()
-    for index, problem, reference in tqdm(scorable, desc=f"eval {which}", unit=" problems", disable=not show):
-        out = generate(model, tokenizer, format_prompt(problem["problem"]), max_new_tokens)
-        text, tokens = out if isinstance(out, tuple) else (out, len(tokenizer.encode(out, add_special_tokens=False)))
-        predicted, how = extract_answer(text)
-        items.append({"index": index, "problem": problem["problem"], "reference": reference, "predicted": predicted,
-                      "how": how, "correct": answers_match(predicted, reference), "format_ok": how in FORMATTED,
-                      "tokens": tokens, "output": text})
+    items = answer_and_score(model, tokenizer, template, scorable, max_new_tokens, generate_fn, batch_size)
     seconds = time.monotonic() - started
-    return {"adapter_path": str(adapter_path) if adapter_path else None,
+    return {"adapter_path": str(adapter_path) if adapter_path else None, "template": template,
             "summary": summarize(items, skipped, seconds, load_seconds), "items": items}
+
+
+def final_eval(model, tokenizer, problems: list[dict], n: int, template: str,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
+    """The end of a run (train.final_eval): the first `n` validation problems answered
+    by the base model (the adapters switched off) and by the trained adapters, in the
+    training format; returns {"n", "base": summary, "adapters": summary, "seconds"}."""
+    from mathlora_daemon.training.model import adapters_off
+
+    started = time.monotonic()
+    scorable, skipped = scorable_problems(problems, n)
+    out = {}
+    for name in ("base", "adapters"):
+        t0 = time.monotonic()
+        if name == "base":
+            with adapters_off(model):
+                items = answer_and_score(model, tokenizer, template, scorable, max_new_tokens)
+        else:
+            items = answer_and_score(model, tokenizer, template, scorable, max_new_tokens)
+        out[name] = summarize(items, skipped, time.monotonic() - t0)
+    return {"n": len(scorable), **out, "seconds": round(time.monotonic() - started, 1)}
 
 
 def summarize(items: list[dict], skipped: int = 0, seconds: float = 0.0, load_seconds: float = 0.0) -> dict:
     """Given scored items, return the summary: n, correct, accuracy, format_ok,
-    format_compliance (answers boxed or on a "Final Answer" line), how answers were
-    extracted, mean generated tokens, skipped problems and seconds."""
-    n = len(items)
-    correct = sum(item["correct"] for item in items)
-    formatted = sum(item["format_ok"] for item in items)
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "format_ok": formatted,
-            "format_compliance": formatted / n if n else 0.0,
+    format_compliance (answers boxed or on a "Final Answer" line), the same per problem
+    kind, how answers were extracted, mean generated tokens, skipped problems, seconds
+    and problems per second."""
+    def counts(group: list[dict]) -> dict:
+        n = len(group)
+        correct, formatted = sum(i["correct"] for i in group), sum(i["format_ok"] for i in group)
+        return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "format_ok": formatted,
+                "format_compliance": formatted / n if n else 0.0}
+
+    kinds = sorted({item.get("kind") for item in items if item.get("kind")})
+    return {**counts(items),
+            "by_kind": {kind: counts([i for i in items if i.get("kind") == kind]) for kind in kinds},
             "extracted": {how: sum(item["how"] == how for item in items) for how in HOWS},
-            "mean_generated_tokens": sum(item["tokens"] for item in items) / n if n else 0.0,
-            "skipped": skipped, "seconds": round(seconds, 3), "load_seconds": round(load_seconds, 3)}
+            "mean_generated_tokens": sum(item["tokens"] for item in items) / len(items) if items else 0.0,
+            "skipped": skipped, "seconds": round(seconds, 3), "load_seconds": round(load_seconds, 3),
+            "problems_per_s": round(len(items) / seconds, 3) if seconds > 0 else None}
 
 
 # --- problems -----------------------------------------------------------------------------
@@ -156,15 +222,16 @@ def _hub_problems(dataset_id: str, subset: str | None, split: str, fields: dict[
         # Streaming reads only the rows evaluated, not a whole large dataset.
         ds = datasets.load_dataset(dataset_id, subset or None, split=split, streaming=True)
         rows = list(itertools.islice(iter(ds), limit or None))
-    except Exception as exc:  # network, unknown dataset, subset or split
-        raise InputError(f"--data {HUB_PREFIX}{dataset_id} (subset {subset!r}, split {split!r}) could not be "
-                         f"loaded: {exc}") from None
+    except Exception as exc:  # network (75), unknown dataset, subset or split (78)
+        raise hub_load_error(f"--data {HUB_PREFIX}{dataset_id} (subset {subset!r}, split {split!r})", exc) from None
     return [_problem_record(row, fields, f"#{i}") for i, row in enumerate(rows, 1)]
 
 
 def _problem_record(row: dict, fields: dict[str, str], label: str) -> dict:
-    # Records use the names evaluate() reads, whatever the dataset calls them.
-    return {"label": label, **{ours: row.get(theirs) for ours, theirs in fields.items()}}
+    # Records use the names evaluate() reads, whatever the dataset calls them; the kind
+    # (mathgen's `kind`, OpenR1's `problem_type`) gives the per-kind rows.
+    kind = next((row[k] for k in KIND_FIELDS if isinstance(row.get(k), str) and row[k].strip()), None)
+    return {"label": label, **{ours: row.get(theirs) for ours, theirs in fields.items()}, "kind": kind}
 
 
 def load_problems(data: str | None, run_dir: Path, data_cfg, split: str = DEFAULT_SPLIT, subset: str | None = None,
@@ -193,13 +260,21 @@ def load_problems(data: str | None, run_dir: Path, data_cfg, split: str = DEFAUL
                              f"pass --data FILE or --data {HUB_PREFIX}<dataset id>")
         data = str(path)
     cfg = replace(data_cfg, name=data, split=split, subset=subset or data_cfg.subset, limit=0)
-    source = resolve_source(cfg, run_dir)
+    try:
+        source = resolve_source(cfg, run_dir)
+    except InputError as exc:  # it names the config key; the user gave --data
+        raise InputError(str(exc).replace(f"data.name = {data!r}", f"--data {data}")) from None
     if not source.is_local:
         raise InputError(f"--data {data}: no such file or folder (looked in {run_dir} and {Path.cwd()}); "
                          f"a hub dataset is named {HUB_PREFIX}{data}")
-    columns = list(dict.fromkeys(fields.values()))
-    problems = [_problem_record(record, fields, label) for path in source.files
-                for label, record in read_records(path, columns, source.file_name(path))]
+    columns = list(dict.fromkeys([*fields.values(), *KIND_FIELDS]))
+    try:
+        problems = [_problem_record(record, fields, label) for path in source.files
+                    for label, record in read_records(path, columns, source.file_name(path))]
+    except InputError as exc:
+        raise InputError(str(exc).replace(f"data.name = {data!r}", f"--data {data}")) from None
+    if not problems:
+        raise InputError(f"--data {data}: holds no problems (an empty file?)")
     return data, problems
 
 
@@ -207,14 +282,19 @@ def load_problems(data: str | None, run_dir: Path, data_cfg, split: str = DEFAUL
 
 def format_table(record: dict) -> str:
     """Given the eval record, return the side-by-side table of its runs (base, adapters):
-    accuracy, format compliance, n, mean generated tokens and seconds."""
+    accuracy and format compliance (overall, then per problem kind), n, mean generated
+    tokens, seconds."""
     runs = record["runs"]
     names = list(runs)
-    rows = [("accuracy", lambda s: f"{100 * s['accuracy']:.1f}%"),
-            ("format", lambda s: f"{100 * s['format_compliance']:.1f}%"),
-            ("n", lambda s: str(s["n"])),
-            ("tokens", lambda s: f"{s['mean_generated_tokens']:.1f}"),
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    rows = [("accuracy", lambda s: pct(s["accuracy"])), ("format", lambda s: pct(s["format_compliance"])),
+            ("n", lambda s: str(s["n"])), ("tokens", lambda s: f"{s['mean_generated_tokens']:.1f}"),
             ("seconds", lambda s: f"{s['seconds']:.1f}")]
+    kinds = sorted({k for name in names for k in runs[name]["summary"].get("by_kind", {})})
+    for kind in kinds:
+        rows.append((f"{kind} accuracy / format", lambda s, k=kind: (
+            f"{pct(s['by_kind'][k]['accuracy'])} / {pct(s['by_kind'][k]['format_compliance'])}"
+            if k in s.get("by_kind", {}) else "-")))
     cells = [[label] + [fmt(runs[name]["summary"]) for name in names] for label, fmt in rows]
     widths = [max(len(row[c]) for row in cells + [[""] + names]) + 3 for c in range(len(names) + 1)]
     widths[0] = max(widths[0], 15)
@@ -251,7 +331,8 @@ def eval_main(cfg, run_dir: Path, data: str | None, split: str, subset: str | No
     for name, path in (("base", None), ("adapters", adapters)):
         if (name == "base" and no_base) or (name == "adapters" and adapters is None):
             continue
-        runs[name] = evaluate(model_dir, problems, path, max_new_tokens, limit, generate_fn=generate_fn)
+        runs[name] = evaluate(model_dir, problems, path, max_new_tokens, limit, generate_fn=generate_fn,
+                              template=cfg.data.template)
     record = {"model": str(model_dir), "data": described, "limit": limit, "max_new_tokens": max_new_tokens,
               "runs": runs}
     text = json.dumps(record, indent=2, ensure_ascii=False)

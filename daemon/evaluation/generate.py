@@ -1,7 +1,9 @@
 """`generate`: answer one problem with the base model or the trained adapters.
 
-The prompt is wrapped in the training template, so the model sees what it learned from,
-and tokens stream to the terminal as they are produced.
+The problem is put in the prompt format the adapters were trained in (recorded in their
+adapter_config.json; the run's data.template for the base model), so the model sees what
+it learned from, and tokens stream to the terminal as they are produced. A tutor-format
+answer stops where the model starts a new "### Problem:" of its own.
 """
 
 from __future__ import annotations
@@ -10,40 +12,50 @@ from pathlib import Path
 from typing import TextIO
 
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.evaluation.evaluate import STOP_MARKERS, recorded_template
 from mathlora_daemon.rundir import ADAPTER_WEIGHTS, RunDir
-from mathlora_daemon.training.template import format_prompt
+from mathlora_daemon.training.template import PromptFormat
 
 
 def generate_text(model_dir: Path, prompt: str, adapter_path: Path | None = None, max_new_tokens: int = 128,
-                  temperature: float = 0.8, seed: int = 0, out: TextIO | None = None) -> str:
+                  temperature: float = 0.8, seed: int = 0, out: TextIO | None = None,
+                  template: str = "chat") -> str:
     """Given a model directory, a problem and optional adapters, return the generated
     solution, streaming it to `out`; raise InputError for a missing model or adapters.
-    temperature 0 is greedy."""
+    temperature 0 is greedy. `template` is the format for the base model; adapters use
+    the one they record."""
     import mlx.core as mx
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
-    from mlx_lm.utils import load
 
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"--model-path: {model_dir} is not an MLX model directory (no config.json)")
-    if adapter_path is not None and not (adapter_path / ADAPTER_WEIGHTS).is_file():
-        raise InputError(f"--adapter-path: {adapter_path} holds no adapters.safetensors")
+    from mathlora_daemon.modelio.loading import load_model
+
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens {max_new_tokens}: expected an integer >= 1")
     if temperature < 0:
         raise InputError(f"--temperature {temperature}: expected a number >= 0 (0 = greedy)")
     mx.random.seed(seed)
-    model, tokenizer = load(str(model_dir), adapter_path=str(adapter_path) if adapter_path else None)
-    pieces = []
-    for response in stream_generate(model, tokenizer, format_prompt(prompt), max_tokens=max_new_tokens,
+    model, tokenizer = load_model(model_dir, adapter_path)
+    fmt = PromptFormat.of(recorded_template(adapter_path, template), tokenizer)
+    text, shown = "", 0
+    for response in stream_generate(model, tokenizer, fmt.prompt_ids(prompt), max_tokens=max_new_tokens,
                                     sampler=make_sampler(temp=temperature)):
-        pieces.append(response.text)
-        if out is not None:
-            out.write(response.text)
+        text += response.text
+        cut = min((i for i in (text.find(m) for m in STOP_MARKERS) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        # Hold back a tail that may be the start of a marker, so nothing shown is taken back.
+        safe = len(text) if cut >= 0 else max(shown, len(text) - max(map(len, STOP_MARKERS)))
+        if out is not None and safe > shown:
+            out.write(text[shown:safe])
             out.flush()
+        shown = max(shown, safe)
+        if cut >= 0:
+            break
     if out is not None:
-        out.write("\n")
-    return "".join(pieces)
+        out.write(text[shown:] + "\n")
+        out.flush()
+    return text
 
 
 def default_adapter_path(run_dir: Path) -> Path | None:

@@ -1,8 +1,9 @@
 """`plot`: the loss and learning-rate curves of a run, across all its restarts, as a PNG.
 
 Reads the structured log (`logs/daemon.jsonl` and its rotated predecessors, oldest first)
-and draws two panels over the optimizer step: the loss (raw and a moving average) and the
-learning rate, with a dashed line at every resume and a tick at every checkpoint. Steps
+and draws two panels over the optimizer step: the training loss (raw and a moving average)
+with the validation loss at every evaluation (the best one ringed), and the learning
+rate, with a dashed line at every resume and a tick at every checkpoint. Steps
 trained again after a crash (between the last checkpoint and the crash) appear once, with
 the value of the run that counted (the last one logged). Lines of `--debug` runs, which
 share the log, are left out. matplotlib is an optional extra (`mathlora-daemon[plot]`)
@@ -28,6 +29,7 @@ class Curve:
     run: str | None = None
     loss: dict[int, float] = field(default_factory=dict)
     lr: dict[int, float] = field(default_factory=dict)
+    val: dict[int, float] = field(default_factory=dict)  # step -> validation loss (step 0: the base model)
     resumes: list[int] = field(default_factory=list)
     checkpoints: set[int] = field(default_factory=set)
     starts: int = 0
@@ -75,6 +77,8 @@ def _take(curve: Curve, name: str, event: dict) -> None:
             curve.loss[step] = float(event["loss"])  # a step re-done after a crash: the last one counts
             if event.get("lr") is not None:
                 curve.lr[step] = float(event["lr"])
+        elif name == "train.eval":
+            curve.val[int(event["step"])] = float(event["val_loss"])
         elif name == "resume":
             curve.resumes.append(int(event["from_step"]))
         elif name == "checkpoint.saved":
@@ -124,6 +128,13 @@ def plot_run(run_dir: Path, out: Path) -> dict:
     if window > 1:
         ax_loss.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
                      label=f"loss, mean of {window} steps")
+    if curve.val:
+        val_steps = sorted(curve.val)
+        ax_loss.plot(val_steps, [curve.val[s] for s in val_steps], color="tab:purple", marker="o", markersize=4,
+                     linewidth=1.5, label="validation loss")
+        best = min(val_steps, key=lambda s: (curve.val[s], s))
+        ax_loss.plot([best], [curve.val[best]], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
+                     markeredgecolor="tab:purple", label=f"best validation, step {best}")
     for i, step in enumerate(curve.resumes):
         for ax in (ax_loss, ax_lr):
             ax.axvline(step, color="tab:red", linestyle="--", linewidth=1, label="resume" if i == 0 else None)
@@ -133,7 +144,7 @@ def plot_run(run_dir: Path, out: Path) -> dict:
         ckpts = sorted(curve.checkpoints)
         ax_loss.plot(ckpts, [0.0] * len(ckpts), transform=at_bottom, linestyle="none", marker="^",
                      markersize=6, color="tab:green", clip_on=False, label="checkpoint")
-    ax_loss.set_ylabel("training loss")
+    ax_loss.set_ylabel("loss")
     ax_loss.grid(True, alpha=0.3)
     ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title(f"{name}: {len(steps)} steps, {curve.starts} start(s), {len(curve.resumes)} resume(s), "
@@ -150,5 +161,5 @@ def plot_run(run_dir: Path, out: Path) -> dict:
 
     ensure_private_dir(out.parent)
     atomic_write_via(out, lambda tmp: fig.savefig(tmp, format="png"))
-    return {"points": len(steps), "resumes": len(curve.resumes), "checkpoints": len(curve.checkpoints),
-            "starts": curve.starts, "path": str(out)}
+    return {"points": len(steps), "evals": len(curve.val), "resumes": len(curve.resumes),
+            "checkpoints": len(curve.checkpoints), "starts": curve.starts, "path": str(out)}

@@ -33,7 +33,7 @@ from mathlora_checkpoints.fsio import (
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir
 
-FORMATS = ("peft",)
+FORMATS = ("peft", "gguf")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 # mlx-lm adapter keys: <module path>.lora_a / .lora_b, e.g. model.layers.3.self_attn.q_proj.lora_a
@@ -107,12 +107,10 @@ def read_mlx_adapters(adapter_dir: Path) -> tuple[dict, dict]:
     MLX arrays); raise InputError when either file is missing or unreadable."""
     import mlx.core as mx
 
+    from mathlora_daemon.modelio.loading import check_adapter_dir
 
+    check_adapter_dir(adapter_dir)
     weights_path, config_path = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG
-    for path in (weights_path, config_path):
-        if not path.is_file():
-            raise InputError(f"--adapter-path {adapter_dir}: no {path.name} (train first, or point --adapter-path "
-                             "at a directory with adapters.safetensors and adapter_config.json)")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         weights = mx.load(str(weights_path))

@@ -19,7 +19,8 @@ from pathlib import Path
 from mathlora_checkpoints.fsio import seal_tree, write_bytes_durable
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.modelio.export import check_replaceable, new_tmp_dir, publish_replacing
-from mathlora_daemon.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mathlora_daemon.modelio.loading import check_adapter_dir, check_model_dir
+from mathlora_daemon.rundir import ADAPTER_CONFIG
 
 # Files of the base model directory that the fused model must not inherit: the weights
 # (replaced), config.json (rewritten) and the model card (rewritten).
@@ -28,7 +29,11 @@ _SKIP_NAMES = {"config.json", "README.md"}
 CARD_MARK = "mathlora-daemon merged"  # in the model card: lets a re-run replace its own output, nothing else
 
 
-def fuse_model(model_dir: Path, adapter_dir: Path, out_dir: Path, dequantize: bool = False) -> dict:
+FUSED_GGUF = "model.gguf"
+
+
+def fuse_model(model_dir: Path, adapter_dir: Path, out_dir: Path, dequantize: bool = False,
+               base_gguf: Path | None = None) -> dict:
     """Given an MLX model directory, an mlx-lm adapters directory and an output directory,
     write the base model with the adapters merged in (files 0600, whole or absent) and
     return a summary {path, fused_modules, dtype, quantized, dequantized,
@@ -39,16 +44,17 @@ def fuse_model(model_dir: Path, adapter_dir: Path, out_dir: Path, dequantize: bo
     from mlx_lm.utils import dequantize_model, load, save_config, save_model
 
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"model.path: {model_dir} is not an MLX model directory (no config.json)")
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        if not (adapter_dir / name).is_file():
-            raise InputError(f"--adapter-path {adapter_dir}: no {name} (train first, or point --adapter-path at "
-                             "a directory with adapters.safetensors and adapter_config.json)")
+    check_model_dir(model_dir)
+    check_adapter_dir(adapter_dir)
     check_replaceable(out_dir, is_fused_model, "a previous fused model")
+    if base_gguf is not None:
+        from mathlora_daemon.modelio.gguf_export import check_gguf_fusable
+
+        check_gguf_fusable(adapter_dir, model_dir, Path(base_gguf))
     try:
+        # Not load_model: fit_to_device's float32 scales would be saved into the fused model.
         model, _tokenizer, config = load(str(model_dir), adapter_path=str(adapter_dir), return_config=True)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except Exception as exc:  # mlx-lm raises many types for adapters that do not fit the model
         raise InputError(f"--adapter-path {adapter_dir} does not fit the model in {model_dir}: {exc}") from None
 
     fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules()
@@ -78,6 +84,11 @@ def fuse_model(model_dir: Path, adapter_dir: Path, out_dir: Path, dequantize: bo
         for src in sorted(model_dir.iterdir()):
             if src.is_file() and src.name not in _SKIP_NAMES and not src.name.endswith(_SKIP_SUFFIXES):
                 shutil.copyfile(src, tmp / src.name)  # the tokenizer exactly as training saw it
+        gguf_info = None
+        if base_gguf is not None:
+            from mathlora_daemon.modelio.gguf_export import fuse_gguf
+
+            gguf_info = fuse_gguf(adapter_dir, model_dir, Path(base_gguf), tmp / FUSED_GGUF)
         write_bytes_durable(tmp / "README.md", _model_card(model_dir, adapter_dir, len(fused), quantized).encode())
         seal_tree(tmp)
     except BaseException:
@@ -85,7 +96,8 @@ def fuse_model(model_dir: Path, adapter_dir: Path, out_dir: Path, dequantize: bo
         raise
     publish_replacing(tmp, out_dir, is_fused_model, "a previous fused model")
     return {"path": str(out_dir), "fused_modules": len(fused), "dtype": dtype, "quantized": quantized,
-            "dequantized": dequantize, "transformers_loadable": not quantized}
+            "dequantized": dequantize, "transformers_loadable": not quantized,
+            "gguf": {**gguf_info, "path": str(out_dir / FUSED_GGUF)} if gguf_info else None}
 
 
 def is_fused_model(path: Path) -> bool:

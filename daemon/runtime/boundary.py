@@ -32,9 +32,9 @@ MEMORY_EVERY_S = 1.0
 POWER_EVERY_S = 10.0
 
 # What a rank tells the others at a boundary: a stop code and a bit set of waits.
-STOP_CODES = {"stopped": 1, "budget_exhausted": 2, "outside_window": 3}
+STOP_CODES = {"stopped": 1, "budget_exhausted": 2, "outside_window": 3, "finished": 4}
 STOP_TEXT = {1: "asked to stop (signal or `mathlora-daemon stop`)", 2: "the training budget is spent",
-             3: "outside the training window"}
+             3: "outside the training window", 4: "training is done (early stop)"}
 WAIT_USER, WAIT_MEMORY, WAIT_POWER = 1, 2, 4
 WAIT_TEXT = {WAIT_USER: ("paused", "paused by the user"), WAIT_MEMORY: ("waiting", "memory is low"),
              WAIT_POWER: ("waiting", "on battery power (pause_on_battery)")}
@@ -72,6 +72,7 @@ class Runtime:
     world: World = SINGLE
     gather: Callable[[World, list[int]], list[list[int]]] = gather_ints  # the collective (injected by tests)
     wait_bits: int = 0  # what the last pause_reasons() found, as WAIT_* bits
+    finished_early: str | None = None  # why training ends before its last step (early stopping)
     uncharged_s: float = 0.0  # set-up time (compiling) inside the current interval, not charged
     _read_at: dict = field(default_factory=dict)  # reading -> monotonic time it was last taken
     _power: power.PowerState | None = None
@@ -129,7 +130,13 @@ class Runtime:
                 self.user_paused = command == "pause"
 
     # -- the boundary --------------------------------------------------------------
+    def finish_early(self, reason: str) -> None:
+        """Ask training to end at the next boundary as finished (early stopping)."""
+        self.finished_early = reason
+
     def stop_reason(self) -> Stop | None:
+        if self.finished_early:
+            return Stop("finished", self.finished_early, "train.early_stop")
         if self.flags.stop.is_set():
             return Stop("stopped", self.flags.stop_reason or "stop requested")
         if self.budget.exhausted:
@@ -225,7 +232,8 @@ class Runtime:
         asked = [(rank, row[0]) for rank, row in enumerate(rows) if row[0]]
         if asked:
             rank, code = asked[0]
-            state = "budget_exhausted" if code == STOP_CODES["budget_exhausted"] else "stopped"
+            state = {STOP_CODES["budget_exhausted"]: "budget_exhausted", STOP_CODES["finished"]: "finished"}.get(
+                code, "stopped")
             return Stop(state, f"rank {rank}: {STOP_TEXT[code]}"), []
         merged = list(reasons)
         for rank, (_, bits) in enumerate(rows):

@@ -230,3 +230,59 @@ def _local_time(at) -> str:
         return dt.datetime.fromtimestamp(float(at)).isoformat(sep=" ", timespec="seconds")
     except (TypeError, ValueError, OverflowError, OSError):
         return "an unknown time"
+
+
+# --- a run directory the daemon cannot write ------------------------------------------------
+#
+# The guard above keeps its records in the run directory. When that directory cannot be
+# written (a read-only mount, another owner), the record goes to the user's state
+# directory instead, keyed by the run directory's path, so launchd's next start can see
+# it and end the loop with exit 0 like any other terminal failure.
+
+def outside_failure_path(run_dir: Path, environ: dict | None = None) -> Path:
+    """Given the run directory, return where its unwritable-run-dir failure is recorded:
+    $XDG_STATE_HOME (else ~/.local/state)/mathlora-daemon/unwritable-<path hash>.json."""
+    import os
+
+    env = os.environ if environ is None else environ
+    base = Path(env.get("XDG_STATE_HOME") or Path(env.get("HOME") or Path.home()) / ".local" / "state")
+    key = hashlib.sha256(str(Path(run_dir).resolve()).encode("utf-8")).hexdigest()[:16]
+    return base / "mathlora-daemon" / f"unwritable-{key}.json"
+
+
+def record_outside_failure(run_dir: Path, reason: str, now: float) -> Path | None:
+    """Record that the run directory cannot be written; return where, or None when even
+    the state directory cannot be written (nothing more can be done)."""
+    path = outside_failure_path(run_dir)
+    try:
+        ensure_private_dir(path.parent)
+        atomic_write_text(path, json.dumps({"run_dir": str(Path(run_dir).resolve()), "reason": reason, "at": now},
+                                           indent=2) + "\n")
+    except OSError:
+        return None
+    return path
+
+
+def read_outside_failure(run_dir: Path) -> dict | None:
+    """Return the recorded unwritable-run-dir failure {"run_dir", "reason", "at"}, or None."""
+    try:
+        data = json.loads(outside_failure_path(run_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("reason"), str) else None
+
+
+def clear_outside_failure(run_dir: Path) -> None:
+    try:
+        outside_failure_path(run_dir).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def repeated_outside_failure(run_dir: Path, reason: str) -> str | None:
+    """Given the run directory and this start's unwritable reason, return a message when
+    the same failure is already on record (launchd's restart: exit 0), else None."""
+    failure = read_outside_failure(run_dir)
+    if failure is None or failure["reason"] != reason:
+        return None
+    return f"the same error was recorded at {_local_time(failure.get('at'))}: {reason}"

@@ -20,6 +20,31 @@ from mathlora_daemon.rundir import RunDir
 MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 5
 _LOGGER_NAME = "mathlora"
+# What a person scans for comes first on a console line, after the event; the JSON log
+# keeps every field in the order it was logged.
+CONSOLE_FIRST = ("step", "loss", "tok_per_s", "val_loss", "epoch", "lr", "reason", "exit_code", "error")
+CONSOLE_LAST = ("run",)
+
+
+def console_order(_logger, _name, event_dict: dict) -> dict:
+    """structlog processor for the console: the event, then CONSOLE_FIRST fields, the
+    rest as logged, `run` last; the UTC `ts` becomes local wall-clock time."""
+    first = {k: event_dict[k] for k in ("ts", "level", "event") if k in event_dict}
+    if isinstance(first.get("ts"), str):
+        first["ts"] = _local_clock(first["ts"])
+    ordered = {k: event_dict[k] for k in CONSOLE_FIRST if k in event_dict}
+    rest = {k: v for k, v in event_dict.items() if k not in first and k not in ordered and k not in CONSOLE_LAST}
+    last = {k: event_dict[k] for k in CONSOLE_LAST if k in event_dict}
+    return {**first, **ordered, **rest, **last}
+
+
+def _local_clock(ts: str) -> str:
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
+    except ValueError:
+        return ts
 
 
 class _ConsoleFilter(logging.Filter):
@@ -41,6 +66,35 @@ class _ConsoleFilter(logging.Filter):
             step = msg.get("step")
             return not isinstance(step, int) or step == 1 or step % self.every == 0
         return True
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """The JSON log file. One that cannot be written (a full disk) must neither stop
+    training nor print logging's traceback for every line: say so once on stderr, and
+    once more when lines reach the file again (checkpoints report their own failures)."""
+
+    failing = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if self.failing and not self._failed_now:
+            self.failing = False
+            sys.stderr.write(f"mathlora-daemon: the log file {self.baseFilename} is written again\n")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if not self.failing:
+            self.failing = True
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"mathlora-daemon: cannot write the log file {self.baseFilename} ({error}); "
+                             "lines go to the console only until it can\n")
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(None)  # type: ignore[arg-type]
 
 
 def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
@@ -68,8 +122,7 @@ def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
     if run_dir is not None:
         path = RunDir(run_dir).log_file
         ensure_private_dir(path.parent)
-        file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS,
-                                                            encoding="utf-8")
+        file_handler = _LogFile(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
         file_handler.setFormatter(structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         structlog.processors.dict_tracebacks,
@@ -79,8 +132,9 @@ def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
         stream = logging.StreamHandler(sys.stderr)
         stream.setLevel(logging.INFO)
         stream.setFormatter(structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=22)]))
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, console_order,
+                        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=22, sort_keys=False,
+                                                      timestamp_key="ts")]))
         stream.addFilter(_ConsoleFilter(set(quiet_events)))
         root.addHandler(stream)
     return structlog.get_logger(_LOGGER_NAME).bind(run=run_name)
@@ -90,6 +144,9 @@ def close_logging() -> None:
     """Flush and close every handler (before exit, or before a test reads the file)."""
     root = logging.getLogger(_LOGGER_NAME)
     for handler in list(root.handlers):
-        handler.flush()
-        handler.close()
+        try:
+            handler.flush()
+            handler.close()
+        except OSError:  # a full disk at the last flush: the log says what it could
+            pass
         root.removeHandler(handler)

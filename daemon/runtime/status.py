@@ -15,7 +15,7 @@ phase                  loading | preparing | training | checkpointing | paused |
 reason                 why paused / waiting / stopped / failed (free text)
 step, total_steps      global optimizer step and the planned total
 epoch                  current epoch (0-based)
-loss                   the last step's loss; recent_mean_loss: mean of recent steps
+loss                   the last step's loss; recent_mean_loss: mean of the last 10 steps
 tok_per_s, step_s      recent throughput: tokens per second, seconds per step
 budget_used_s          training seconds spent across all restarts;
 budget_total_s,        the budget and what is left of it (left is derived from
@@ -56,6 +56,7 @@ import psutil
 
 from mathlora_checkpoints.store import newest_checkpoint, read_json_object
 from mathlora_daemon.rundir import RunDir
+from mathlora_daemon.runtime import humanize
 from mathlora_daemon.runtime.heartbeat import json_int, json_number, jsonable, utc_iso
 from mathlora_daemon.runtime.lock import probe_lock
 
@@ -125,6 +126,11 @@ def read_status(run_dir: Path, now: float | None = None,
         status["state"] = "failed"
         status["reason"] = str(failure.get("reason") or "recorded failure")
         status["failure"] = failure
+    elif heartbeat is None and run.status_file.exists():
+        # Damaged (a disk error, a hand edit): say so rather than "not started".
+        status["state"] = "unknown"
+        status["reason"] = (f"{run.status_file} cannot be read (not a JSON object); the daemon rewrites it at its "
+                            "next start, and the checkpoints below are unaffected")
     elif heartbeat is None:
         status["state"] = "not_started"
     elif file_state in TERMINAL_STATES:
@@ -244,8 +250,17 @@ def render_status(status: dict[str, Any]) -> str:
     if loss is not None or mean is not None:
         parts = [f"{loss:.3f}"] if loss is not None else []
         if mean is not None:
-            parts.append(f"(mean of recent steps {mean:.3f})" if parts else f"mean of recent steps {mean:.3f}")
+            text = f"mean of the last 10 steps {mean:.3f}"
+            parts.append(f"({text})" if parts else text)
         rows.append(("loss", " ".join(parts)))
+
+    val, base_val = json_number(status.get("val_loss")), json_number(status.get("base_val_loss"))
+    best_val, best_step = json_number(status.get("best_val_loss")), json_int(status.get("best_val_step"))
+    if val is not None and not isinstance(status.get("report"), dict):
+        text = f"{val:.4f} at step {json_int(status.get('val_step'))}"
+        extra = [f"best {best_val:.4f} at step {best_step}"] if best_val is not None else []
+        extra += [f"base model {base_val:.4f}"] if base_val is not None else []
+        rows.append(("val loss", text + (f" ({'; '.join(extra)})" if extra else "")))
 
     world = json_int(status.get("world_size"))
     if world is not None and state != "not_started":
@@ -264,13 +279,13 @@ def render_status(status: dict[str, Any]) -> str:
     used, left, total_b = (json_number(status.get(k)) for k in ("budget_used_s", "budget_left_s", "budget_total_s"))
     budget = []
     if used is not None:
-        budget.append(f"used {used / 3600:.2f} h")
+        budget.append(f"used {_duration(used)}")
     if left is not None:
-        budget.append(f"left {left / 3600:.2f} h")
+        budget.append(f"left {_duration(left)}")
     if budget or total_b is not None:
         text = ", ".join(budget)
         if total_b is not None:
-            text = f"{text} of {total_b / 3600:.2f} h" if text else f"{total_b / 3600:.2f} h"
+            text = f"{text} of {_duration(total_b)}" if text else _duration(total_b)
         rows.append(("budget", text))
 
     window, window_ends = status.get("window"), _parse_iso(status.get("window_ends"))
@@ -307,6 +322,9 @@ def render_status(status: dict[str, Any]) -> str:
     if mem:
         rows.append(("memory", ", ".join(mem)))
 
+    if isinstance(status.get("report"), dict) and state in TERMINAL_STATES:
+        rows += [(line[:10].strip(), line[11:]) for line in report_lines(status["report"])]
+
     hb_age = json_number(status.get("heartbeat_age_s"))
     if hb_age is not None and state in LIVE_STATES:
         rows.append(("heartbeat", f"{_duration(hb_age)} ago"))
@@ -315,6 +333,43 @@ def render_status(status: dict[str, Any]) -> str:
     if isinstance(status.get("service"), dict):
         rows.append(("service", _service_text(status["service"])))
     return "\n".join(f"{label:<10} {value}".rstrip() for label, value in rows) + "\n"
+
+
+def report_lines(report: dict) -> list[str]:
+    """The morning report (what a finished run did) as `label value` lines: the
+    adapters, how they were chosen, validation loss against the base model's, the final
+    eval, the training loss of the whole run, and how to try them."""
+    rows = []
+    adapters = report.get("adapters")
+    if adapters:
+        selected, steps = json_int(report.get("selected_step")), json_int(report.get("steps"))
+        rule = report.get("selected_rule") or ("lowest validation loss" if selected != steps else "the last")
+        chosen = f"step {selected} of {steps}, {'the last' if rule == 'last' else rule}"
+        rows.append(("adapters", f"{adapters} ({chosen})"))
+    best, base = json_number(report.get("best_val_loss")), json_number(report.get("base_val_loss"))
+    if best is not None:
+        text = f"{best:.4f} at step {json_int(report.get('best_val_step'))}"
+        if base is not None:
+            text += f" vs {base:.4f} for the base model ({100 * (best - base) / base:+.1f}%)"
+        rows.append(("val loss", text))
+        if base is not None and best >= base:
+            rows.append(("warning", "no checkpoint beat the base model on validation loss: the adapters may be "
+                                    "worse than no adapters (try a lower train.learning_rate; check the data)"))
+    first, recent = json_number(report.get("first_loss")), json_number(report.get("recent_loss"))
+    if first is not None and recent is not None:
+        rows.append(("train loss", f"{first:.4f} at step 1 -> {recent:.4f} (mean of the last 10 steps)"))
+    final = report.get("final_eval")
+    if isinstance(final, dict) and isinstance(final.get("base"), dict) and isinstance(final.get("adapters"), dict):
+        b, a = final["base"], final["adapters"]
+        rows.append(("eval", f"{json_int(final.get('n'))} validation problems: accuracy "
+                             f"{100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%, format "
+                             f"{100 * b['format_compliance']:.1f}% -> {100 * a['format_compliance']:.1f}% "
+                             "(base -> adapters)"))
+    if adapters:
+        run_dir = str(Path(adapters).parent)
+        rows.append(("try", f"mathlora-daemon generate --run-dir {run_dir} --prompt \"...\"  "
+                            f"(or: mathlora-daemon eval --run-dir {run_dir})"))
+    return [f"{label:<10} {value}" for label, value in rows]
 
 
 def _service_text(service: dict) -> str:
@@ -367,23 +422,8 @@ def _parse_iso(value: Any) -> float | None:
 
 
 def _clock_time(t: float, reference: float | None) -> str:
-    """Given a Unix time, return local ``HH:MM``, with the weekday when it is not on the
-    reference time's day."""
-    moment = datetime.fromtimestamp(t)
-    if reference is not None and datetime.fromtimestamp(reference).date() != moment.date():
-        return moment.strftime("%a %H:%M")
-    return moment.strftime("%H:%M")
+    return humanize.local_time(t, reference)
 
 
 def _duration(seconds: float | None) -> str:
-    """Given seconds, return a short human duration: ``45 s``, ``4 min``, ``6.2 h``, ``3.1 days``."""
-    if seconds is None:
-        return "?"
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    return humanize.duration(seconds)

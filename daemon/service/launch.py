@@ -19,6 +19,7 @@ run directory.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -56,6 +57,13 @@ def launcher_argv(launcher: str, python: str, run_dir: Path, hosts: str | None =
     if hostfile is not None:
         if not Path(hostfile).is_file():
             raise InputError(f"--hostfile {hostfile}: no such file")
+        try:  # mlx.launch would say so too, but after the supervisor started: exit 78 here
+            hosts_json = json.loads(Path(hostfile).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"--hostfile {hostfile}: not a JSON hostfile ({exc}); mlx.launch expects a list of "
+                             '{"ssh": host, "ips": [...]} objects') from None
+        if not isinstance(hosts_json, list) or not hosts_json:
+            raise InputError(f"--hostfile {hostfile}: expected a non-empty JSON list of hosts")
         argv += ["--hostfile", str(Path(hostfile).resolve())]
     else:
         argv += ["--hosts", hosts]

@@ -34,16 +34,17 @@ from mathlora_checkpoints.store import CheckpointInfo, load_checkpoint, prune, s
 from mathlora_daemon import testhooks
 from mathlora_daemon.config import FINGERPRINT_KEYS, Config
 from mathlora_daemon.errors import InputError, TemporaryFailure
-from mathlora_daemon.training import template
 
 RECENT_LOSSES = 100
+RECENT_MEAN_STEPS = 10  # "the mean of the last 10 steps" in status and the morning report
 
 # Fields whose change makes a checkpoint meaningless for this run: the config keys
 # declared with fingerprint=True (config.py), plus the identities computed here (the
-# base model's config, the token cache, the prompt template). Everything else (budget,
+# base model's config; the token cache, whose key hashes the data, the tokenizer and the
+# prompt format). Everything else (budget,
 # window, segment length, retention, power, logging, epochs, max_steps, grad_checkpoint)
 # may change between restarts.
-FINGERPRINT_FIELDS = FINGERPRINT_KEYS + ("base_model", "token_cache", "template")
+FINGERPRINT_FIELDS = FINGERPRINT_KEYS + ("base_model", "token_cache")
 
 
 @dataclass
@@ -55,12 +56,73 @@ class Progress:
     train_seconds: float = 0.0
     recent_losses: list[float] = field(default_factory=list)
     best_loss: float | None = None
+    first_loss: float | None = None  # the run's first step, for the morning report
+    schedule_length: int | None = None  # fixed once (training/lr.py); None until then
+    schedule_source: str | None = None  # "steps" or "budget"
+    base_eval_loss: float | None = None  # validation loss of the base model (before step 1)
+    eval_loss: float | None = None  # validation loss at the last evaluation
+    eval_step: int | None = None
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    evals_since_best: int = 0
+    eval_history: list[list] = field(default_factory=list)  # [step, validation loss] at every evaluation
+    stopped_early: str | None = None  # why early stopping ended the run (a restart takes no more steps)
 
     def record(self, loss: float, tokens: int) -> None:
+        if self.global_step == 0:
+            self.first_loss = loss
         self.global_step += 1
         self.tokens_seen += tokens
         self.recent_losses = (self.recent_losses + [loss])[-RECENT_LOSSES:]
         self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
+
+    def recent_mean(self) -> float | None:
+        """The mean training loss of the last RECENT_MEAN_STEPS steps (None before any)."""
+        recent = self.recent_losses[-RECENT_MEAN_STEPS:]
+        return sum(recent) / len(recent) if recent else None
+
+    def record_eval(self, loss: float) -> bool:
+        """Given the validation loss at the current step, keep it; return whether it is
+        a new best."""
+        step = self.global_step
+        self.eval_loss, self.eval_step = loss, step
+        self.eval_history.append([step, loss])
+        if step == 0:  # the base model: what the adapters are measured against, not a candidate
+            self.base_eval_loss = loss
+            return False
+        best = self.best_eval_loss is None or loss < self.best_eval_loss
+        if best:
+            self.best_eval_loss, self.best_eval_step, self.evals_since_best = loss, step, 0
+        else:
+            self.evals_since_best += 1
+        return best
+
+    def to_state(self) -> dict:
+        """The parts of trainer_state.json this object owns."""
+        losses = self.recent_losses
+        return {
+            "loss": {"last": losses[-1] if losses else None, "recent": losses,
+                     "recent_mean": sum(losses) / len(losses) if losses else None, "best": self.best_loss,
+                     "first": self.first_loss},
+            "schedule": {"length": self.schedule_length, "source": self.schedule_source},
+            "eval": {"loss": self.eval_loss, "step": self.eval_step, "base": self.base_eval_loss,
+                     "best": self.best_eval_loss, "best_step": self.best_eval_step,
+                     "since_best": self.evals_since_best, "history": self.eval_history,
+                     "stopped_early": self.stopped_early},
+            # The store records this one in the manifest, for retention by validation loss.
+            "eval_loss": self.eval_loss if self.eval_step == self.global_step else None,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        loss, schedule, ev = state.get("loss") or {}, state.get("schedule") or {}, state.get("eval") or {}
+        return cls(global_step=state["global_step"], tokens_seen=state["tokens_seen"],
+                   train_seconds=state["train_seconds"], recent_losses=list(loss.get("recent") or []),
+                   best_loss=loss.get("best"), first_loss=loss.get("first"), schedule_length=schedule.get("length"),
+                   schedule_source=schedule.get("source"), base_eval_loss=ev.get("base"), eval_loss=ev.get("loss"),
+                   eval_step=ev.get("step"), best_eval_loss=ev.get("best"), best_eval_step=ev.get("best_step"),
+                   evals_since_best=int(ev.get("since_best") or 0), eval_history=list(ev.get("history") or []),
+                   stopped_early=ev.get("stopped_early"))
 
 
 def fingerprint(cfg: Config, model_dir: Path, cache_key: str) -> dict:
@@ -70,7 +132,6 @@ def fingerprint(cfg: Config, model_dir: Path, cache_key: str) -> dict:
     values = {
         "base_model": hashlib.sha256(config_json.read_bytes()).hexdigest()[:16] if config_json.exists() else None,
         "token_cache": cache_key,
-        "template": template.TEMPLATE_ID,
     }
     for name in FINGERPRINT_FIELDS:
         if "." in name:
@@ -111,12 +172,9 @@ def save_training_checkpoint(root: Path, model: nn.Module, optimizer: optim.Opti
     step = progress.global_step
     groups = {"adapters": _safetensors_bytes(dict(tree_flatten(model.trainable_parameters()))),
               "optimizer": _safetensors_bytes(dict(tree_flatten(optimizer.state)))}
-    losses = progress.recent_losses
     state = {
         "global_step": step, "epoch": epoch, "position": position, "tokens_seen": progress.tokens_seen,
-        "train_seconds": progress.train_seconds,
-        "loss": {"last": losses[-1] if losses else None, "recent": losses,
-                 "recent_mean": sum(losses) / len(losses) if losses else None, "best": progress.best_loss},
+        "train_seconds": progress.train_seconds, **progress.to_state(),
         "rng": {"scheme": "mx.random.seed(SeedSequence([train.seed, global_step, micro_batch])) before every "
                           "micro-batch; data order from default_rng([train.seed, epoch])", "seed": cfg.train.seed},
         "world_size": world_size,  # informational: any world size may resume it
@@ -150,11 +208,7 @@ def restore_training_checkpoint(path: Path, model: nn.Module, optimizer: optim.O
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(files["optimizer"])).items()))
     mx.eval(model.trainable_parameters(), optimizer.state)
-    loss = state.get("loss", {})
-    progress = Progress(global_step=state["global_step"], tokens_seen=state["tokens_seen"],
-                        train_seconds=state["train_seconds"], recent_losses=list(loss.get("recent") or []),
-                        best_loss=loss.get("best"))
-    return state, progress
+    return state, Progress.from_state(state)
 
 
 def describe(info: CheckpointInfo) -> dict:
@@ -172,20 +226,26 @@ class Checkpointer:
     above says, and keeps the retention rule (docs/DESIGN.md, "Checkpoint contract").
 
     State it reads at each save: the model's adapters, the optimizer's state, the loop's
-    Progress (step, tokens, losses), the cursor that the schedule derives from the step,
-    and the budget's seconds used. Only rank 0 writes; on the other ranks `save` does
-    nothing. `settings()` returns the live daemon settings (retention, segment length,
-    checkpoint interval), which a config reload may change.
+    Progress (step, tokens, losses, validation history, the schedule's length), the
+    cursor that the schedule derives from the step, and the budget's seconds used. Before
+    writing it measures the validation loss (`validate`, training/validation.py), so the
+    manifest carries it and retention keeps the best; after `early_stop_evals`
+    evaluations without a new best it calls `on_early_stop(reason)`. Only rank 0 writes;
+    on the other ranks `save` does nothing. `settings()` returns the live daemon settings
+    (retention, segment length, checkpoint interval), which a config reload may change.
     """
 
     def __init__(self, root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress, schedule,
                  fp: dict, cfg: Config, budget, log, heartbeat, settings, resumed: CheckpointInfo | None,
-                 world_size: int = 1, leader: bool = True, clock=time.monotonic):
+                 world_size: int = 1, leader: bool = True, clock=time.monotonic, validate=None,
+                 on_early_stop=None):
         self.root, self.model, self.optimizer, self.progress = root, model, optimizer, progress
         self.schedule, self.fp, self.cfg, self.budget = schedule, fp, cfg, budget
         self.log, self.heartbeat, self.settings = log, heartbeat, settings
         self.world_size, self.leader = world_size, leader
         self.clock = clock
+        self.validate = validate if leader else None
+        self.on_early_stop = on_early_stop
         self.protect = {resumed.path} if resumed else set()  # pruning never removes what we resumed from
         self.last_step = progress.global_step if resumed else -1
         self.last_time = self.clock()
@@ -198,12 +258,35 @@ class Checkpointer:
         return bool(every and self.progress.global_step % every == 0) or \
             self.clock() - self.last_time >= d.segment_minutes * 60
 
+    def evaluate(self) -> None:
+        """Measure the validation loss at the current step (once), log `train.eval`,
+        keep it in the progress, and ask for an early stop when it is due."""
+        p = self.progress
+        if self.validate is None or p.eval_step == p.global_step:
+            return
+        result = self.validate()
+        best = p.record_eval(result["loss"])
+        self.log.info("train.eval", step=p.global_step, val_loss=result["loss"], best=best,
+                      best_step=p.best_eval_step, best_val_loss=p.best_eval_loss, base_val_loss=p.base_eval_loss,
+                      tokens=result["tokens"], sequences=result["sequences"], seconds=result["seconds"])
+        self.heartbeat.update(val_loss=result["loss"], val_step=p.global_step, best_val_loss=p.best_eval_loss,
+                              best_val_step=p.best_eval_step, base_val_loss=p.base_eval_loss)
+        limit = self.cfg.train.early_stop_evals
+        if limit and p.evals_since_best >= limit and self.on_early_stop is not None:
+            # Kept in the checkpoint written next, so a restart (launchd) stays finished.
+            p.stopped_early = (f"no new best validation loss in {p.evals_since_best} evaluations "
+                               f"(best {p.best_eval_loss:.4f} at step {p.best_eval_step}): early stop")
+            self.on_early_stop(p.stopped_early)
+
     def save(self) -> None:
-        """Checkpoint the current step boundary (once per step), then prune; raise
-        TemporaryFailure (exit 75) when it cannot be written, every earlier one intact."""
+        """Checkpoint the current step boundary (once per step), its validation loss
+        measured first, then prune; raise TemporaryFailure (exit 75) when it cannot be
+        written, every earlier one intact."""
         step = self.progress.global_step
         if self.last_step == step or not self.leader:
             return
+        self.heartbeat.update(phase="evaluating" if self.validate else "checkpointing")
+        self.evaluate()
         epoch, position = self.schedule.cursor(step)
         self.progress.train_seconds = self.budget.used_s
         self.heartbeat.update(phase="checkpointing")
@@ -216,9 +299,27 @@ class Checkpointer:
             raise TemporaryFailure(f"checkpoint at step {step} could not be written: {exc}; "
                                    "earlier checkpoints are intact") from exc
         self.log.info("checkpoint.saved", step=info.step, path=str(info.path), bytes=info.bytes,
-                      seconds=round(time.monotonic() - t0, 4))
+                      seconds=round(time.monotonic() - t0, 4), val_loss=info.eval_loss)
         self.last_step, self.last_time = step, self.clock()
         self.heartbeat.update(phase="training", last_checkpoint_step=info.step,
                               last_checkpoint_at=datetime.now().astimezone().isoformat())
         prune(self.root, self.settings().keep_checkpoints, protect=self.protect,
               on_pruned=lambda i: self.log.info("checkpoint.pruned", step=i.step, path=str(i.path)))
+
+    def best_adapters(self) -> tuple[dict | None, dict | None]:
+        """(the adapters of the checkpoint with the lowest validation loss, what it was),
+        or (None, None) when there is none better than the current state or it cannot
+        be read (then the current adapters stand)."""
+        p = self.progress
+        if p.best_eval_step is None or p.best_eval_step == p.global_step:
+            return None, None
+        from mathlora_checkpoints.store import step_dir_name, verify_checkpoint
+
+        path = self.root / step_dir_name(p.best_eval_step)
+        problem = verify_checkpoint(path) if path.is_dir() else "not kept"
+        if problem:
+            self.log.warning("checkpoint.best_unavailable", step=p.best_eval_step, why=problem)
+            return None, None
+        _state, files = load_checkpoint(path)
+        return dict(mx.load(str(files["adapters"]))), {"rule": "lowest validation loss", "step": p.best_eval_step,
+                                                       "val_loss": p.best_eval_loss, "path": str(path)}

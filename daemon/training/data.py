@@ -19,12 +19,18 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from mathlora_daemon.config import DataConfig
-from mathlora_daemon.errors import InputError
+from mathlora_daemon.errors import InputError, hub_load_error
 
 LOCAL_SUFFIXES = (".jsonl", ".parquet")
+# Read with every row when present: the reference answer and the problem's kind (OpenR1
+# calls it problem_type, the demo kind), for `eval` and the final eval's table.
+ANSWER_FIELD = "answer"
+KIND_FIELDS = ("kind", "problem_type")
+# OpenR1-Math-220k: several model solutions per row, each checked by math-verify.
+GENERATIONS_FIELD, VERIFIED_FIELD = "generations", "correctness_math_verify"
 MAX_LISTED_SKIPS = 5
 # Hub-style layout (the one `push_to_hub` writes and OpenR1-Math-220k uses): for each
 # subset, the groups of repo folders that may hold it, in order of preference; the first
@@ -213,7 +219,7 @@ def source_identity(source: DataSource, cfg: DataConfig) -> dict:
     """Given a DataSource, return what identifies its content for the cache key: for
     local files (a hub dataset's parquet shards included) their names, sizes and SHA-256
     in reading order; for a hub dataset that `datasets` reads, its id, subset, split."""
-    ident: dict = {"fields": [cfg.problem_field, cfg.solution_field], "limit": cfg.limit}
+    ident: dict = {"fields": row_fields(cfg), "solution_source": cfg.solution_source, "limit": cfg.limit}
     source = resolve_hub(source, cfg)
     if source.is_local:
         # Same bytes under the same relative names give the same key, whether they came
@@ -252,7 +258,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+                # json's messages may end in "at" ("Unterminated string starting at"): no stutter.
+                reason = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+                raise InputError(f"{path}: line {lineno} is not valid JSON (column {exc.colno}: {reason})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}: line {lineno} is a JSON {type(record).__name__}, expected an object "
                                  "with problem and solution fields")
@@ -292,18 +300,49 @@ def _hub_records(source: DataSource, cfg: DataConfig) -> Iterator[tuple[str, dic
         raise InputError(f"data.name = {cfg.name!r} names a hub dataset, but `datasets` is not installed") from exc
     try:
         ds = datasets.load_dataset(source.name, cfg.subset or None, split=cfg.split)
-    except Exception as exc:  # network, unknown dataset, unknown subset/split
-        raise InputError(f"data.name = {cfg.name!r} (subset {cfg.subset!r}, split {cfg.split!r}) could not be "
-                         f"loaded: {exc}") from None
+    except Exception as exc:  # network (75), unknown dataset, unknown subset/split (78)
+        raise hub_load_error(f"data.name = {cfg.name!r} (subset {cfg.subset!r}, split {cfg.split!r})", exc) from None
     for row, record in enumerate(ds, 1):
         yield f"#{row}", record
 
 
-def iter_rows(source: DataSource, cfg: DataConfig, stats: RowStats) -> Iterator[tuple[str, str, str]]:
-    """Given a DataSource, yield (label, problem, solution) for each usable row, counting
-    rows and skips into `stats`; raise InputError for a file that cannot be parsed, naming
-    the file and line. Stops after `cfg.limit` rows when it is set."""
-    fields = [cfg.problem_field, cfg.solution_field]
+class Row(NamedTuple):
+    """A usable dataset row: where it is, the problem, the solution to train on, and the
+    reference answer and problem kind when the dataset has them (eval reads those)."""
+
+    label: str
+    problem: str
+    solution: str
+    answer: str | None = None
+    kind: str | None = None
+
+
+def _verified_generation(record: dict) -> tuple[str | None, str]:
+    """OpenR1's `generations` (several model solutions) and `correctness_math_verify`
+    (one bool each): the first generation that math-verify found correct, or (None, why)."""
+    generations, verified = record.get(GENERATIONS_FIELD), record.get(VERIFIED_FIELD)
+    if not isinstance(generations, list) or not generations:
+        return None, f"missing '{GENERATIONS_FIELD}'"
+    if not isinstance(verified, list):
+        return None, f"missing '{VERIFIED_FIELD}'"
+    for text, ok in zip(generations, verified):
+        if ok is True and isinstance(text, str) and text.strip():
+            return text, ""
+    return None, "no generation verified correct"
+
+
+def row_fields(cfg: DataConfig) -> list[str]:
+    """The columns a row is built from (only these are read from parquet files)."""
+    solution = [GENERATIONS_FIELD, VERIFIED_FIELD] if cfg.solution_source == "generation" else [cfg.solution_field]
+    return list(dict.fromkeys([cfg.problem_field, *solution, ANSWER_FIELD, *KIND_FIELDS]))
+
+
+def iter_rows(source: DataSource, cfg: DataConfig, stats: RowStats) -> Iterator[Row]:
+    """Given a DataSource, yield a Row for each usable row, counting rows and skips into
+    `stats`; raise InputError for a file that cannot be parsed, naming the file and line.
+    Stops after `cfg.limit` rows when it is set. With `data.solution_source =
+    "generation"` the solution is the first of OpenR1's generations verified correct."""
+    fields = row_fields(cfg)
     source = resolve_hub(source, cfg)
     if source.is_local:
         records = (rec for path in source.files for rec in read_records(path, fields, source.file_name(path)))
@@ -314,14 +353,20 @@ def iter_rows(source: DataSource, cfg: DataConfig, stats: RowStats) -> Iterator[
         records = itertools.islice(records, cfg.limit)
     for label, record in records:
         stats.rows += 1
-        values = []
-        for name in fields:
-            value = record.get(name)
-            if not isinstance(value, str) or not value.strip():
-                why = f"missing '{name}'" if value is None else f"empty or non-text '{name}'"
-                stats.skip(label, why)
-                break
-            values.append(value)
+        problem = record.get(cfg.problem_field)
+        if not isinstance(problem, str) or not problem.strip():
+            stats.skip(label, f"missing '{cfg.problem_field}'" if problem is None
+                       else f"empty or non-text '{cfg.problem_field}'")
+            continue
+        if cfg.solution_source == "generation":
+            solution, why = _verified_generation(record)
         else:
-            stats.used += 1
-            yield label, values[0], values[1]
+            solution = record.get(cfg.solution_field)
+            why = f"missing '{cfg.solution_field}'" if solution is None else f"empty or non-text '{cfg.solution_field}'"
+        if not isinstance(solution, str) or not solution.strip():
+            stats.skip(label, why)
+            continue
+        stats.used += 1
+        answer = record.get(ANSWER_FIELD)
+        kind = next((record[k] for k in KIND_FIELDS if isinstance(record.get(k), str) and record[k].strip()), None)
+        yield Row(label, problem, solution, answer if isinstance(answer, str) and answer.strip() else None, kind)

@@ -35,12 +35,16 @@ class Share:
     denominator: int
 
 
-def target_tokens(lengths: np.ndarray) -> int:
-    """Given sequence lengths, return how many next-token targets they hold."""
-    return int(np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0).sum())
+def target_tokens(lengths: np.ndarray, starts: np.ndarray | None = None) -> int:
+    """Given sequence lengths (and their prompt lengths, when only what follows the
+    prompt is trained), return how many next-token targets they hold."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    skipped = 0 if starts is None else np.maximum(np.asarray(starts, dtype=np.int64) - 1, 0)
+    return int(np.maximum(lengths - 1 - skipped, 0).sum())
 
 
-def shard_step(micro_batches: list[np.ndarray], lengths: np.ndarray, rank: int, size: int) -> list[Share]:
+def shard_step(micro_batches: list[np.ndarray], lengths: np.ndarray, rank: int, size: int,
+               starts: np.ndarray | None = None) -> list[Share]:
     """Given one step's micro-batches (sequence indices), every sequence's length and a
     rank of `size`, return that rank's shares. The shares of all ranks are disjoint and
     together hold every row once. Whole micro-batches go round-robin when their number
@@ -49,7 +53,7 @@ def shard_step(micro_batches: list[np.ndarray], lengths: np.ndarray, rank: int, 
     empty shares (kept, so every rank takes the same number of micro-steps)."""
     if size < 1 or not 0 <= rank < size:
         raise ValueError(f"rank {rank} of world size {size}")
-    denominators = [target_tokens(lengths[m]) for m in micro_batches]
+    denominators = [target_tokens(lengths[m], None if starts is None else starts[m]) for m in micro_batches]
     if len(micro_batches) % size == 0:
         return [Share(m, micro_batches[m], denominators[m]) for m in range(rank, len(micro_batches), size)]
     return [Share(m, batch[rank::size], denominators[m]) for m, batch in enumerate(micro_batches)]

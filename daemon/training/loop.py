@@ -35,9 +35,10 @@ class RunResult:
     last_loss: float | None
     adapters: Path | None
     state: str = "finished"
+    report: dict | None = None
 
 
-def loop(session, runtime, checkpointer, reporter, should_abort):
+def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
     """Take optimizer steps from the session's progress to the schedule's end; return
     the runtime's Stop when training must end first, else None. The model, optimizer and
     progress are left at an optimizer-step boundary either way."""
@@ -47,6 +48,8 @@ def loop(session, runtime, checkpointer, reporter, should_abort):
     s, train = session, session.cfg.train
     order_epoch, order = -1, None
     runtime.account(training=False)  # loading and preparing do not count against the budget
+    if s.progress.global_step == 0:
+        checkpointer.evaluate()  # the base model's validation loss: what the adapters must beat
     for step in range(s.progress.global_step, s.schedule.total_steps):
         stop = runtime.boundary(checkpointer.save)
         if stop:
@@ -57,32 +60,41 @@ def loop(session, runtime, checkpointer, reporter, should_abort):
                                                        s.schedule.sequences_per_step, train.group_by_length)
         started = time.monotonic()
         result = train_step(s.model, s.optimizer, s.cache, step_micro_batches(s.schedule, order, step), train.seed,
-                            step, should_abort=should_abort, world=s.world)
+                            step, should_abort=should_abort, world=s.world, lr=lr_plan.lr(step),
+                            max_grad_norm=train.max_grad_norm, mask_prompt=train.mask_prompt)
         if result is None:  # stopped between two micro-batches: the state is still at the last boundary
             return runtime.boundary(checkpointer.save)
         # Building compiled traces (the first step, a new length bucket) is set-up, not training.
         runtime.not_training(result.compile_s)
         s.progress.record(result.loss, result.tokens)
         reporter.on_step(epoch, result, max(time.monotonic() - started - result.compile_s, 1e-9))
+        lr_plan.after_step()
         if checkpointer.due():
             runtime.account(training=True)
             checkpointer.save()
     runtime.account(training=True)
-    return None
+    return runtime.stop_reason() if runtime.finished_early else None
 
 
 def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
-          debug: bool = False, progress: bool | None = None, world: World = SINGLE) -> RunResult:
+          debug: bool = False, progress: bool | None = None, world: World = SINGLE,
+          final_eval=None) -> RunResult:
     """Given a locked run directory, a validated config and the runtime's pieces, train
     until done, stopped, out of budget or window; return the RunResult. Raise InputError
     (exit 78) for a bad model, dataset, target list or a checkpoint of another
-    configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written."""
+    configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written.
+
+    `final_eval(model, tokenizer, problems, n, template)` (evaluation/evaluate.py, passed
+    in by the CLI) answers validation problems with and without the adapters at the end
+    of a run when train.final_eval asks for it."""
     from mathlora_daemon.runtime import signals
     from mathlora_daemon.runtime.boundary import Runtime
-    from mathlora_daemon.runtime.world import any_true, lost_peer, peer_lost_error
+    from mathlora_daemon.runtime.world import any_true, gather_ints, lost_peer, peer_lost_error
     from mathlora_daemon.training.checkpointing import Checkpointer
+    from mathlora_daemon.training.lr import LRPlan
     from mathlora_daemon.training.reporter import Reporter, show_progress_bar
     from mathlora_daemon.training.session import setup_session
+    from mathlora_daemon.training.validation import Validator
 
     run = RunDir(run_dir, debug=debug)
     if debug and world.leader:
@@ -104,7 +116,10 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                               take_control=watcher.take_control if watcher else list, world=world)
             checkpointer = Checkpointer(run.checkpoints, s.model, s.optimizer, s.progress, s.schedule, s.fingerprint,
                                         cfg, budget, log, heartbeat, lambda: runtime.cfg.daemon, s.resumed,
-                                        world.size, world.leader)
+                                        world.size, world.leader, validate=Validator.of(s.model, s.cache, cfg.train),
+                                        on_early_stop=runtime.finish_early)
+            lr_plan = LRPlan(cfg.train, s.schedule.total_steps, s.progress, budget, log,
+                             agree=lambda length: gather_ints(world, [length])[0][0])
             reporter = Reporter(run.root, log, heartbeat, budget, runtime, s.progress, s.optimizer,
                                 s.schedule.total_steps, s.resumed.step if s.resumed else 0, show_bar, world.leader)
             stack.callback(reporter.close)
@@ -115,14 +130,17 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                      start_step=s.progress.global_step, budget_used_s=round(budget.used_s, 1),
                      budget_total_s=budget.total_s)
             heartbeat.update(phase="training", total_steps=s.schedule.total_steps, step=s.progress.global_step)
+            if s.progress.stopped_early and cfg.train.early_stop_evals:
+                # Early stopping ended this run before: it stays finished (set early_stop_evals = 0 to go on).
+                runtime.finish_early(s.progress.stopped_early)
             # A stop must be seen by every rank between the same two micro-batches (all ranks).
             should_abort = flags.stop.is_set if not world.distributed else (
                 lambda: any_true(world, flags.stop.is_set()))
-            stop = loop(s, runtime, checkpointer, reporter, should_abort)
+            stop = loop(s, runtime, checkpointer, reporter, should_abort, lr_plan)
             reporter.close()
             checkpointer.save()  # every way out leaves its state as a checkpoint
             runtime.account(training=True)
-            return _finish(s, run, log, heartbeat, budget, reporter, stop, flags)
+            return _finish(s, run, log, heartbeat, budget, reporter, checkpointer, stop, flags, final_eval)
         except BaseException as exc:
             if world.distributed and lost_peer(exc):  # e.g. "[ring] connection to a peer was lost" in a step
                 raise peer_lost_error(world, exc) from exc
@@ -154,25 +172,56 @@ def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:
         log.info("power.prevent_sleep", **inhibitor.describe())
 
 
-def _finish(s, run: RunDir, log, heartbeat, budget, reporter, stop, flags) -> RunResult:
-    """Write the adapters and tell how training ended (log, status)."""
+def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop, flags, final_eval) -> RunResult:
+    """Write the adapters (the best by validation loss, or the last), evaluate them when
+    asked, and tell how training ended (log, status, the morning report)."""
     from mathlora_daemon.training.model import adapter_config, save_adapters
 
-    step = s.progress.global_step
-    if s.world.leader:
-        save_adapters(s.model, run.adapters, adapter_config(s.cfg, len(s.model.layers), s.keys))
+    step, p, cfg = s.progress.global_step, s.progress, s.cfg
     final_state = stop.state if stop else "finished"
+    report = {}
+    if s.world.leader:
+        weights, selected = checkpointer.best_adapters() if cfg.train.select == "best" else (None, None)
+        if weights is not None:
+            s.model.load_weights(list(weights.items()), strict=False)
+        else:  # the current state: the last step, which may be the best too
+            best_now = cfg.train.select == "best" and p.best_eval_step == step
+            selected = {"rule": "lowest validation loss" if best_now else "last", "step": step,
+                        "val_loss": p.eval_loss if p.eval_step == step else None}
+        save_adapters(s.model, run.adapters, adapter_config(cfg, len(s.model.layers), s.keys,
+                                                            s.prompt_format.describe(), selected))
+        report = morning_report(p, run.adapters, selected, step)
+        if final_state == "finished" and cfg.train.final_eval and final_eval is not None and s.cache.validation:
+            heartbeat.update(phase="evaluating")
+            report["final_eval"] = final_eval(s.model, s.tokenizer, s.cache.validation.problems(),
+                                              cfg.train.final_eval, cfg.data.template)
+            log.info("train.final_eval", **report["final_eval"])
     if stop and stop.event:
         log.info(stop.event, reason=stop.reason, step=step, budget_used_s=round(budget.used_s, 1),
                  budget_total_s=budget.total_s)
-    if stop is None and s.world.leader:
-        log.info("train.done", steps=step, first_loss=reporter.first_loss, last_loss=reporter.last_loss,
-                 adapters=str(run.adapters), train_seconds=round(budget.used_s, 2),
-                 tokens_seen=s.progress.tokens_seen, **reporter.totals())
+    if final_state == "finished" and s.world.leader:
+        log.info("train.done", steps=step, first_loss=p.first_loss, last_loss=reporter.last_loss,
+                 recent_loss=report.get("recent_loss"), adapters=str(run.adapters),
+                 train_seconds=round(budget.used_s, 2), tokens_seen=p.tokens_seen, **reporter.totals(),
+                 **{k: report[k] for k in ("selected_step", "best_val_loss", "base_val_loss") if k in report})
     fields = {"reason": stop.reason if stop else "finished", "exit_code": EXIT_OK, "step": step}
     if flags.signal_at is not None:
         fields["signal_to_exit_s"] = round(time.monotonic() - flags.signal_at, 3)
     log.info("daemon.stop", **fields)
     heartbeat.update(state=final_state, phase="done", reason=fields["reason"], step=step,
-                     budget_used_s=round(budget.used_s, 1), budget_left_s=round(budget.left_s, 1))
-    return RunResult(EXIT_OK, step, reporter.first_loss, reporter.last_loss, run.adapters, final_state)
+                     budget_used_s=round(budget.used_s, 1), budget_left_s=round(budget.left_s, 1), report=report)
+    return RunResult(EXIT_OK, step, p.first_loss, reporter.last_loss, run.adapters, final_state, report)
+
+
+def morning_report(p, adapters: Path, selected: dict, step: int) -> dict:
+    """What the run did, for `status` and the end of a foreground run: where the adapters
+    are and which step they are, the validation loss of the base and of the best step,
+    and the training loss of the run's first step against its recent steps."""
+    report = {"adapters": str(adapters), "steps": step, "selected_step": selected["step"],
+              "selected_rule": selected["rule"],
+              "first_loss": p.first_loss, "recent_loss": p.recent_mean()}
+    if p.base_eval_loss is not None:
+        report["base_val_loss"] = p.base_eval_loss
+    if p.best_eval_loss is not None:
+        report["best_val_loss"], report["best_val_step"] = p.best_eval_loss, p.best_eval_step
+    return report

@@ -9,6 +9,7 @@ unchanged.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,18 +25,10 @@ from mathlora_daemon.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 def load_base(model_dir: Path):
     """Given an MLX model directory (config.json, *.safetensors, tokenizer files), return
     (model, tokenizer wrapper, model config dict); raise InputError when it is missing or
-    not loadable by mlx-lm."""
-    from mlx_lm.utils import load
+    not loadable by mlx-lm (modelio/loading.py names the bad file)."""
+    from mathlora_daemon.modelio.loading import load_model
 
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"model.path: {model_dir} is not an MLX model directory (no config.json). "
-                         "Convert the model first (e.g. `mlx_lm.convert --hf-path <repo> --mlx-path "
-                         f"{model_dir}`), or point model.path at a converted model.")
-    try:
-        model, tokenizer, config = load(str(model_dir), return_config=True)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        raise InputError(f"model.path: {model_dir} could not be loaded by mlx-lm: {exc}") from None
-    return model, tokenizer, config
+    return load_model(model_dir, return_config=True)
 
 
 def lora_keys(model: nn.Module, targets: list[str]) -> list[str]:
@@ -140,9 +133,12 @@ def total_count(model: nn.Module) -> int:
     return get_total_parameters(model)
 
 
-def adapter_config(cfg: Config, num_layers: int, keys: list[str]) -> dict:
-    """Given the config, return mlx-lm's adapter_config.json content (plus provenance)."""
-    return {
+def adapter_config(cfg: Config, num_layers: int, keys: list[str], prompt_format: dict | None = None,
+                   selected: dict | None = None) -> dict:
+    """Given the config, return mlx-lm's adapter_config.json content plus provenance: the
+    prompt format the adapters were trained in (so every tool prompts the same way) and,
+    when chosen by validation loss, which checkpoint they are."""
+    config = {
         "fine_tune_type": "lora",
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(cfg, keys),
@@ -151,6 +147,28 @@ def adapter_config(cfg: Config, num_layers: int, keys: list[str]) -> dict:
         "lora_targets": cfg.lora.targets,
         "trained_by": "mathlora-daemon",
     }
+    if prompt_format:
+        config["prompt_format"] = prompt_format
+    if selected:
+        config["selected"] = selected
+    return config
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """While active, every LoRA layer adds nothing (its B is zero), so the model computes
+    exactly the base model; the adapters are put back on exit."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    layers = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    saved = [m.lora_b for m in layers]
+    try:
+        for m in layers:
+            m.lora_b = mx.zeros_like(m.lora_b)
+        yield model
+    finally:
+        for m, b in zip(layers, saved):
+            m.lora_b = b
 
 
 def save_safetensors_durable(path: Path, arrays: dict) -> None:

@@ -1,9 +1,13 @@
 """Dataset -> tokens -> token cache: the `prepare` step, also run at the start of `run`.
 
 Given the config and tokenizer, return the token cache, building it only when no cache
-with the same key exists. The key hashes the dataset's content identity, the tokenizer
-files, the template and max_seq_len, so any change to those builds a new cache and an
-unchanged setup never tokenizes twice.
+with the same key exists. Each row becomes its prompt's tokens followed by its
+solution's (training/template.py), with the prompt's length kept for
+`train.mask_prompt`; a row whose problem hashes below `data.validation_fraction` (or
+every row of `data.validation_name`) goes to the validation split and is never trained
+on. Long rows are chunked or skipped (`data.long_rows`). The key hashes the datasets'
+content identity, the tokenizer files, the prompt format, max_seq_len and the chunking,
+so any change to those builds a new cache and an unchanged setup never tokenizes twice.
 """
 
 from __future__ import annotations
@@ -11,16 +15,15 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import numpy as np
 
 from mathlora_daemon.config import DataConfig
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import RunDir
-from mathlora_daemon.training import template
-from mathlora_daemon.training.cache import TokenCache, cache_key, load_cache, write_cache
-from mathlora_daemon.training.data import RowStats, iter_rows, resolve_source, source_identity
+from mathlora_daemon.training.cache import Split, TokenCache, cache_key, load_cache, write_cache
+from mathlora_daemon.training.data import RowStats, count_rows, iter_rows, resolve_source, source_identity
+from mathlora_daemon.training.template import PromptFormat
 
 # How long rows are cut; part of the cache key, so a cache cut another way is rebuilt, never misread.
 CHUNKING = "max_seq_len+1 tokens, overlap 1"
@@ -63,53 +66,111 @@ def split_chunks(ids: list[int], max_seq_len: int) -> list[list[int]]:
     return [ids[start:start + max_seq_len + 1] for start in range(0, len(ids) - 1, max_seq_len)]
 
 
-def cache_identity(cfg: DataConfig, source_ident: dict, model_dir: Path) -> dict:
-    return {"data": source_ident, "tokenizer": tokenizer_identity(model_dir),
-            "template": template.TEMPLATE_ID, "max_seq_len": cfg.max_seq_len, "chunking": CHUNKING}
+def validation_row(problem: str, fraction: float) -> bool:
+    """Whether a row is held out for validation: a hash of its problem text, as a number
+    in [0, 1), below `fraction`. Deterministic, independent of the row's position, and
+    the same problem never lands on both sides."""
+    digest = hashlib.sha256(problem.strip().encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def cache_identity(cfg: DataConfig, source_ident: dict, validation_ident: dict, model_dir: Path,
+                   prompt_format: PromptFormat) -> dict:
+    return {"data": source_ident, "validation": validation_ident, "tokenizer": tokenizer_identity(model_dir),
+            "prompt_format": prompt_format.identity, "max_seq_len": cfg.max_seq_len, "chunking": CHUNKING,
+            "long_rows": cfg.long_rows}
+
+
+@dataclass
+class PrepareCounts:
+    """What tokenizing found, beyond the rows read and skipped."""
+
+    long_rows: int = 0       # rows longer than max_seq_len + 1 tokens (chunked or skipped)
+    long_skipped: int = 0    # of those, skipped (data.long_rows = "skip")
+    prompt_too_long: int = 0  # rows whose prompt alone fills max_seq_len: nothing of the solution would be seen
+
+
+def _add_row(row, fmt: PromptFormat, cfg: DataConfig, split: Split, counts: PrepareCounts,
+             keep_problem: bool) -> None:
+    ids, prompt_len = fmt.example(row.problem, row.solution)
+    if prompt_len >= cfg.max_seq_len:
+        counts.prompt_too_long += 1
+        return
+    chunks = split_chunks(ids, cfg.max_seq_len)
+    if len(chunks) > 1:  # more than max_seq_len targets
+        counts.long_rows += 1
+        if cfg.long_rows == "skip":
+            counts.long_skipped += 1
+            return
+    for k, chunk in enumerate(chunks):
+        if len(chunk) >= 2:
+            split.add(chunk, max(0, min(prompt_len - k * cfg.max_seq_len, len(chunk))))
+    if keep_problem:
+        split.problems.append({"label": row.label, "problem": row.problem, "solution": row.solution,
+                               "answer": row.answer, "kind": row.kind})
 
 
 def prepare_tokens(cfg: DataConfig, run_dir: Path, model_dir: Path, tokenizer, log,
                    progress: bool | None = None) -> TokenCache:
     """Given the data config, run directory, model directory and its tokenizer, return
-    the token cache; raise InputError when the dataset cannot be read or has no usable
-    row (nothing is written then)."""
+    the training split's token cache (its `.validation` holds the held-out split); raise
+    InputError when a dataset cannot be read or leaves no usable row (nothing is written
+    then)."""
+    fmt = PromptFormat.of(cfg.template, tokenizer)
     source = resolve_source(cfg, run_dir)
-    identity = cache_identity(cfg, source_identity(source, cfg), model_dir)
+    val_cfg = replace(cfg, name=cfg.validation_name, limit=0) if cfg.validation_name else None
+    val_source = resolve_source(val_cfg, run_dir) if val_cfg else None
+    val_ident = source_identity(val_source, val_cfg) if val_source else {"fraction": cfg.validation_fraction}
+    identity = cache_identity(cfg, source_identity(source, cfg), val_ident, model_dir, fmt)
     key = cache_key(identity)
     root = RunDir(run_dir).cache
     cached = load_cache(root / key)
     if cached is not None:
-        log.info("data.prepare.cached", key=key, sequences=len(cached), tokens=int(cached.meta["tokens"]))
+        log.info("data.prepare.cached", key=key, sequences=len(cached), tokens=int(cached.meta["tokens"]),
+                 validation_sequences=cached.meta.get("validation_sequences", 0))
         return cached
 
     from tqdm import tqdm  # the bar only draws on a terminal
 
-    log.info("data.prepare.start", key=key, dataset=cfg.name, files=[p.name for p in source.files])
+    log.info("data.prepare.start", key=key, dataset=cfg.name, files=[p.name for p in source.files],
+             template=cfg.template, validation=cfg.validation_name or cfg.validation_fraction)
     started = time.monotonic()
-    stats = RowStats()
-    sequences: list[np.ndarray] = []
-    exceeded = 0
+    stats, val_stats, counts = RowStats(), RowStats(), PrepareCounts()
+    train, validation = Split(), Split()
     show = sys.stderr.isatty() if progress is None else progress
-    for _label, problem, solution in tqdm(iter_rows(source, cfg, stats), desc="tokenizing", unit=" rows",
-                                          disable=not show, total=cfg.limit or None):
-        ids = encode_example(tokenizer, template.format_example(problem, solution))
-        chunks = split_chunks(ids, cfg.max_seq_len)
-        exceeded += len(chunks) > 1  # more than max_seq_len targets
-        sequences.extend(np.asarray(c, dtype=np.int32) for c in chunks if len(c) >= 2)
+    rows = iter_rows(source, cfg, stats)
+    for row in tqdm(rows, desc="tokenizing", unit=" rows", disable=not show, total=count_rows(source, cfg)):
+        held_out = val_source is None and validation_row(row.problem, cfg.validation_fraction)
+        _add_row(row, fmt, cfg, validation if held_out else train, counts, keep_problem=held_out)
+    if val_source is not None:
+        for row in iter_rows(val_source, val_cfg, val_stats):
+            _add_row(row, fmt, cfg, validation, counts, keep_problem=True)
 
-    if stats.skipped:
-        log.warning("data.prepare.skipped", skipped=stats.skipped, first=stats.skipped_examples)
-    if not sequences:
+    skipped = stats.skipped + val_stats.skipped
+    if skipped:
+        log.warning("data.prepare.skipped", skipped=skipped, first=stats.skipped_examples + val_stats.skipped_examples)
+    if not train.sequences:
         raise InputError(f"dataset {cfg.name!r} has no usable rows: {stats.rows} rows read, {stats.skipped} skipped "
-                         f"for a missing or empty '{cfg.problem_field}' or '{cfg.solution_field}' field"
-                         + (f" (first: {', '.join(stats.skipped_examples)})" if stats.skipped_examples else ""))
+                         f"for a missing or empty '{cfg.problem_field}' or solution"
+                         + (f" (first: {', '.join(stats.skipped_examples)})" if stats.skipped_examples else "")
+                         + (f", {counts.long_skipped} longer than max_seq_len skipped" if counts.long_skipped else "")
+                         + (f", {counts.prompt_too_long} with a prompt longer than max_seq_len"
+                            if counts.prompt_too_long else ""))
+    if val_source is not None and not validation.sequences:
+        raise InputError(f"data.validation_name = {cfg.validation_name!r}: no usable rows ({val_stats.rows} read, "
+                         f"{val_stats.skipped} skipped)")
     meta = {"identity": identity, "dataset": cfg.name, "rows": stats.rows, "used_rows": stats.used,
             "skipped_rows": stats.skipped, "skipped_examples": stats.skipped_examples,
-            "exceeded_max_seq_len": exceeded, "max_seq_len": cfg.max_seq_len}
-    cache = write_cache(root, key, sequences, meta)
+            "exceeded_max_seq_len": counts.long_rows, "long_rows": cfg.long_rows,
+            "long_rows_skipped": counts.long_skipped, "prompt_too_long": counts.prompt_too_long,
+            "max_seq_len": cfg.max_seq_len, "template": cfg.template, "prompt_format": fmt.describe(),
+            "validation": cfg.validation_name or f"{cfg.validation_fraction:g} of the rows"}
+    cache = write_cache(root, key, train, validation, meta)
     seconds = time.monotonic() - started
     log.info("data.prepare.done", key=key, rows=stats.rows, used=stats.used, skipped=stats.skipped,
-             sequences=len(cache), tokens=int(cache.meta["tokens"]), exceeded_max_seq_len=exceeded,
-             exceeded_share=round(exceeded / max(stats.used, 1), 4), seconds=round(seconds, 3),
-             rows_per_s=round(stats.rows / max(seconds, 1e-9), 1))
+             sequences=len(cache), tokens=int(cache.meta["tokens"]), exceeded_max_seq_len=counts.long_rows,
+             exceeded_share=round(counts.long_rows / max(stats.used, 1), 4), long_rows=cfg.long_rows,
+             long_rows_skipped=counts.long_skipped, prompt_too_long=counts.prompt_too_long,
+             validation_rows=len(validation.problems), validation_sequences=len(validation.sequences),
+             seconds=round(seconds, 3), rows_per_s=round(stats.rows / max(seconds, 1e-9), 1))
     return cache

@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import datetime
 
-from mathlora_daemon.runtime import crashguard
+from mathlora_daemon.runtime import crashguard, humanize
 
 HEARTBEAT_WRITE_S = 1.0  # status stays current, and a crash refunds less than this plus a step
 
@@ -30,6 +30,7 @@ class Reporter:
         self.compile_s = 0.0
         self.tokens = self.positions = 0
         self.last_write = time.monotonic()
+        self.mean_step_s: float | None = None  # smoothed, for the expected end of training
         self.bar = tqdm(total=total_steps, initial=resumed_step, unit="step", disable=not (show_bar and leader),
                         dynamic_ncols=True)
 
@@ -48,6 +49,7 @@ class Reporter:
         if result.traces:
             self.log.info("train.compiled", step=step, seconds=round(result.compile_s, 3), traces=result.traces,
                           traces_total=self.traces, budgeted=False)
+        self.mean_step_s = step_s if self.mean_step_s is None else 0.9 * self.mean_step_s + 0.1 * step_s
         self.first_loss = result.loss if self.first_loss is None else self.first_loss
         self.last_loss = result.loss
         mem = self.runtime.last_memory.as_fields() if self.runtime.last_memory else {}
@@ -57,9 +59,8 @@ class Reporter:
                       tok_per_s=round(result.tokens / step_s, 1), step_s=round(step_s, 4),
                       padding=round(result.padding_share, 4), budget_used_s=round(budget.used_s + step_s, 1),
                       budget_left_s=round(max(budget.total_s - budget.used_s - step_s, 0), 1), **mem)
-        recent = self.progress.recent_losses
         self.heartbeat.update(step=step, epoch=epoch, loss=result.loss, step_s=round(step_s, 4),
-                              recent_mean_loss=sum(recent) / len(recent), tok_per_s=round(result.tokens / step_s, 1),
+                              recent_mean_loss=self.progress.recent_mean(), tok_per_s=round(result.tokens / step_s, 1),
                               memory=mem)
         if time.monotonic() - self.last_write >= HEARTBEAT_WRITE_S:
             self.heartbeat.update(budget_used_s=round(budget.used_s + step_s, 1))
@@ -67,8 +68,8 @@ class Reporter:
             self.last_write = time.monotonic()
         if not self.bar.disable:
             self.bar.set_description_str(self.bar_prefix(), refresh=False)
-            self.bar.set_postfix_str(f"loss={result.loss:.3f} used={budget.used_s / 3600:.2f}h "
-                                     f"left={budget.left_s / 3600:.2f}h tok/s={result.tokens / step_s:,.0f}",
+            self.bar.set_postfix_str(f"loss={result.loss:.3f} tok/s={result.tokens / step_s:,.0f} budget used "
+                                     f"{humanize.duration(budget.used_s)}, left {humanize.duration(budget.left_s)}",
                                      refresh=False)
             self.bar.update(1)
 
@@ -79,11 +80,11 @@ class Reporter:
             pass  # a full disk must not stop training; the heartbeat thread retries, checkpoints report
 
     def bar_prefix(self) -> str:
-        """`[ends 07:00]`: when the window closes or the budget runs out, whichever is first."""
-        ends = [t for t in (self.runtime.window_ends(),) if t is not None]
-        if self.budget.left_s != float("inf"):
-            ends.append(datetime.now() + (datetime.fromtimestamp(self.budget.left_s) - datetime.fromtimestamp(0)))
-        return f"[ends {min(ends):%H:%M}]" if ends else "training"
+        """`[ends 04:28: steps]`: when training is expected to end and what ends it."""
+        step_s = self.mean_step_s
+        steps_left = max(self.bar.total - self.progress.global_step, 0) if self.bar.total else None
+        end, limit = expected_end(time.time(), steps_left, step_s, self.budget.left_s, self.runtime.window_ends())
+        return f"[ends {end:%H:%M}: {limit}]" if end is not None else "training"
 
     def totals(self) -> dict:
         """This start's compiled traces, compile seconds and padding share, for train.done."""
@@ -92,6 +93,23 @@ class Reporter:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def expected_end(now: float, steps_left: int | None, step_s: float | None, budget_left_s: float,
+                 window_end: datetime | None) -> tuple[datetime | None, str | None]:
+    """Given now (Unix seconds), the steps left and seconds a step, the budget left and
+    the window's end, return (the local time training is expected to end, the limit that
+    ends it: "steps", "budget" or "window"); (None, None) when nothing is known."""
+    ends = []
+    if steps_left is not None and step_s is not None:
+        ends.append((datetime.fromtimestamp(now + steps_left * step_s), "steps"))
+    if budget_left_s != float("inf"):
+        ends.append((datetime.fromtimestamp(now + max(budget_left_s, 0.0)), "budget"))
+    if window_end is not None:
+        ends.append((window_end.replace(tzinfo=None) if window_end.tzinfo else window_end, "window"))
+    if not ends:
+        return None, None
+    return min(ends, key=lambda e: e[0])
 
 
 def show_progress_bar(progress: bool | None) -> bool:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from mathlora_daemon import __version__
 from mathlora_daemon.config import Config, load_config
-from mathlora_daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
+from mathlora_daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure, classify_os_error
+from mathlora_daemon.rundir import RunDir, write_problem
 from mathlora_daemon.runtime import crashguard
 from mathlora_daemon.runtime.logs import close_logging, setup_logging
 from mathlora_daemon.runtime.world import GO, World, init_world, start_handshake
@@ -72,7 +73,7 @@ class _StartGate:
 
 
 def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool = False,
-                progress: bool | None = None) -> int:
+                progress: bool | None = None, final_eval=None) -> int:
     """Given the run directory, the config file and `--set` overrides, run the daemon and
     return its exit code (docs/DESIGN.md, "Exit codes"); a second daemon on the same run
     directory gets 75 and changes nothing. Under mlx.launch, rank 0 runs this and the
@@ -85,7 +86,7 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
     gate = _StartGate(world)
     exit_code = 1
     try:
-        exit_code = _run_leader(run_dir, config_path, overrides, debug, progress, world, gate)
+        exit_code = _run_leader(run_dir, config_path, overrides, debug, progress, world, gate, final_eval)
         return exit_code
     except InputError:
         exit_code = EXIT_CONFIG
@@ -95,6 +96,24 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
         raise
     finally:
         gate.release(exit_code)
+
+
+def _cannot_write(run_dir: Path, problem: OSError, guarded: bool) -> int:
+    """The run directory cannot be written: a temporary cause (a full disk) is 75; any
+    other (permissions, a read-only mount, a file where a directory belongs) is 78, and
+    since the crash guard cannot record it in the run directory, it is recorded in the
+    user's state directory so launchd's next start ends the loop with 0."""
+    error = classify_os_error(problem)
+    if isinstance(error, TemporaryFailure):
+        raise error
+    reason = f"--run-dir {run_dir} cannot be written: {error}"
+    repeated = crashguard.repeated_outside_failure(run_dir, reason) if guarded else None
+    if repeated:
+        print(f"mathlora-daemon run: not starting: {repeated}\nfix it, then start again "
+              f"(`mathlora-daemon run --run-dir {run_dir}`, or reload the service)", file=sys.stderr)
+        return EXIT_OK
+    crashguard.record_outside_failure(run_dir, reason, time.time())
+    raise InputError(reason)
 
 
 def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool, world: World) -> int:
@@ -127,7 +146,7 @@ def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], d
 
 
 def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool,
-                progress: bool | None, world: World, gate: _StartGate) -> int:
+                progress: bool | None, world: World, gate: _StartGate, final_eval=None) -> int:
     """Rank 0 (or the only process): lock, guards, then train."""
     from mathlora_daemon.runtime.budget import Budget, initial_used, read_used_seconds
     from mathlora_daemon.runtime.heartbeat import Heartbeat
@@ -136,6 +155,13 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
 
     config_text = config_path.read_text(errors="replace") if config_path and config_path.is_file() else None
     chash = crashguard.config_hash(config_text, overrides)
+    # launchd restarts us after every non-zero exit; the guard ends such loops. A start
+    # from a terminal is a person trying again (after fixing data, freeing memory ...).
+    guarded = not debug and not sys.stdin.isatty()
+    problem = write_problem(RunDir(run_dir))
+    if problem is not None:
+        return _cannot_write(run_dir, problem, guarded)
+    crashguard.clear_outside_failure(run_dir)
     try:
         lock = acquire_lock(run_dir)
     except LockHeld as exc:
@@ -143,9 +169,6 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
         return EXIT_TEMPFAIL
     with lock:
         crashes = crashguard.begin_start(run_dir, os.getpid(), time.time())
-        # launchd restarts us after every non-zero exit; the guard ends such loops. A start
-        # from a terminal is a person trying again (after fixing data, freeing memory ...).
-        guarded = not debug and not sys.stdin.isatty()
         if not guarded:
             crashguard.clear_failure(run_dir)
         try:
@@ -196,7 +219,10 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
                 exit_code = EXIT_OK
                 return exit_code
             gate.open()
-            result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world)
+            result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world,
+                           final_eval)
+            if result.report and result.state == "finished":
+                print_report(result.report, file=sys.stdout)
             exit_code = result.exit_code
             return exit_code
         except InputError as exc:
@@ -220,3 +246,10 @@ def _quiet(progress: bool | None) -> set[str]:
     from mathlora_daemon.training.reporter import show_progress_bar
 
     return {"train.step"} if show_progress_bar(progress) else set()
+
+
+def print_report(report: dict, file) -> None:
+    """The end of a foreground run: the same summary `status` gives on a finished run."""
+    from mathlora_daemon.runtime.status import report_lines
+
+    print("\n".join(report_lines(report)), file=file)

@@ -21,6 +21,7 @@ from mathlora_daemon.runtime.world import World
 from mathlora_daemon.training.batches import Schedule
 from mathlora_daemon.training.cache import TokenCache
 from mathlora_daemon.training.checkpointing import Progress
+from mathlora_daemon.training.template import PromptFormat
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Session:
     fingerprint: dict
     progress: Progress
     resumed: CheckpointInfo | None
+    prompt_format: PromptFormat
 
 
 def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_bar: bool) -> Session:
@@ -52,7 +54,7 @@ def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_b
     schedule, optimizer, fp = _setup_optimizer(cfg, cache, model_dir, world)
     resumed, progress = _resume(run, model, optimizer, schedule, fp, log, world)
     return Session(cfg, run, world, model_dir, model, tokenizer, cache, keys, schedule, optimizer, fp, progress,
-                   resumed)
+                   resumed, PromptFormat.of(cfg.data.template, tokenizer))
 
 
 def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
@@ -106,7 +108,7 @@ def _setup_optimizer(cfg: Config, cache: TokenCache, model_dir: Path, world: Wor
 
     schedule = Schedule(len(cache), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
                         cfg.train.max_steps)
-    optimizer = make_optimizer(cfg.train.learning_rate)
+    optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.weight_decay)
     fp = fingerprint(cfg, model_dir, cache.meta["key"])
     check_agreement(world, "configuration fingerprint", json.dumps(fp, sort_keys=True))  # all ranks
     return schedule, optimizer, fp
@@ -135,7 +137,8 @@ def _resume(run: RunDir, model, optimizer, schedule: Schedule, fp: dict, log,
                  epoch=schedule.cursor(progress.global_step)[0], tokens_seen=progress.tokens_seen,
                  world_size=world.size, saved_world_size=saved.get("world_size", 1))
     if world.distributed:  # all ranks
-        progress.global_step = gather_ints(world, [progress.global_step])[0][0]
+        step, length = gather_ints(world, [progress.global_step, progress.schedule_length or 0])[0]
+        progress.global_step, progress.schedule_length = step, length or None
         optimizer.init(model.trainable_parameters())
         params = broadcast_arrays(world, dict(tree_flatten(model.trainable_parameters())))
         moments = broadcast_arrays(world, dict(tree_flatten(optimizer.state)))

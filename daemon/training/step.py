@@ -101,31 +101,58 @@ def _position_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> m
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
-def _masked_sum(model: nn.Module, tokens: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-    """(summed cross-entropy over real target tokens, their count) for right-padded tokens."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    mask = mx.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
-    return (_position_losses(model, inputs, targets) * mask).sum(), mask.sum()
+def target_mask(tokens: mx.array, lengths: mx.array, starts: mx.array | None) -> mx.array:
+    """Which next-token targets are trained [B, L - 1]: real tokens (not padding) and,
+    with `starts` (each sequence's prompt length), only those after the prompt."""
+    positions = mx.arange(tokens.shape[1] - 1)[None, :]
+    mask = positions < (lengths[:, None] - 1)
+    if starts is not None:  # the target at position p is token p + 1: trained from the prompt's end on
+        mask = mx.logical_and(mask, positions >= (starts[:, None] - 1))
+    return mask
 
 
-def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-    """Given a model, right-padded tokens [B, L] and their lengths [B], return (mean
-    next-token cross-entropy over real tokens, number of those tokens)."""
-    total, ntoks = _masked_sum(model, tokens, lengths)
+def _masked_sum(model: nn.Module, tokens: mx.array, lengths: mx.array,
+                starts: mx.array | None) -> tuple[mx.array, mx.array]:
+    """(summed cross-entropy over the trained targets, their count) for right-padded tokens."""
+    mask = target_mask(tokens, lengths, starts)
+    return (_position_losses(model, tokens[:, :-1], tokens[:, 1:]) * mask).sum(), mask.sum()
+
+
+def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array,
+                starts: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """Given a model, right-padded tokens [B, L], their lengths [B] and optionally their
+    prompt lengths [B] (train.mask_prompt), return (mean next-token cross-entropy over the
+    trained tokens, number of those tokens)."""
+    total, ntoks = _masked_sum(model, tokens, lengths, starts)
     return total / ntoks, ntoks
 
 
-def share_loss(model: nn.Module, tokens: mx.array, lengths: mx.array,
+def share_loss(model: nn.Module, tokens: mx.array, lengths: mx.array, starts: mx.array | None,
                denominator: mx.array) -> tuple[mx.array, mx.array]:
     """Like masked_loss, but the summed cross-entropy is divided by `denominator`: the
     target-token count of the whole micro-batch this share is part of, so the shares of
     all ranks add up to the micro-batch's mean loss."""
-    total, ntoks = _masked_sum(model, tokens, lengths)
+    total, ntoks = _masked_sum(model, tokens, lengths, starts)
     return total / denominator, ntoks
 
 
-def make_optimizer(learning_rate: float) -> optim.Optimizer:
-    return optim.Adam(learning_rate=learning_rate)
+def make_optimizer(learning_rate: float, weight_decay: float = 0.0) -> optim.Optimizer:
+    """AdamW (decoupled weight decay; with 0 it computes exactly Adam's update). The loop
+    sets the learning rate of every step from the schedule (training/lr.py)."""
+    return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+
+
+def _update(optimizer: optim.Optimizer, model: nn.Module, grads, lr, max_grad_norm: float):
+    """Clip the gradients to `max_grad_norm` (0: not clipped), apply the optimizer at
+    learning rate `lr` (None: the optimizer's own); return the gradients' global norm."""
+    if max_grad_norm > 0:
+        grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+    else:
+        norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+    if lr is not None:
+        optimizer.learning_rate = lr
+    optimizer.update(model, grads)
+    return norm
 
 
 @dataclass
@@ -138,6 +165,7 @@ class StepResult:
     positions: int = 0
     compile_s: float = 0.0
     traces: list = field(default_factory=list)  # "accumulate 8x1024" ... for each trace built in this step
+    grad_norm: float | None = None  # the gradients' global norm before clipping
 
     @property
     def padding_share(self) -> float:
@@ -264,7 +292,8 @@ class CompiledStep:
     budget, as it does loading) and the step itself is unchanged.
     """
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, world: World = SINGLE):
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, world: World = SINGLE,
+                 max_grad_norm: float = 0.0):
         # The optimizer state must exist before tracing: captured state is read at call
         # time, and a lazily created state would only appear after the first trace.
         # init() fills only what is missing, so restored state is kept as it is.
@@ -279,10 +308,11 @@ class CompiledStep:
         # Where each adapter array lives, found once: walking the model for its trainable
         # parameters costs ~0.7 ms a step for 30 layers, more than a small model's step can spare.
         self.slots = [_parent(model, path) for path, _ in tree_flatten(model.trainable_parameters())]
+        self.max_grad_norm = max_grad_norm
         loss_and_grad = nn.value_and_grad(model, masked_loss)
 
-        def micro(tokens, lengths, acc):
-            (loss, ntoks), grads = loss_and_grad(model, tokens, lengths)
+        def micro(tokens, lengths, starts, acc):
+            (loss, ntoks), grads = loss_and_grad(model, tokens, lengths, starts)
             if acc is not None:
                 grads = tree_map(mx.add, acc, grads)
             return loss, ntoks, grads
@@ -292,21 +322,22 @@ class CompiledStep:
         opt_ref = self.opt_ref
 
         @partial(mx.compile, inputs=grad_state, outputs=grad_state)
-        def accumulate(tokens, lengths, acc):
-            return micro(tokens, lengths, acc)
+        def accumulate(tokens, lengths, starts, acc):
+            return micro(tokens, lengths, starts, acc)
 
         @partial(mx.compile, inputs=full_state, outputs=full_state)
-        def finish(tokens, lengths, acc, scale):
-            loss, ntoks, grads = micro(tokens, lengths, acc)
+        def finish(tokens, lengths, starts, acc, scale, lr):
+            loss, ntoks, grads = micro(tokens, lengths, starts, acc)
             grads = tree_map(lambda g: g * scale, grads)
-            opt_ref().update(model, grads)
-            return loss, ntoks
+            norm = _update(opt_ref(), model, grads, lr, max_grad_norm)
+            return loss, ntoks, norm
 
         self.accumulate = accumulate
         self.finish = finish
         self.world = world
         if world.distributed:
-            self.share, self.reduce_update = _share_functions(model, opt_ref, world, compiled=True)
+            self.share, self.reduce_update = _share_functions(model, opt_ref, world, compiled=True,
+                                                              max_grad_norm=max_grad_norm)
 
     def serves(self, model: nn.Module, optimizer: optim.Optimizer) -> bool:
         """Whether this was built for this model and the optimizer's current state
@@ -367,21 +398,21 @@ def _assign(tree, path: str, value) -> None:
     node[key] = value
 
 
-def _share_functions(model: nn.Module, opt_ref, world: World, compiled: bool):
+def _share_functions(model: nn.Module, opt_ref, world: World, compiled: bool, max_grad_norm: float = 0.0):
     """Return (share, reduce_update) for a distributed step (see CompiledStep)."""
     share_and_grad = nn.value_and_grad(model, share_loss)
 
-    def share(tokens, lengths, denominator, acc):
-        (loss, ntoks), grads = share_and_grad(model, tokens, lengths, denominator)
+    def share(tokens, lengths, starts, denominator, acc):
+        (loss, ntoks), grads = share_and_grad(model, tokens, lengths, starts, denominator)
         if acc is not None:
             grads = tree_map(mx.add, acc, grads)
         return loss, ntoks, grads
 
-    def reduce_update(acc, loss_sum, ntoks, scale):
+    def reduce_update(acc, loss_sum, ntoks, scale, lr):
         grads = tree_map(lambda g: g * scale, sum_tree(world, acc))
-        opt_ref().update(model, grads)
+        norm = _update(opt_ref(), model, grads, lr, max_grad_norm)
         return (mx.distributed.all_sum(loss_sum, group=world.group),
-                mx.distributed.all_sum(ntoks, group=world.group))
+                mx.distributed.all_sum(ntoks, group=world.group), norm)
 
     if not compiled:
         return share, reduce_update
@@ -394,25 +425,30 @@ def _share_functions(model: nn.Module, opt_ref, world: World, compiled: bool):
 _COMPILED: "weakref.WeakKeyDictionary[optim.Optimizer, CompiledStep]" = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model: nn.Module, optimizer: optim.Optimizer, world: World = SINGLE) -> CompiledStep:
-    """Given the model, its optimizer and the World, return their CompiledStep (built
-    once, reused for every later step; rebuilt if the optimizer's state object was
-    replaced)."""
+def compiled_step(model: nn.Module, optimizer: optim.Optimizer, world: World = SINGLE,
+                  max_grad_norm: float = 0.0) -> CompiledStep:
+    """Given the model, its optimizer, the World and the clipping norm, return their
+    CompiledStep (built once, reused for every later step; rebuilt if the optimizer's
+    state object was replaced)."""
     step = _COMPILED.get(optimizer)
-    if step is None or not step.serves(model, optimizer) or step.world is not world:
-        step = _COMPILED[optimizer] = CompiledStep(model, optimizer, world)
+    if step is None or not step.serves(model, optimizer) or step.world is not world or \
+            step.max_grad_norm != max_grad_norm:
+        step = _COMPILED[optimizer] = CompiledStep(model, optimizer, world, max_grad_norm)
     return step
 
 
-def _batch(cache: TokenCache, indices: np.ndarray, pad_id: int, bucketed: bool) -> tuple[mx.array, mx.array]:
-    """The micro-batch's tokens [B, L] (right-padded) and lengths [B]; `bucketed` pads
-    the model input (L - 1 positions) up to its length bucket (batches.bucket_length)."""
+def _batch(cache: TokenCache, indices: np.ndarray, pad_id: int, bucketed: bool,
+           mask_prompt: bool) -> tuple[mx.array, mx.array, mx.array]:
+    """The micro-batch's tokens [B, L] (right-padded), lengths [B] and prompt lengths [B]
+    (zeros unless `mask_prompt`); `bucketed` pads the model input (L - 1 positions) up to
+    its length bucket (batches.bucket_length)."""
     tokens, lengths = pad_batch([cache.sequence(int(i)) for i in indices], pad_id)
     if bucketed:
         target = bucket_length(tokens.shape[1] - 1, int(cache.meta.get("max_seq_len") or 0)) + 1
         if target > tokens.shape[1]:
             tokens = np.pad(tokens, ((0, 0), (0, target - tokens.shape[1])), constant_values=pad_id)
-    return mx.array(tokens), mx.array(lengths)
+    starts = cache.starts[np.asarray(indices)] if mask_prompt else np.zeros(len(indices), np.int32)
+    return mx.array(tokens), mx.array(lengths), mx.array(np.asarray(starts, dtype=np.int32))
 
 
 class _StepWork:
@@ -434,18 +470,22 @@ class _StepWork:
         self.losses.append(loss)
         self.ntoks.append(ntoks)
 
-    def result(self, loss: mx.array, tokens: mx.array) -> StepResult:
+    def result(self, loss: mx.array, tokens: mx.array, norm: mx.array | None) -> StepResult:
         return StepResult(loss=loss.item(), tokens=int(tokens.item()), positions=self.positions,
-                          compile_s=self.compile_s, traces=self.traces)
+                          compile_s=self.compile_s, traces=self.traces,
+                          grad_norm=None if norm is None else float(norm.item()))
 
 
 def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, micro_batches: list[np.ndarray],
                seed: int, global_step: int, loss_and_grad=None, pad_id: int = 0,
-               should_abort=None, compile: bool | None = None, world: World = SINGLE) -> StepResult | None:
+               should_abort=None, compile: bool | None = None, world: World = SINGLE, lr: float | None = None,
+               max_grad_norm: float = 0.0, mask_prompt: bool = False) -> StepResult | None:
     """Given the model, optimizer, token cache and one step's micro-batches (index
-    arrays), apply one optimizer update with the mean of the micro-batch gradients and
-    return the step's mean loss, its number of target tokens, the positions computed and
-    the time spent building compiled traces first (StepResult).
+    arrays), apply one optimizer update with the mean of the micro-batch gradients (its
+    global norm clipped to `max_grad_norm` when > 0, at learning rate `lr` when given)
+    and return the step's mean loss, its number of target tokens, the positions computed,
+    the gradient norm and the time spent building compiled traces first (StepResult).
+    With `mask_prompt` only the tokens after each sequence's prompt are targets.
 
     Return None without touching model or optimizer when `should_abort()` turns true
     between two micro-batches: the state stays at the last step boundary, where it can
@@ -461,65 +501,67 @@ def train_step(model: nn.Module, optimizer: optim.Optimizer, cache: TokenCache, 
     """
     if compile is None:
         compile = compile_default()
+    lr_in = mx.array(optimizer.learning_rate if lr is None else lr, mx.float32)
     if world.distributed:
         return _distributed_step(model, optimizer, cache, micro_batches, seed, global_step, pad_id, should_abort,
-                                 compile, world)
+                                 compile, world, lr_in, max_grad_norm, mask_prompt)
     if not compile:
         return _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_and_grad, pad_id,
-                           should_abort)
-    fns = compiled_step(model, optimizer)
+                           should_abort, lr_in, max_grad_norm, mask_prompt)
+    fns = compiled_step(model, optimizer, max_grad_norm=max_grad_norm)
     work, acc = _StepWork(), None
     last = len(micro_batches) - 1
     scale = mx.array(1.0 / len(micro_batches), mx.float32)
     for i, indices in enumerate(micro_batches):
         if i and should_abort is not None and should_abort():
             return None
-        tokens, lengths = _batch(cache, indices, pad_id, bucketed=True)
+        tokens, lengths, starts = _batch(cache, indices, pad_id, True, mask_prompt)
         if i < last:
-            work.warm(fns, "accumulate", tokens, lengths, acc)
+            work.warm(fns, "accumulate", tokens, lengths, starts, acc)
             mx.random.seed(step_seed(seed, global_step, i))
-            loss, n, acc = fns.accumulate(tokens, lengths, acc)
+            loss, n, acc = fns.accumulate(tokens, lengths, starts, acc)
             # Waits for this micro-batch only: bounds memory to one micro-batch's graph.
             mx.eval(acc, loss, n)
         else:
-            work.warm(fns, "finish", tokens, lengths, acc, scale)
+            work.warm(fns, "finish", tokens, lengths, starts, acc, scale, lr_in)
             mx.random.seed(step_seed(seed, global_step, i))
-            loss, n = fns.finish(tokens, lengths, acc, scale)
+            loss, n, norm = fns.finish(tokens, lengths, starts, acc, scale, lr_in)
         work.add(tokens, loss, n)
         testhooks.hold_point("micro", global_step + 1)
     step_loss = mx.mean(mx.stack(work.losses))
     step_tokens = mx.sum(mx.stack(work.ntoks))
     # The step's one host sync: the updated adapters and Adam state, and the loss to log.
-    mx.eval(fns.adapters(), optimizer.state, step_loss, step_tokens)
-    return work.result(step_loss, step_tokens)
+    mx.eval(fns.adapters(), optimizer.state, step_loss, step_tokens, norm)
+    return work.result(step_loss, step_tokens, norm)
 
 
 def _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_and_grad, pad_id,
-                should_abort) -> StepResult | None:
-    """The uncompiled step, exactly as it was before the compiled one existed."""
+                should_abort, lr, max_grad_norm, mask_prompt) -> StepResult | None:
+    """The uncompiled step: the same mathematics, op by op."""
     loss_and_grad = loss_and_grad or nn.value_and_grad(model, masked_loss)
     grads, work = None, _StepWork()
     for i, indices in enumerate(micro_batches):
         if i and should_abort is not None and should_abort():
             return None
         mx.random.seed(step_seed(seed, global_step, i))
-        tokens, lengths = _batch(cache, indices, pad_id, bucketed=False)
-        (loss, n), g = loss_and_grad(model, tokens, lengths)
+        tokens, lengths, starts = _batch(cache, indices, pad_id, False, mask_prompt)
+        (loss, n), g = loss_and_grad(model, tokens, lengths, starts) if mask_prompt else \
+            loss_and_grad(model, tokens, lengths)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         work.add(tokens, loss, n)
         mx.eval(grads, work.losses, work.ntoks)  # bounds memory to one micro-batch's graph
         testhooks.hold_point("micro", global_step + 1)
     scale = 1.0 / len(micro_batches)
     grads = tree_map(lambda g: g * scale, grads)
-    optimizer.update(model, grads)
+    norm = _update(optimizer, model, grads, lr, max_grad_norm)
     step_loss = mx.mean(mx.stack(work.losses))
     step_tokens = mx.sum(mx.stack(work.ntoks))
-    mx.eval(model.trainable_parameters(), optimizer.state, step_loss, step_tokens)
-    return work.result(step_loss, step_tokens)
+    mx.eval(model.trainable_parameters(), optimizer.state, step_loss, step_tokens, norm)
+    return work.result(step_loss, step_tokens, norm)
 
 
 def _distributed_step(model, optimizer, cache, micro_batches, seed, global_step, pad_id, should_abort, compile,
-                      world: World) -> StepResult | None:
+                      world: World, lr, max_grad_norm, mask_prompt) -> StepResult | None:
     """One optimizer step of a data-parallel job: this rank's shares of the step's
     micro-batches (distributed.shard_step), then one update with the gradients summed
     across ranks and scaled by 1/len(micro_batches), as a single process would do.
@@ -529,22 +571,24 @@ def _distributed_step(model, optimizer, cache, micro_batches, seed, global_step,
     `reduce_update` (which does) at the same first step."""
     fns = None
     if compile:
-        fns = compiled_step(model, optimizer, world)
+        fns = compiled_step(model, optimizer, world, max_grad_norm)
         share_fn, reduce_update = fns.share, fns.reduce_update
     else:
         optimizer.init(model.trainable_parameters())
-        share_fn, reduce_update = _share_functions(model, weakref.ref(optimizer), world, compiled=False)
+        share_fn, reduce_update = _share_functions(model, weakref.ref(optimizer), world, compiled=False,
+                                                   max_grad_norm=max_grad_norm)
+    starts_all = cache.starts if mask_prompt else None
     acc, work = None, _StepWork()
-    for i, part in enumerate(shard_step(micro_batches, cache.lengths, world.rank, world.size)):
+    for i, part in enumerate(shard_step(micro_batches, cache.lengths, world.rank, world.size, starts_all)):
         if i and should_abort is not None and should_abort():
             return None
         if len(part.indices):
-            tokens, lengths = _batch(cache, part.indices, pad_id, bucketed=compile)
+            tokens, lengths, starts = _batch(cache, part.indices, pad_id, compile, mask_prompt)
             denominator = mx.array(part.denominator, mx.float32)
             if fns:
-                work.warm(fns, "share", tokens, lengths, denominator, acc)
+                work.warm(fns, "share", tokens, lengths, starts, denominator, acc)
             mx.random.seed(step_seed(seed, global_step, part.micro))
-            loss, n, acc = share_fn(tokens, lengths, denominator, acc)
+            loss, n, acc = share_fn(tokens, lengths, starts, denominator, acc)
             mx.eval(acc, loss, n)
             work.add(tokens, loss, n)
         testhooks.hold_point("micro", global_step + 1)
@@ -554,8 +598,30 @@ def _distributed_step(model, optimizer, cache, micro_batches, seed, global_step,
     tok_sum = (mx.sum(mx.stack(work.ntoks)) if work.ntoks else mx.array(0, mx.int32)).astype(mx.int32)
     scale = mx.array(1.0 / len(micro_batches), mx.float32)
     if fns:
-        work.warm(fns, "reduce_update", acc, loss_sum, tok_sum, scale)
-    total_loss, total_tokens = reduce_update(acc, loss_sum, tok_sum, scale)
+        work.warm(fns, "reduce_update", acc, loss_sum, tok_sum, scale, lr)
+    total_loss, total_tokens, norm = reduce_update(acc, loss_sum, tok_sum, scale, lr)
     step_loss = total_loss / len(micro_batches)
-    mx.eval(fns.adapters() if fns else model.trainable_parameters(), optimizer.state, step_loss, total_tokens)
-    return work.result(step_loss, total_tokens)
+    mx.eval(fns.adapters() if fns else model.trainable_parameters(), optimizer.state, step_loss, total_tokens, norm)
+    return work.result(step_loss, total_tokens, norm)
+
+
+def evaluate_loss(model: nn.Module, cache: TokenCache, indices, batch_size: int, pad_id: int = 0,
+                  mask_prompt: bool = False) -> tuple[float, int]:
+    """Given a model and a split's sequences, return (mean cross-entropy over their
+    trained target tokens, how many there were): a forward pass only, dropout off,
+    batched as training batches its sequences (length buckets)."""
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0, mx.float32), 0
+    try:
+        indices = list(indices)
+        for start in range(0, len(indices), batch_size):
+            tokens, lengths, starts = _batch(cache, np.asarray(indices[start:start + batch_size]), pad_id, True,
+                                             mask_prompt)
+            loss_sum, n = _masked_sum(model, tokens, lengths, starts if mask_prompt else None)
+            total = total + loss_sum
+            mx.eval(total)
+            count += int(n.item())
+    finally:
+        model.train(was_training)
+    return (total.item() / count if count else float("nan")), count

@@ -34,7 +34,7 @@ from runs import (
 
 def test_the_command_line_runs_this_python_in_the_run_directory(tmp_path):
     hostfile = tmp_path / "hosts.json"
-    hostfile.write_text("[]")
+    hostfile.write_text('[{"ssh": "10.0.0.1", "ips": ["10.0.0.1"]}, {"ssh": "10.0.0.2", "ips": ["10.0.0.2"]}]')
     argv = launcher_argv("/v/bin/mlx.launch", "/v/bin/python", tmp_path, hostfile=hostfile, ranks=2,
                          backend="ring", starting_port=4000, run_args=["--set", "train.epochs=2"])
     assert argv == ["/v/bin/mlx.launch", "--backend", "ring", "--hostfile", str(hostfile.resolve()), "-n", "2",
@@ -48,8 +48,13 @@ def test_the_command_line_runs_this_python_in_the_run_directory(tmp_path):
     ({"hosts": "127.0.0.1", "hostfile": Path("x.json")}, "exactly one of --hosts"),
     ({"hostfile": Path("/nonexistent/hosts.json")}, "--hostfile /nonexistent/hosts.json: no such file"),
     ({"hosts": "127.0.0.1", "ranks": 0}, "-n 0: expected an integer >= 1"),
+    ({"hostfile": "GARBAGE"}, "not a JSON hostfile"),
+    ({"hostfile": "EMPTY"}, "expected a non-empty JSON list of hosts"),
 ])
 def test_bad_launch_options_are_named(tmp_path, kwargs, message):
+    if kwargs.get("hostfile") in ("GARBAGE", "EMPTY"):
+        kwargs = {"hostfile": tmp_path / "hosts.json"}
+        kwargs["hostfile"].write_text("{ not json" if "not a JSON" in message else "[]")
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
         launcher_argv("l", "p", tmp_path, **kwargs)
 

@@ -64,9 +64,11 @@ def test_a_finished_run_restarted_does_no_more_steps(reference, tmp_path):
 
 @pytest.fixture(scope="session")
 def at_step_12(template_dir, tmp_path_factory) -> Path:
-    """A run stopped after step 12 with checkpoints 4, 8, 12 all kept."""
-    run = copy(template_dir, tmp_path_factory.mktemp("twelve") / "run")
-    finish(start(run, "--set", "train.max_steps=12", "--set", "daemon.keep_checkpoints=10"))
+    """A run killed in step 13 with checkpoints 4, 8, 12 all kept. (Not train.max_steps=12:
+    that is a 12-step run, whose learning-rate schedule is not the full run's.)"""
+    base = tmp_path_factory.mktemp("twelve")
+    run = copy(template_dir, base / "run")
+    kill_at(run, "micro@13", base, "--set", "daemon.keep_checkpoints=10")
     assert [c.step for c in list_checkpoints(run / "checkpoints")] == [4, 8, 12]
     return run
 

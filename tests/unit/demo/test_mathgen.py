@@ -13,7 +13,14 @@ from fractions import Fraction
 
 import pytest
 
-from mathlora_daemon.demo.mathgen import KINDS, generate_problems, write_demo_dataset
+from mathlora_daemon.demo.mathgen import (
+    KINDS,
+    generate_problems,
+    plain_text,
+    problem_key,
+    problem_pool,
+    write_demo_dataset,
+)
 
 N_PER_KIND = 200
 
@@ -285,3 +292,43 @@ def test_write_demo_dataset_is_reproducible_and_fixes_modes(tmp_path):
     assert b_dir.stat().st_mode & 0o777 == 0o700
     c = write_demo_dataset(tmp_path / "c", n_train=40, n_test=10, seed=4)
     assert c[0].read_bytes() != a[0].read_bytes()
+
+
+# --- the demo's easy problems, split keys, the pretraining format ----------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_easy_problems_are_right_and_small(kind):
+    items = generate_problems(60, seed=5, kinds=(kind,), easy=True)
+    for item in items:
+        CHECKS[kind](item)
+        numbers = [abs(int(n)) for n in re.findall(r"\d+", item["problem"])]
+        assert max(numbers) <= 200, item["problem"]  # percentages of up to 200; the rest smaller
+
+
+def test_problem_key_ignores_wording_and_exclude_keeps_splits_apart():
+    a = {"kind": "percentage", "problem": "What is 20% of 40?", "answer": "8"}
+    b = {"kind": "percentage", "problem": "Find 20% of 40.", "answer": "8"}
+    c = {"kind": "percentage", "problem": "What is 25% of 40?", "answer": "10"}
+    assert problem_key(a) == problem_key(b) != problem_key(c)
+    test = generate_problems(30, seed=0, easy=True)
+    keys = {problem_key(r) for r in test}
+    train = generate_problems(200, seed=1, easy=True, exclude=keys)
+    assert not keys & {problem_key(r) for r in train}
+    assert generate_problems(200, seed=1, easy=True, exclude=keys) == train  # deterministic
+
+
+def test_problem_pool_is_distinct_and_leaves_out_the_excluded():
+    test = generate_problems(12, seed=0, easy=True)
+    keys = {problem_key(r) for r in test}
+    pool = problem_pool(3, keys, kinds=("percentage", "gcd_lcm"), per_kind=500)
+    pool_keys = [problem_key(r) for r in pool]
+    assert len(pool_keys) == len(set(pool_keys)) and not keys & set(pool_keys)
+    assert {r["kind"] for r in pool} == {"percentage", "gcd_lcm"}
+
+
+def test_plain_text_has_no_chat_format_and_boxes_only_when_asked():
+    row = generate_problems(1, seed=2, kinds=("linear_equation",))[0]
+    plain = plain_text(row)
+    assert plain.startswith(f"Q: {row['problem']}\nA: ") and plain.endswith(f"\nAnswer: {row['answer']}")
+    assert "boxed" not in plain
+    assert plain_text(row, boxed=True) == f"Q: {row['problem']}\nA: {row['solution']}"

@@ -22,12 +22,11 @@ from mathlora_daemon.evaluation.evaluate import (
     load_problems,
     reference_answer,
 )
-from mathlora_daemon.training.template import format_prompt
 
 N_TEST = 10
 SUMMARY_KEYS = {"n", "correct", "accuracy", "format_ok", "format_compliance", "extracted", "mean_generated_tokens",
-                "skipped", "seconds", "load_seconds"}
-ITEM_KEYS = {"index", "problem", "reference", "predicted", "how", "correct", "format_ok", "tokens", "output"}
+                "skipped", "seconds", "load_seconds", "by_kind", "problems_per_s"}
+ITEM_KEYS = {"index", "problem", "kind", "reference", "predicted", "how", "correct", "format_ok", "tokens", "output"}
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +60,13 @@ def problems(run) -> list[dict]:
 def half_right(problems):
     """A generator that answers the even-numbered problems with their reference solution
     and the others with text holding no answer at all."""
-    solutions = {format_prompt(p["problem"]): (i, p["solution"]) for i, p in enumerate(problems)}
+    solutions = {p["problem"].strip(): (i, p["solution"]) for i, p in enumerate(problems)}
     calls = []
 
     def generate(model, tokenizer, prompt, max_tokens):
         calls.append(prompt)
-        index, solution = solutions[prompt]
+        # The problem inside whichever prompt format wraps it (tutor text or chat template).
+        index, solution = next(found for problem, found in solutions.items() if problem in prompt)
         return solution if index % 2 == 0 else "I am not sure what to do here."
 
     generate.calls = calls
@@ -215,7 +215,7 @@ def test_cli_without_adapters_evaluates_the_base_only(run, problems, tmp_path, c
     assert "evaluating the base model only" in captured.err
     with pytest.raises(InputError, match="nothing to evaluate"):
         actions.evaluate(parse("--run-dir", str(other), "--no-base", "--data", str(run / "data" / "test.jsonl")))
-    with pytest.raises(InputError, match="holds no adapters.safetensors"):
+    with pytest.raises(InputError, match="no adapters.safetensors"):
         actions.evaluate(parse("--run-dir", str(other), "--adapter-path", str(tmp_path)))
     with pytest.raises(InputError, match="no held-out problems"):
         actions.evaluate(parse("--run-dir", str(other)))
@@ -270,3 +270,58 @@ def test_hub_dataset_through_datasets(monkeypatch, tmp_path, problems):
         load_problems("hub:broken/set", tmp_path, Config().data)
     with pytest.raises(InputError, match="expected hub:<dataset id>"):
         load_problems("hub:", tmp_path, Config().data)
+
+
+# --- batched generation, the recorded format, the final eval ------------------------------------
+
+def test_batched_greedy_answers_as_one_at_a_time_does(run, problems):
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from mathlora_daemon.evaluation.evaluate import _load_model, batched_greedy
+    from mathlora_daemon.training.template import PromptFormat
+
+    model, tokenizer = _load_model(run / "mlx_model", run / "adapters")
+    fmt = PromptFormat.of("chat", tokenizer)
+    prompts = [fmt.prompt_ids(p["problem"]) for p in problems[:6]]
+    batched = batched_greedy(model, tokenizer, prompts, max_tokens=24, batch_size=4)
+    for prompt, (text, tokens) in zip(prompts, batched):
+        alone = "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=24,
+                                                        sampler=make_sampler(temp=0.0)))
+        assert text == alone and 1 <= tokens <= 24
+
+
+def test_every_problem_kind_is_scored_apart(run, problems):
+    result = evaluate(run / "mlx_model", problems, None, 32, 0, generate_fn=half_right(problems), progress=False)
+    by_kind = result["summary"]["by_kind"]
+    assert set(by_kind) == {p["kind"] for p in problems}
+    assert sum(k["n"] for k in by_kind.values()) == N_TEST
+    assert sum(k["correct"] for k in by_kind.values()) == result["summary"]["correct"]
+    assert any("accuracy / format" in line for line in format_table({"runs": {"base": result}}).splitlines())
+
+
+def test_the_adapters_format_is_the_one_they_record(run, tmp_path):
+    from mathlora_daemon.evaluation.evaluate import recorded_template
+
+    config = json.loads((run / "adapters" / "adapter_config.json").read_text())
+    other = tmp_path / "adapters"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({**config, "prompt_format": {"template": "chat"}}))
+    assert recorded_template(other, "tutor") == "chat"
+    assert recorded_template(run / "adapters", "tutor") == "tutor"  # nothing recorded: the run's setting
+    assert recorded_template(None, "chat") == "chat"
+
+
+def test_final_eval_switches_the_adapters_off_for_the_base_and_back_on(run, problems):
+    from mathlora_daemon.evaluation.evaluate import _load_model, final_eval
+
+    model, tokenizer = _load_model(run / "mlx_model", run / "adapters")
+    report = final_eval(model, tokenizer, problems, 4, "chat", max_new_tokens=12)
+    assert report["n"] == 4 and set(report) == {"n", "base", "adapters", "seconds"}
+    base_model, _ = _load_model(run / "mlx_model", None)
+    alone = evaluate(run / "mlx_model", problems[:4], None, 12, 0, progress=False, template="chat")
+    assert report["base"]["correct"] == alone["summary"]["correct"]
+    assert report["base"]["mean_generated_tokens"] == alone["summary"]["mean_generated_tokens"]
+    with_adapters = evaluate(run / "mlx_model", problems[:4], run / "adapters", 12, 0, progress=False,
+                             template="chat")
+    assert report["adapters"]["mean_generated_tokens"] == with_adapters["summary"]["mean_generated_tokens"]

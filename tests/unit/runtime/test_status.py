@@ -124,9 +124,9 @@ def test_running_when_a_live_process_holds_the_lock(run_dir, hold_lock):
     text = render_status(status)
     assert f"running (pid {child.pid}), phase training" in text
     assert "step 3400 / 27500 (12.4%), epoch 0" in text
-    assert "0.847 (mean of recent steps 0.861)" in text
+    assert "0.847 (mean of the last 10 steps 0.861)" in text
     assert "1,234 tok/s, 8.1 s/step" in text
-    assert "used 2.24 h, left 13.76 h of 16.00 h" in text
+    assert "used 2 h 14 min, left 13 h 45 min of 16 h" in text
     assert "22:00-07:00, ends" in text
     assert "step 3400, 4 min ago" in text
     assert "active 14.2 GB, peak 15.1 GB, rss 15.8 GB, available 9.3 GB" in text
@@ -157,7 +157,7 @@ def test_crashed_when_the_daemon_is_killed_without_a_final_state(run_dir, hold_l
 
     status = read_status(run_dir, now=now + 60)
     assert status["state"] == "crashed"
-    assert status["crashed_reason"] == f"process {child.pid} is gone; last heartbeat 63 s ago"
+    assert status["crashed_reason"] == f"process {child.pid} is gone; last heartbeat 1 min ago"
     assert status["step"] == 3400 and status["last_checkpoint_step"] == 3400  # last known fields kept
     assert "eta_at" not in status  # no promise of a finish time for a dead run
     text = render_status(status)
@@ -253,7 +253,7 @@ def test_render_sparse_status_never_prints_none():
                    {"state": "paused", "reason": "on battery", "recent_mean_loss": 1.5}):
         text = render_status(status)
         assert "None" not in text and "null" not in text
-    assert "budget     1.00 h" in render_status({"state": "running", "budget_total_s": 3600.0})
+    assert "budget     1 h" in render_status({"state": "running", "budget_total_s": 3600.0})
 
 
 def test_status_json_output_parses(run_dir, hold_lock):
@@ -366,3 +366,35 @@ def test_status_survives_a_concurrent_writer(run_dir, hold_lock):
     finally:
         hb.stop()
     assert seen <= {"running", "not_started"}
+
+
+# --- the morning report ---------------------------------------------------------------------
+
+REPORT = {"adapters": "/runs/night/adapters", "steps": 400, "selected_step": 300,
+          "selected_rule": "lowest validation loss", "first_loss": 1.2345, "recent_loss": 0.6789,
+          "base_val_loss": 1.0, "best_val_loss": 0.75, "best_val_step": 300,
+          "final_eval": {"n": 50, "base": {"accuracy": 0.1, "format_compliance": 0.5},
+                         "adapters": {"accuracy": 0.3, "format_compliance": 0.96}}}
+
+
+def test_the_morning_report_says_which_adapters_how_much_better_and_how_to_try_them():
+    from mathlora_daemon.runtime.status import report_lines
+
+    lines = report_lines(REPORT)
+    assert lines == [
+        "adapters   /runs/night/adapters (step 300 of 400, lowest validation loss)",
+        "val loss   0.7500 at step 300 vs 1.0000 for the base model (-25.0%)",
+        "train loss 1.2345 at step 1 -> 0.6789 (mean of the last 10 steps)",
+        "eval       50 validation problems: accuracy 10.0% -> 30.0%, format 50.0% -> 96.0% (base -> adapters)",
+        'try        mathlora-daemon generate --run-dir /runs/night --prompt "..."  '
+        "(or: mathlora-daemon eval --run-dir /runs/night)",
+    ]
+
+
+def test_the_morning_report_warns_when_no_checkpoint_beat_the_base_model():
+    from mathlora_daemon.runtime.status import report_lines
+
+    worse = {**REPORT, "best_val_loss": 1.05, "selected_step": 400, "selected_rule": "last"}
+    lines = report_lines(worse)
+    assert lines[0].endswith("(step 400 of 400, the last)")
+    assert lines[1].endswith("(+5.0%)") and lines[2].startswith("warning    no checkpoint beat the base model")

@@ -13,21 +13,24 @@ import pytest
 from mathlora_daemon.config import DataConfig
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.training import template
-from mathlora_daemon.training.prepare import encode_example, prepare_tokens, split_chunks
+from mathlora_daemon.training.prepare import prepare_tokens, split_chunks
 
 
 class CountingTokenizer:
-    """Wraps the real tokenizer and counts encode calls."""
+    """Wraps the real tokenizer and counts the rows it tokenizes (in the chat format each
+    row's prompt is tokenized by exactly one apply_chat_template call that returns ids)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.calls = 0
-        self.eos_token_id = inner.eos_token_id
-        self.bos_token_id = inner.bos_token_id
 
-    def encode(self, text):
-        self.calls += 1
-        return self.inner.encode(text)
+    def apply_chat_template(self, *args, **kwargs):
+        if kwargs.get("tokenize", True):
+            self.calls += 1
+        return self.inner.apply_chat_template(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 @pytest.fixture
@@ -38,6 +41,7 @@ def run_dir(tmp_path, write_jsonl, math_rows):
 
 def prepare(run_dir, model_dir, tokenizer, log, **cfg):
     cfg.setdefault("name", "data/train.jsonl")
+    cfg.setdefault("validation_fraction", 0.0)  # every row trained on, unless a test holds some out
     return prepare_tokens(DataConfig(**cfg), run_dir, model_dir, tokenizer, log, progress=False)
 
 
@@ -74,8 +78,11 @@ def test_prepare_twice_reuses_the_cache_without_tokenizing(run_dir, tiny_model_d
 
 def test_cache_holds_the_encoded_examples_in_order(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, math_rows):
     cache = prepare(run_dir, tiny_model_dir, tiny_tokenizer, recording_log)
-    expected = [encode_example(tiny_tokenizer, template.format_example(r["problem"], r["solution"])) for r in math_rows]
+    fmt = template.PromptFormat.of("chat", tiny_tokenizer)
+    examples = [fmt.example(r["problem"], r["solution"]) for r in math_rows]
+    expected = [ids for ids, _ in examples]
     assert sequences(cache) == expected
+    assert cache.prompt_lens.tolist() == [n for _, n in examples]  # what train.mask_prompt masks
     assert cache.lengths.tolist() == [len(e) for e in expected]
     assert cache.meta["tokens"] == sum(len(e) for e in expected)
 
@@ -84,9 +91,10 @@ def test_arrays_are_memory_mapped_npy_without_pickle(run_dir, tiny_model_dir, ti
     cache = prepare(run_dir, tiny_model_dir, tiny_tokenizer, recording_log)
     assert isinstance(cache.tokens, np.memmap) and isinstance(cache.offsets, np.memmap)
     assert cache.tokens.dtype == np.int32 and cache.offsets.dtype == np.int64
-    assert sorted(p.name for p in cache.path.iterdir()) == ["meta.json", "offsets.npy", "tokens.npy"]
-    tokens = np.load(cache.path / "tokens.npy", allow_pickle=False)
-    offsets = np.load(cache.path / "offsets.npy", allow_pickle=False)
+    assert sorted(p.name for p in cache.path.iterdir()) == ["meta.json", "train", "validation"]
+    assert sorted(p.name for p in (cache.path / "train").iterdir()) == ["offsets.npy", "prompt_lens.npy", "tokens.npy"]
+    tokens = np.load(cache.path / "train" / "tokens.npy", allow_pickle=False)
+    offsets = np.load(cache.path / "train" / "offsets.npy", allow_pickle=False)
     assert offsets[0] == 0 and offsets[-1] == len(tokens) == cache.meta["tokens"]
     assert np.all(np.diff(offsets) >= 2)
     json.loads((cache.path / "meta.json").read_text())
@@ -96,13 +104,13 @@ def test_cache_files_are_private(run_dir, tiny_model_dir, tiny_tokenizer, record
     cache = prepare(run_dir, tiny_model_dir, tiny_tokenizer, recording_log)
     assert (run_dir / "cache").stat().st_mode & 0o777 == 0o700
     assert cache.path.stat().st_mode & 0o777 == 0o700
-    for path in cache.path.iterdir():
-        assert path.stat().st_mode & 0o777 == 0o600, path.name
+    for path in cache.path.rglob("*"):
+        assert path.stat().st_mode & 0o777 == (0o700 if path.is_dir() else 0o600), path.name
 
 
 def test_no_temporary_dirs_left(run_dir, tiny_model_dir, tiny_tokenizer, recording_log):
     prepare(run_dir, tiny_model_dir, tiny_tokenizer, recording_log)
-    prepare(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=64)
+    prepare(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=128)
     assert not [n for n in cache_entries(run_dir) if n.startswith(".")]
     assert len(cache_entries(run_dir)) == 2
 
@@ -113,10 +121,10 @@ def test_meta_reports_rows_skips_and_long_samples(tmp_path, write_jsonl, math_ro
                                                  recording_log):
     rows = list(math_rows[:6]) + [{"problem": "no solution"}, {"problem": "", "solution": "s"}]
     write_jsonl(tmp_path / "data" / "train.jsonl", rows)
-    max_len = 48
+    max_len = 128
     cache = prepare(tmp_path, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=max_len)
-    encoded = [encode_example(tiny_tokenizer, template.format_example(r["problem"], r["solution"]))
-               for r in math_rows[:6]]
+    fmt = template.PromptFormat.of("chat", tiny_tokenizer)
+    encoded = [fmt.example(r["problem"], r["solution"])[0] for r in math_rows[:6]]
     expected_chunks = [c for ids in encoded for c in split_chunks(ids, max_len)]
     exceeded = sum(len(ids) > max_len + 1 for ids in encoded)  # more than max_len targets
     assert exceeded > 0  # the test needs some long samples
@@ -165,7 +173,7 @@ def key_of(run_dir, model_dir, tokenizer, log, **cfg) -> str:
 
 def test_key_changes_with_max_seq_len(run_dir, tiny_model_dir, tiny_tokenizer, recording_log):
     a = key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=1024)
-    b = key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=64)
+    b = key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=128)
     assert a != b
     assert cache_entries(run_dir) == sorted([a, b])
 
@@ -222,7 +230,8 @@ def test_key_changes_with_tokenizer_files(run_dir, tiny_model_dir, tiny_tokenize
 
 def test_key_changes_with_template(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, monkeypatch):
     a = key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log)
-    monkeypatch.setattr(template, "TEMPLATE_ID", "0" * 16)
+    assert key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, template="tutor") != a
+    monkeypatch.setattr(template, "INSTRUCTION", "Answer briefly.")  # the chat format's text itself
     assert key_of(run_dir, tiny_model_dir, tiny_tokenizer, recording_log) != a
 
 
@@ -263,7 +272,7 @@ def test_key_follows_content_not_path(run_dir, tiny_model_dir, tiny_tokenizer, r
 # --- damaged caches ---------------------------------------------------------------------
 
 def damage_truncate_tokens(path):
-    tokens = path / "tokens.npy"
+    tokens = path / "train" / "tokens.npy"
     with open(tokens, "r+b") as fh:
         fh.truncate(tokens.stat().st_size - 8)
 
@@ -279,15 +288,19 @@ def damage_meta_count(path):
 
 
 def damage_offsets_missing(path):
-    (path / "offsets.npy").unlink()
+    (path / "train" / "offsets.npy").unlink()
 
 
 def damage_offsets_pickle(path):
-    np.save(path / "offsets.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    np.save(path / "train" / "offsets.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+
+
+def damage_prompt_lens_short(path):
+    np.save(path / "train" / "prompt_lens.npy", np.zeros(3, np.int32), allow_pickle=False)
 
 
 @pytest.mark.parametrize("damage", [damage_truncate_tokens, damage_meta_garbage, damage_meta_count,
-                                    damage_offsets_missing, damage_offsets_pickle])
+                                    damage_offsets_missing, damage_offsets_pickle, damage_prompt_lens_short])
 def test_damaged_cache_is_rebuilt(run_dir, tiny_model_dir, tiny_tokenizer, recording_log, damage):
     tok = CountingTokenizer(tiny_tokenizer)
     first = prepare(run_dir, tiny_model_dir, tok, recording_log)
@@ -305,3 +318,57 @@ def test_damaged_cache_is_rebuilt(run_dir, tiny_model_dir, tiny_tokenizer, recor
     recording_log.events.clear()
     prepare(run_dir, tiny_model_dir, tok, recording_log)
     assert recording_log.names() == ["data.prepare.cached"]
+
+
+
+# --- the validation split ----------------------------------------------------------------------
+
+def test_validation_rows_are_held_out_by_a_hash_of_the_problem_and_never_trained_on(
+        tmp_path, write_jsonl, tiny_model_dir, tiny_tokenizer, recording_log):
+    from mathlora_daemon.demo.mathgen import generate_problems
+    from mathlora_daemon.training.prepare import validation_row
+
+    rows = generate_problems(200, seed=5)
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    cache = prepare(tmp_path, tiny_model_dir, tiny_tokenizer, recording_log, validation_fraction=0.1)
+    held = [r for r in rows if validation_row(r["problem"], 0.1)]
+    assert 8 <= len(held) <= 35  # about a tenth
+    problems = cache.validation.problems()
+    assert [p["problem"] for p in problems] == [r["problem"] for r in held]
+    assert {p["kind"] for p in problems} <= {r["kind"] for r in rows} and problems[0]["answer"]
+    assert len(cache) + len(cache.validation) == len(rows)  # no row is long at 1024: one sequence each
+    fmt = template.PromptFormat.of("chat", tiny_tokenizer)
+    trained = {tuple(cache.sequence(i).tolist()) for i in range(len(cache))}
+    assert not any(tuple(fmt.example(r["problem"], r["solution"])[0]) in trained for r in held)
+    done = recording_log.fields("data.prepare.done")
+    assert (done["validation_rows"], done["validation_sequences"]) == (len(held), len(held))
+    # The same rows whatever else changes: the split depends on the problem text alone.
+    assert validation_row(rows[0]["problem"], 0.1) == validation_row("  " + rows[0]["problem"] + "\n", 0.1)
+
+
+def test_a_validation_file_holds_every_validation_row(tmp_path, write_jsonl, math_rows, tiny_model_dir,
+                                                      tiny_tokenizer, recording_log):
+    write_jsonl(tmp_path / "data" / "train.jsonl", math_rows[:8])
+    write_jsonl(tmp_path / "data" / "test.jsonl", math_rows[8:])
+    cache = prepare(tmp_path, tiny_model_dir, tiny_tokenizer, recording_log, validation_name="data/test.jsonl",
+                    validation_fraction=0.5)
+    assert len(cache) == 8 and len(cache.validation) == 4  # the fraction is not used with a file
+    assert [p["problem"] for p in cache.validation.problems()] == [r["problem"] for r in math_rows[8:]]
+
+
+def test_long_rows_are_chunked_or_skipped_and_counted(tmp_path, write_jsonl, math_rows, tiny_model_dir,
+                                                      tiny_tokenizer, recording_log):
+    write_jsonl(tmp_path / "data" / "train.jsonl", math_rows)
+    chunked = prepare(tmp_path, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=200)
+    recording_log.events.clear()
+    skipped = prepare(tmp_path, tiny_model_dir, tiny_tokenizer, recording_log, max_seq_len=200, long_rows="skip")
+    fmt = template.PromptFormat.of("chat", tiny_tokenizer)
+    long = [r for r in math_rows if len(fmt.example(r["problem"], r["solution"])[0]) > 201]
+    assert long and len(long) < len(math_rows)
+    assert chunked.meta["exceeded_max_seq_len"] == len(long) and chunked.meta["long_rows_skipped"] == 0
+    assert len(chunked) == len(math_rows) + len(long)  # each long row here is two chunks
+    assert len(skipped) == len(math_rows) - len(long) and skipped.meta["long_rows_skipped"] == len(long)
+    assert recording_log.fields("data.prepare.done")["long_rows_skipped"] == len(long)
+    # A later chunk has no prompt left: its prompt length is 0, so all of it is trained on.
+    starts = chunked.prompt_lens.tolist()
+    assert sorted(starts)[: len(long)] == [0] * len(long)

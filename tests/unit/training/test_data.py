@@ -27,7 +27,7 @@ DESIGN_TEMPLATE = (
 
 def read(source, cfg: DataConfig) -> tuple[list[tuple[str, str, str]], RowStats]:
     stats = RowStats()
-    return list(iter_rows(source, cfg, stats)), stats
+    return [tuple(row)[:3] for row in iter_rows(source, cfg, stats)], stats
 
 
 def local_source(tmp_path, name: str, cfg_kwargs=None):
@@ -68,10 +68,42 @@ def test_surrounding_whitespace_is_stripped():
     assert template.format_prompt("\n p ") == template.format_prompt("p")
 
 
-def test_template_id_is_hash_of_template():
-    import hashlib
+# --- the prompt format, through the tokenizer -------------------------------------------------
 
-    assert template.TEMPLATE_ID == hashlib.sha256(DESIGN_TEMPLATE.encode()).hexdigest()[:16]
+def test_chat_format_is_the_model_s_chat_template_with_deepseek_s_instruction(tiny_tokenizer):
+    fmt = template.PromptFormat.of("chat", tiny_tokenizer)
+    problem, solution = "What is 2 + 3?", "2 + 3 = 5.\nThe final answer is $\\boxed{5}$."
+    prompt = fmt.prompt_text(problem)
+    assert prompt == ("<s>User: What is 2 + 3?\nPlease reason step by step, and put your final answer within "
+                      "\\boxed{}.\n\nAssistant:")
+    ids, prompt_len = fmt.example(problem, solution)
+    assert ids[:prompt_len] == fmt.prompt_ids(problem)  # exactly what generation feeds the model
+    assert tiny_tokenizer.decode(ids[prompt_len:]) == " " + solution + "</s>"
+    assert ids[-1] == tiny_tokenizer.eos_token_id and ids.count(tiny_tokenizer.eos_token_id) == 1
+    assert fmt.describe()["template"] == "chat" and fmt.describe()["instruction"] == template.INSTRUCTION
+
+
+def test_tutor_format_is_the_original_text_and_its_prompt_is_the_examples_prefix(tiny_tokenizer):
+    fmt = template.PromptFormat.of("tutor", tiny_tokenizer)
+    problem, solution = "Solve 3x = 12 for x.", "x = 4.\nThe final answer is $\\boxed{4}$."
+    ids, prompt_len = fmt.example(problem, solution)
+    assert tiny_tokenizer.decode(ids[:prompt_len]) == "<s>" + template.format_prompt(problem)
+    assert tiny_tokenizer.decode(ids[prompt_len:]) == solution + "</s>"
+
+
+def test_a_format_s_identity_changes_with_its_text(tiny_tokenizer):
+    chat, tutor = (template.PromptFormat.of(t, tiny_tokenizer) for t in ("chat", "tutor"))
+    assert chat.identity != tutor.identity and len(chat.identity) == 16
+    assert chat.identity == template.PromptFormat.of("chat", tiny_tokenizer).identity
+
+
+def test_chat_without_a_chat_template_is_refused_with_the_way_out():
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(InputError, match='data.template = "tutor"') as info:
+        template.PromptFormat.of("chat", NoTemplate())
+    assert info.value.exit_code == 78
 
 
 # --- resolve_source -----------------------------------------------------------------------

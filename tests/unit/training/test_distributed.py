@@ -80,7 +80,8 @@ def test_target_tokens_counts_next_token_targets():
     assert target_tokens(np.array([5, 1, 0, 3])) == 4 + 0 + 0 + 2
 
 
-def test_shares_add_up_to_the_single_process_loss_and_gradient(tiny_model_dir):
+@pytest.mark.parametrize("masked", [False, True])
+def test_shares_add_up_to_the_single_process_loss_and_gradient(masked, tiny_model_dir):
     model, _, _ = load_base(tiny_model_dir)
     apply_lora(model, Config())
     model.train(False)
@@ -89,12 +90,15 @@ def test_shares_add_up_to_the_single_process_loss_and_gradient(tiny_model_dir):
     tokens = np.zeros((4, 12), dtype=np.int32)
     for row, n in enumerate(lengths):
         tokens[row, :n] = rng.integers(3, 200, size=n)
+    starts = None if not masked else np.array([3, 5, 0, 2])  # prompt lengths: only what follows is trained
     whole_fn = nn.value_and_grad(model, masked_loss)
-    (whole, _), whole_grads = whole_fn(model, mx.array(tokens), mx.array(lengths))
+    (whole, _), whole_grads = whole_fn(model, mx.array(tokens), mx.array(lengths),
+                                       None if starts is None else mx.array(starts))
 
     share_fn = nn.value_and_grad(model, share_loss)
-    denominator = mx.array(target_tokens(lengths), mx.float32)
-    parts = [share_fn(model, mx.array(tokens[rows]), mx.array(lengths[rows]), denominator)
+    denominator = mx.array(target_tokens(lengths, starts), mx.float32)
+    parts = [share_fn(model, mx.array(tokens[rows]), mx.array(lengths[rows]),
+                      None if starts is None else mx.array(starts[rows]), denominator)
              for rows in ([0, 2], [1, 3])]  # two ranks' rows of one micro-batch
     total = sum(loss for (loss, _), _ in parts)
     assert abs(total.item() - whole.item()) < 1e-5

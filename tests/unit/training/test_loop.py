@@ -26,6 +26,7 @@ class ScriptedRuntime:
     def __init__(self, stop_at: int | None = None):
         self.stop_at, self.boundaries, self.not_training_s, self.accounts = stop_at, [], [], []
         self.step = 0
+        self.finished_early = None
 
     def boundary(self, checkpoint):
         self.boundaries.append(self.step)
@@ -49,13 +50,30 @@ class RecordingReporter:
 
 class RecordingCheckpointer:
     def __init__(self, progress, every: int):
-        self.progress, self.every, self.saved = progress, every, []
+        self.progress, self.every, self.saved, self.evaluated = progress, every, [], []
+
+    def evaluate(self):
+        self.evaluated.append(self.progress.global_step)
 
     def due(self):
         return self.progress.global_step % self.every == 0
 
     def save(self):
         self.saved.append(self.progress.global_step)
+
+
+class RecordingPlan:
+    """The LR plan: a rate per step, and told after each step."""
+
+    def __init__(self):
+        self.asked, self.after = [], 0
+
+    def lr(self, step):
+        self.asked.append(step)
+        return 1e-3 / (step + 1)
+
+    def after_step(self):
+        self.after += 1
 
 
 @pytest.fixture
@@ -69,8 +87,12 @@ def test_the_loop_takes_every_step_reports_it_and_hands_compile_time_to_the_budg
     runtime = ScriptedRuntime()
     reporter = RecordingReporter(runtime, session.progress)
     checkpointer = RecordingCheckpointer(session.progress, every=3)
-    assert loop(session, runtime, checkpointer, reporter, should_abort=lambda: False) is None
+    plan = RecordingPlan()
+    assert loop(session, runtime, checkpointer, reporter, lambda: False, plan) is None
     total = session.schedule.total_steps
+    assert plan.asked == list(range(total)) and plan.after == total  # every step at its own rate
+    assert float(session.optimizer.learning_rate.item()) == pytest.approx(1e-3 / total)
+    assert checkpointer.evaluated == [0]  # the base model's validation loss, before the first step
     assert [s[0] for s in reporter.steps] == list(range(1, total + 1))
     assert session.progress.global_step == total and len(session.progress.recent_losses) == total
     assert runtime.boundaries == list(range(total))  # one look before every step
@@ -82,7 +104,8 @@ def test_the_loop_takes_every_step_reports_it_and_hands_compile_time_to_the_budg
 def test_a_stop_at_a_boundary_leaves_the_state_at_that_step(session):
     runtime = ScriptedRuntime(stop_at=3)
     reporter = RecordingReporter(runtime, session.progress)
-    stop = loop(session, runtime, RecordingCheckpointer(session.progress, every=100), reporter, lambda: False)
+    stop = loop(session, runtime, RecordingCheckpointer(session.progress, every=100), reporter, lambda: False,
+                RecordingPlan())
     assert stop == Stop("stopped", "asked") and session.progress.global_step == 3
     assert [s[0] for s in reporter.steps] == [1, 2, 3]
 
@@ -93,7 +116,8 @@ def test_an_abort_between_micro_batches_leaves_the_model_at_the_last_boundary(se
     before = {k: np.array(v) for k, v in tree_flatten(session.model.trainable_parameters())}
     moments = {k: np.array(v) for k, v in tree_flatten(session.optimizer.state)}
     assert session.cfg.train.grad_accumulation_steps > 1  # so there is a "between"
-    loop(session, runtime, RecordingCheckpointer(session.progress, every=100), reporter, should_abort=lambda: True)
+    loop(session, runtime, RecordingCheckpointer(session.progress, every=100), reporter, lambda: True,
+         RecordingPlan())
     assert reporter.steps == [] and session.progress.global_step == 0
     assert runtime.boundaries == [0, 0]  # the second look decides what the stop means
     for key, value in tree_flatten(session.model.trainable_parameters()):

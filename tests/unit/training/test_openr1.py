@@ -115,7 +115,7 @@ def names(source) -> list[str]:
 
 def read(source, cfg):
     stats = RowStats()
-    return list(iter_rows(source, cfg, stats)), stats
+    return [tuple(row)[:3] for row in iter_rows(source, cfg, stats)], stats
 
 
 # --- local folder in the hub's layout ---------------------------------------------------------
@@ -202,7 +202,8 @@ def test_only_problem_and_solution_columns_are_read(repo, tmp_path, monkeypatch)
     cfg = DataConfig(name=str(repo), subset="all")
     rows, _ = read(resolve_source(cfg, tmp_path), cfg)
     assert len(rows) == 10
-    assert requested == [["problem", "solution"]] * 3
+    # OpenR1's small columns (the answer and problem_type for eval), never generations or messages
+    assert requested == [["problem", "solution", "answer", "problem_type"]] * 3
 
 
 def test_huge_generations_column_is_not_decoded(tmp_path):
@@ -270,7 +271,7 @@ def test_hub_and_local_copy_give_the_same_cache_and_tokens(hub, repo, tmp_path, 
     caches = []
     for run, name in ((tmp_path / "run-hub", REPO), (tmp_path / "run-local", str(local_copy))):
         run.mkdir()
-        cfg = DataConfig(name=name, subset="all", max_seq_len=200)
+        cfg = DataConfig(name=name, subset="all", max_seq_len=200, validation_fraction=0.0)
         caches.append(prepare_tokens(cfg, run, tiny_model_dir, tiny_tokenizer, recording_log, progress=False))
     from_hub, from_local = caches
     assert from_hub.path.name == from_local.path.name  # the cache key

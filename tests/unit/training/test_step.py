@@ -187,14 +187,15 @@ def test_building_a_trace_leaves_adapters_and_optimizer_exactly_as_they_were(tin
              [(k, np.array(v)) for k, v in tree_flatten(optimizer.state)]
     fns = compiled_step(model, optimizer)
     tokens = mx.array(np.full((3, 129), 5, np.int32))  # a shape no step has used yet
-    seconds, label = fns.warm("finish", tokens, mx.array([129, 100, 7]), None, mx.array(0.5))
+    starts, lr = mx.array([0, 0, 0]), mx.array(1e-3)
+    seconds, label = fns.warm("finish", tokens, mx.array([129, 100, 7]), starts, None, mx.array(0.5), lr)
     assert label == "finish 3x128" and seconds > 0
     after = [(k, np.array(v)) for k, v in tree_flatten(model.trainable_parameters())] + \
             [(k, np.array(v)) for k, v in tree_flatten(optimizer.state)]
     assert [k for k, _ in before] == [k for k, _ in after]
     for (key, a), (_, b) in zip(before, after):
         assert np.array_equal(a, b), key
-    assert fns.warm("finish", tokens, mx.array([129, 100, 7]), None, mx.array(0.5)) == (0.0, None)
+    assert fns.warm("finish", tokens, mx.array([129, 100, 7]), starts, None, mx.array(0.5), lr) == (0.0, None)
 
 
 def test_traces_are_built_once_per_length_bucket_and_reported(tiny_model_dir, make_token_cache):

@@ -1,0 +1,512 @@
+"""Every subcommand against a battery of bad inputs, through the real CLI.
+
+Each row of CASES sets up a run directory (a copy of the untrained tiny run, a copy of
+the finished one, or no directory at all), damages one thing in it, runs one command
+and asserts the contract for bad input:
+
+* no Python traceback in stdout or stderr;
+* the exit code is one the contract allows (0 ok, 2 argparse usage, 75 temporary
+  failure, 78 configuration or input error; the row narrows it);
+* the message names the offending thing (the row's patterns, all of them);
+* nothing the user owns changed: config, data, model, checkpoints, adapters, caches
+  (every file except logs/, state/ and daemon.lock hashes the same before and after),
+  except the paths a row documents as legitimately written.
+
+The last tests pin messages the issue calls out, as the fixed behaviour reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from runs import cli
+
+CONTRACT = {0, 2, 75, 78}
+NOT_FOUND = r"(?i)(no such|does not exist|not found|missing|not a directory)"
+UNWRITABLE = r"(?i)(permission|read-only|not writable|cannot (write|create)|not a directory|is a directory|unwritable)"
+BROKEN_LINE = ('{"problem": "a", "solution": "b"}\n{"problem": "c", "solution": "d"}\n'
+               '{"problem": "e", "solution": \n')
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def snapshot(root: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock")) -> dict[str, str]:
+    """Every file under root -> sha256 of its bytes, except the daemon's own bookkeeping
+    (its log, its state files, its lock). Directories are listed too (as "<dir>"), so a
+    removed or added empty directory counts as a change."""
+    out = {}
+    if not root.exists():
+        return out
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in skip:
+            continue
+        if path.is_symlink():
+            out[str(rel)] = "<link>"
+        elif path.is_file():
+            out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.is_dir():
+            out[str(rel)] = "<dir>"
+    return out
+
+
+def write(rel: str, content: str | bytes) -> Callable[[Path], None]:
+    def setup(run: Path) -> None:
+        path = run / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return setup
+
+
+def remove(rel: str) -> Callable[[Path], None]:
+    def setup(run: Path) -> None:
+        path = run / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return setup
+
+
+def as_file(rel: str) -> Callable[[Path], None]:
+    """Put a regular file where the daemon expects a directory (root can't write below it either)."""
+    def setup(run: Path) -> None:
+        path = run / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        path.write_text("not a directory\n")
+    return setup
+
+
+def as_dir(rel: str) -> Callable[[Path], None]:
+    """Put a directory where the daemon expects a regular file."""
+    def setup(run: Path) -> None:
+        path = run / rel
+        if path.exists():
+            path.unlink()
+        path.mkdir()
+        (path / "keep").write_text("x")
+    return setup
+
+
+def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    def setup(run: Path) -> None:
+        for s in setups:
+            s(run)
+    return setup
+
+
+def newest_checkpoint(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("step-*"))[-1]
+
+
+def damage_newest_manifest(run: Path) -> None:
+    (newest_checkpoint(run) / "MANIFEST.json").write_text("{ this is not json")
+
+
+def truncate_newest_weights(run: Path) -> None:
+    path = newest_checkpoint(run) / "adapters.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def damage_cache_meta(run: Path) -> None:
+    metas = sorted((run / "cache").glob("*/meta.json"))
+    assert metas, "the finished run has a token cache"
+    for meta in metas:
+        meta.write_text("garbage {")
+
+
+def keep_only_newest_checkpoint(run: Path) -> None:
+    for ckpt in sorted((run / "checkpoints").glob("step-*"))[:-1]:
+        shutil.rmtree(ckpt)
+
+
+def can_write(directory: Path) -> bool:
+    probe = directory / ".probe-write"
+    try:
+        probe.write_text("x")
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+def read_only(run: Path) -> None:
+    """A run directory the user cannot write: chmod 0o500 on it and on the directories in
+    it the daemon writes. Root ignores modes, so when a probe write still succeeds the
+    daemon's write locations are also made unwritable for root: logs/, state/ and cache/
+    become regular files and daemon.lock a directory (writes below them fail with
+    ENOTDIR/EISDIR whoever runs them)."""
+    for sub in ("logs", "state", "cache", "checkpoints", "adapters"):
+        if (run / sub).is_dir():
+            (run / sub).chmod(0o500)
+    run.chmod(0o500)
+    if can_write(run):  # running as root
+        run.chmod(0o700)
+        for sub in ("logs", "state", "cache"):
+            (run / sub).chmod(0o700) if (run / sub).is_dir() else None
+            as_file(sub)(run)
+        as_dir("daemon.lock")(run)
+        run.chmod(0o500)
+
+
+# --- the table -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    base: str  # template (untrained tiny run) | trained (finished) | missing | below-file | is-file
+    argv: tuple[str, ...]  # "{run}" and "{tmp}" are replaced; --run-dir {run} is appended
+    codes: frozenset[int]
+    expect: tuple[str, ...]  # regexes ("{run}", "{tmp}" replaced, escaped) that must all be in the output
+    setup: Callable[[Path], None] | None = None
+    writes: tuple[str, ...] = ()  # path prefixes the command may legitimately change (documented per row)
+    run_dir_arg: bool = True
+    timeout: float = 240
+    extra: dict = field(default_factory=dict)
+
+
+def case(id, base, argv, codes, *expect, setup=None, writes=(), run_dir_arg=True, timeout=240) -> Case:
+    codes = frozenset([codes] if isinstance(codes, int) else codes)
+    return Case(id, base, tuple(argv), codes, tuple(expect), setup, tuple(writes), run_dir_arg, timeout)
+
+
+EVAL_FAST = ("--limit", "1", "--max-new-tokens", "4", "--no-base")
+
+CASES = [
+    # --- a --run-dir that does not exist (a typo): say so, create nothing -------------------
+    case("status-missing-rundir", "missing", ["status"], {0, 78}, "typo", NOT_FOUND),
+    case("logs-missing-rundir", "missing", ["logs"], 78, "typo", NOT_FOUND),
+    case("run-missing-rundir", "missing", ["run"], 78, "typo", NOT_FOUND),
+    case("prepare-missing-rundir", "missing", ["prepare"], 78, "typo", NOT_FOUND),
+    case("checkpoints-list-missing-rundir", "missing", ["checkpoints", "list"], 78, "typo", NOT_FOUND),
+    case("checkpoints-prune-missing-rundir", "missing", ["checkpoints", "prune"], 78, "typo", NOT_FOUND),
+    case("generate-missing-rundir", "missing", ["generate", "--prompt", "1+1?"], 78, "typo", NOT_FOUND),
+    case("eval-missing-rundir", "missing", ["eval", *EVAL_FAST], 78, "typo", NOT_FOUND),
+    case("plot-missing-rundir", "missing", ["plot"], 78, "typo", NOT_FOUND),
+    case("export-missing-rundir", "missing", ["export", "--format", "peft"], 78, "typo", NOT_FOUND),
+    case("fuse-missing-rundir", "missing", ["fuse"], 78, "typo", NOT_FOUND),
+    case("pause-missing-rundir", "missing", ["pause"], 78, "typo", NOT_FOUND),
+    case("install-print-missing-rundir", "missing", ["install", "--print", "--system", "systemd"], 78, "typo",
+         NOT_FOUND),
+
+    # --- a run directory that cannot be written -------------------------------------------------
+    case("run-readonly-rundir", "template", ["run"], 78, UNWRITABLE, setup=read_only),
+    case("prepare-readonly-rundir", "template", ["prepare"], 78, UNWRITABLE, setup=read_only),
+    case("checkpoints-prune-readonly-rundir", "trained", ["checkpoints", "prune", "--keep", "1"], 78, UNWRITABLE,
+         setup=read_only),
+    case("run-rundir-below-a-file", "below-file", ["run"], 78, "afile", r"(?i)not a directory|no such"),
+    case("status-rundir-is-a-file", "is-file", ["status"], 78, "afile", r"(?i)not a directory"),
+    case("run-state-is-a-file", "template", ["run"], 78, r"state", UNWRITABLE, setup=as_file("state")),
+    case("run-logs-is-a-file", "template", ["run"], 78, r"logs", UNWRITABLE, setup=as_file("logs")),
+    case("run-lock-is-a-directory", "template", ["run"], {75, 78}, r"daemon\.lock", setup=as_dir("daemon.lock")),
+    case("prune-lock-is-a-directory", "trained", ["checkpoints", "prune", "--keep", "1"], {75, 78}, r"daemon\.lock",
+         setup=as_dir("daemon.lock")),
+    # pause/resume/stop with no daemon running exit 1, documented like `checkpoints verify`'s 1:
+    # an answer for scripts ("nothing to resume"), not a crash.
+    case("resume-state-is-a-file", "template", ["resume"], {1}, r"no daemon", setup=as_file("state")),
+
+    # --- garbage in mathlora.toml ----------------------------------------------------------------
+    case("run-toml-not-toml", "template", ["run"], 78, r"mathlora\.toml", r"line \d",
+         setup=write("mathlora.toml", "this is = = not toml [\n")),
+    case("prepare-toml-empty", "template", ["prepare"], {75, 78}, r"data\.name|mathlora\.toml|train",
+         setup=write("mathlora.toml", "")),
+    case("run-toml-wrong-type", "template", ["run"], 78, r"train\.batch_size",
+         setup=write("mathlora.toml", '[train]\nbatch_size = "four"\n')),
+    case("prepare-toml-unknown-key", "template", ["prepare"], 78, r"lora\.rnak",
+         setup=write("mathlora.toml", "[lora]\nrnak = 4\n")),
+    case("run-toml-unknown-section", "template", ["run"], 78, r"trian",
+         setup=write("mathlora.toml", "[trian]\nepochs = 1\n")),
+    case("checkpoints-list-toml-binary", "trained", ["checkpoints", "list"], 78, r"mathlora\.toml",
+         setup=write("mathlora.toml", b"\xff\xfe\x00garbage\x00")),
+    case("eval-config-missing", "trained", ["eval", "--config", "{tmp}/nope.toml", *EVAL_FAST], 78, r"--config",
+         "nope.toml"),
+
+    # --- garbage data ------------------------------------------------------------------------------
+    case("prepare-broken-json-line", "template", ["prepare"], 78, r"train\.jsonl", r"line 3",
+         setup=write("data/train.jsonl", BROKEN_LINE)),
+    case("run-empty-train-file", "template", ["run"], 78, r"train\.jsonl", setup=write("data/train.jsonl", "")),
+    case("prepare-train-file-missing", "template", ["prepare"], 78, r"train\.jsonl", NOT_FOUND,
+         setup=remove("data/train.jsonl")),
+    case("prepare-train-file-binary", "template", ["prepare"], 78, r"train\.jsonl",
+         setup=write("data/train.jsonl", b"\x89PNG\r\n\x1a\n\x00\xff\xfe garbage\n")),
+    case("run-validation-file-broken", "template", ["run"], 78, r"test\.jsonl",
+         setup=write("data/test.jsonl", BROKEN_LINE)),
+
+    # --- a damaged base model ----------------------------------------------------------------------
+    case("prepare-model-config-garbage", "template", ["prepare"], 78, r"config\.json",
+         setup=write("mlx_model/config.json", "not json at all")),
+    case("run-model-weights-missing", "template", ["run"], 78, r"mlx_model|safetensors",
+         setup=remove("mlx_model/model.safetensors")),
+    case("generate-model-weights-garbage", "trained", ["generate", "--prompt", "1+1?", "--max-new-tokens", "2"], 78,
+         r"model\.safetensors", setup=write("mlx_model/model.safetensors", b"\x00" * 64)),
+    case("prepare-tokenizer-garbage", "template", ["prepare"], 78, r"tokenizer",
+         setup=write("mlx_model/tokenizer.json", "{ nope")),
+
+    # --- damaged adapters -------------------------------------------------------------------------
+    case("generate-adapters-garbage", "trained", ["generate", "--prompt", "1+1?", "--max-new-tokens", "2"], 78,
+         r"adapters\.safetensors", setup=write("adapters/adapters.safetensors", b"garbage" * 10)),
+    case("eval-adapters-garbage", "trained", ["eval", *EVAL_FAST], 78, r"adapters\.safetensors",
+         setup=write("adapters/adapters.safetensors", b"garbage" * 10)),
+    case("export-adapters-garbage", "trained", ["export", "--format", "peft"], 78, r"adapters\.safetensors",
+         setup=write("adapters/adapters.safetensors", b"garbage" * 10)),
+    case("fuse-adapters-garbage", "trained", ["fuse"], 78, r"adapters\.safetensors",
+         setup=write("adapters/adapters.safetensors", b"garbage" * 10)),
+    case("generate-adapter-config-garbage", "trained", ["generate", "--prompt", "1+1?", "--max-new-tokens", "2"],
+         78, r"adapter_config\.json", setup=write("adapters/adapter_config.json", "[1, 2")),
+    case("export-no-adapters", "template", ["export", "--format", "peft"], 78, r"adapters", NOT_FOUND),
+    case("fuse-adapter-path-missing", "trained", ["fuse", "--adapter-path", "{tmp}/nope"], 78, r"nope", NOT_FOUND),
+
+    # --- damaged checkpoints ------------------------------------------------------------------------
+    case("checkpoints-list-manifest-garbage", "trained", ["checkpoints", "list"], {0, 78},
+         r"(?i)manifest|invalid|damaged|unreadable", setup=damage_newest_manifest),
+    # `verify` documents exit 1 ("exit 1 when any fails", for scripts): a result, not a crash.
+    case("checkpoints-verify-manifest-garbage", "trained", ["checkpoints", "verify"], {0, 1, 78},
+         r"(?i)manifest|invalid", setup=damage_newest_manifest),
+    case("checkpoints-verify-weights-truncated", "trained", ["checkpoints", "verify"], {0, 1, 78},
+         r"(?i)invalid.*adapters\.safetensors|adapters\.safetensors.*(size|sha|invalid)",
+         setup=truncate_newest_weights),
+    # The run may fall back to the older intact checkpoint and finish: it then rewrites
+    # checkpoints/ and adapters/ (legitimate). It must name the damaged one either way.
+    case("run-manifest-garbage", "trained", ["run"], {0, 75, 78}, r"step-0*32|MANIFEST",
+         setup=damage_newest_manifest, writes=("checkpoints", "adapters")),
+    case("checkpoints-prune-keep-0", "trained", ["checkpoints", "prune", "--keep", "0"], 78, r"--keep"),
+
+    # --- damaged state, log, cache ----------------------------------------------------------------
+    case("status-status-json-garbage", "trained", ["status"], {0, 78}, r"status\.json",
+         setup=write("state/status.json", "{ garbage")),
+    case("logs-log-garbage", "trained", ["logs"], {0, 78}, r"not a json line|daemon\.jsonl",
+         setup=write("logs/daemon.jsonl", b"\xff\xfe\x00 not a json line\n{broken\n")),
+    case("plot-log-garbage", "trained", ["plot"], {0, 78}, r"daemon\.jsonl",
+         setup=write("logs/daemon.jsonl", b"\xff\xfe\x00 not a json line\n{broken\n")),
+    case("plot-no-log", "template", ["plot"], 78, r"(?i)daemon\.jsonl|no log"),
+    case("logs-event-no-log", "template", ["logs", "--event", "train.step"], {0, 78}, r"(?i)daemon\.jsonl|no log"),
+    # A damaged token cache is the daemon's to rebuild (it is derived from data/): writes cache/.
+    case("prepare-cache-meta-garbage", "trained", ["prepare"], {0, 78}, r"(?i)cache|meta\.json",
+         setup=damage_cache_meta, writes=("cache",)),
+
+    # --- wrong types and huge values through --set -----------------------------------------------
+    case("run-set-batch-size-negative", "template", ["run", "--set", "train.batch_size=-1"], 78,
+         r"train\.batch_size"),
+    case("prepare-set-batch-size-string", "template", ["prepare", "--set", 'train.batch_size="x"'], 78,
+         r"train\.batch_size"),
+    case("run-set-learning-rate-huge", "template", ["run", "--set", "train.learning_rate=1e99"], 78,
+         r"train\.learning_rate"),
+    case("prepare-set-max-seq-len-huge", "template", ["prepare", "--set", f"data.max_seq_len={10 ** 12}"], 78,
+         r"data\.max_seq_len"),
+    case("run-set-budget-negative", "template", ["run", "--set", "daemon.budget_hours=-5"], 78,
+         r"daemon\.budget_hours"),
+    case("run-set-rank-zero", "template", ["run", "--set", "lora.rank=0"], 78, r"lora\.rank"),
+    case("run-set-epochs-float", "template", ["run", "--set", "train.epochs=1.5"], 78, r"train\.epochs"),
+    case("run-set-template-nonsense", "template", ["run", "--set", "data.template=nonsense"], 78,
+         r"data\.template", "nonsense"),
+    case("generate-set-rank-huge", "trained", ["generate", "--prompt", "1+1?", "--set", f"lora.rank={10 ** 20}"],
+         78, r"lora\.rank"),
+    case("run-set-without-equals", "template", ["run", "--set", "train.batch_size"], {2, 78},
+         r"train\.batch_size"),
+    case("install-set-window-garbage", "template", ["install", "--print", "--system", "systemd", "--set",
+                                                     "daemon.window=whenever"], 78, r"daemon\.window"),
+
+    # --- usage errors (argparse: exit 2) ---------------------------------------------------------
+    case("run-unknown-flag", "template", ["run", "--frobnicate"], 2, r"--frobnicate"),
+    case("status-unknown-flag", "template", ["status", "--frobnicate"], 2, r"--frobnicate"),
+    case("checkpoints-unknown-action", "trained", ["checkpoints", "frobnicate"], 2, r"frobnicate"),
+    case("export-format-nope", "trained", ["export", "--format", "nope"], 2, r"nope"),
+    case("generate-no-prompt", "trained", ["generate"], 2, r"--prompt"),
+    case("logs-level-bogus", "trained", ["logs", "--level", "bogus"], 2, r"bogus"),
+    case("convert-quantize-3", "template", ["convert", "--quantize", "3"], 2, r"--quantize"),
+    case("launch-no-hosts", "template", ["launch"], 2, r"--hosts"),
+
+    # --- bad option values -------------------------------------------------------------------------
+    case("generate-max-new-tokens-0", "trained", ["generate", "--prompt", "1+1?", "--max-new-tokens", "0"], 78,
+         r"--max-new-tokens"),
+    case("generate-max-new-tokens-negative", "trained", ["generate", "--prompt", "1+1?", "--max-new-tokens", "-3"],
+         78, r"--max-new-tokens"),
+    case("generate-temperature-negative", "trained", ["generate", "--prompt", "1+1?", "--temperature", "-1"], 78,
+         r"--temperature"),
+    case("generate-adapter-path-missing", "trained", ["generate", "--prompt", "1+1?", "--adapter-path",
+                                                      "{tmp}/nope"], 78, r"nope", NOT_FOUND),
+    case("eval-limit-negative", "trained", ["eval", "--limit", "-1"], 78, r"--limit"),
+    case("eval-data-missing", "trained", ["eval", "--data", "{tmp}/missing.jsonl", *EVAL_FAST], 78, r"--data",
+         r"missing\.jsonl"),
+    case("eval-data-empty", "trained", ["eval", "--data", "{tmp}/empty.jsonl", *EVAL_FAST], 78, r"empty\.jsonl",
+         setup=lambda run: (run.parent / "empty.jsonl").write_text("")),
+    case("eval-data-broken-line", "trained", ["eval", "--data", "{tmp}/broken.jsonl", *EVAL_FAST], 78,
+         r"broken\.jsonl", r"line 3", setup=lambda run: (run.parent / "broken.jsonl").write_text(BROKEN_LINE)),
+    case("eval-out-below-a-file", "trained", ["eval", "--out", "{run}/mathlora.toml/out.json", *EVAL_FAST], 78,
+         r"--out|out\.json"),
+    case("plot-out-below-a-file", "trained", ["plot", "--out", "{run}/mathlora.toml/loss.png"], 78,
+         r"--out|loss\.png"),
+    case("export-out-below-a-file", "trained", ["export", "--out", "{run}/mathlora.toml/peft"], 78,
+         r"--out|peft"),
+    case("logs-lines-negative", "trained", ["logs", "-n", "-1"], 78, r"--lines"),
+    case("install-print-at-25-99", "template", ["install", "--print", "--system", "systemd", "--at", "25:99"],
+         {2, 78}, r"25:99"),
+    case("install-print-at-noon", "template", ["install", "--print", "--system", "systemd", "--at", "noon"],
+         {2, 78}, r"noon"),
+    case("install-print-hostfile-missing", "template", ["install", "--print", "--system", "systemd", "--hostfile",
+                                                        "{tmp}/hosts.json"], 78, r"--hostfile", r"hosts\.json"),
+    case("launch-hostfile-missing", "template", ["launch", "--hostfile", "{tmp}/hosts.json"], 78, r"hosts\.json"),
+    case("launch-hostfile-garbage", "template", ["launch", "--hostfile", "{tmp}/hosts.json"], 78, r"hosts\.json",
+         setup=lambda run: (run.parent / "hosts.json").write_text("{ not json")),
+    case("convert-source-missing", "template", ["convert", "--source", "{tmp}/no-such-model", "--force"], {75, 78},
+         r"no-such-model"),
+    case("convert-source-garbage-gguf", "template", ["convert", "--source", "{tmp}/model.gguf", "--force"], 78,
+         r"model\.gguf", setup=lambda run: (run.parent / "model.gguf").write_bytes(b"GGUF" + b"\x00" * 20)),
+    case("demo-rundir-below-a-file", "below-file", ["demo", "--prepare-only"], 78, "afile",
+         r"(?i)not a directory|no such|cannot"),
+
+    # --- the ways out: serve, export --format gguf, fuse to GGUF --------------------------------
+    case("serve-missing-rundir", "missing", ["serve"], 78, "typo", NOT_FOUND),
+    case("serve-port-0", "trained", ["serve", "--port", "0"], 78, r"--port"),
+    case("serve-port-huge", "trained", ["serve", "--port", "70000"], 78, r"--port 70000"),
+    case("serve-adapter-path-missing", "trained", ["serve", "--adapter-path", "{tmp}/nope", "--port", "1"], 78,
+         r"nope", NOT_FOUND),
+    case("export-gguf-base-gguf-garbage", "trained", ["export", "--format", "gguf", "--base-gguf", "{tmp}/b.gguf"],
+         78, r"b\.gguf", r"(?i)not a readable GGUF",
+         setup=lambda run: (run.parent / "b.gguf").write_bytes(b"GGUF" + b"\x00" * 40)),
+    case("export-gguf-base-gguf-missing", "trained", ["export", "--format", "gguf", "--base-gguf", "{tmp}/b.gguf"],
+         78, r"--base-gguf", NOT_FOUND),
+    case("export-gguf-not-llama", "trained", ["export", "--format", "gguf"], 78, r"qwen2", r"--format peft",
+         setup=lambda run: (run / "mlx_model" / "config.json").write_text(
+             (run / "mlx_model" / "config.json").read_text().replace('"llama"', '"qwen2"'))),
+    case("fuse-gguf-without-a-base", "trained", ["fuse", "--gguf"], 78, r"--base-gguf"),
+]
+
+
+def _ids() -> list[str]:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), "case ids are unique"
+    return ids
+
+
+def make_run(c: Case, tmp_path: Path, template_dir: Path, request) -> Path:
+    if c.base == "template":
+        run = tmp_path / "run"
+        shutil.copytree(template_dir, run)
+    elif c.base == "trained":
+        run = tmp_path / "run"
+        shutil.copytree(request.getfixturevalue("reference")["dir"], run)
+    elif c.base == "missing":
+        run = tmp_path / "missing" / "typo"
+    elif c.base == "below-file":
+        (tmp_path / "afile").write_text("a regular file\n")
+        run = tmp_path / "afile" / "run"
+    elif c.base == "is-file":
+        run = tmp_path / "afile"
+        run.write_text("a regular file\n")
+    else:
+        raise AssertionError(c.base)
+    if c.setup is not None:
+        c.setup(run)
+    return run
+
+
+def _restore_modes(root: Path) -> None:
+    """Undo read_only() so pytest can clean up (and the snapshot can read)."""
+    if root.is_dir() and not root.is_symlink():
+        root.chmod(stat.S_IMODE(root.stat().st_mode) | 0o700)
+        for sub in root.iterdir():
+            if sub.is_dir() and not sub.is_symlink():
+                sub.chmod(stat.S_IMODE(sub.stat().st_mode) | 0o700)
+
+
+def _changed(before: dict[str, str], after: dict[str, str], writes: tuple[str, ...]) -> list[str]:
+    keys = set(before) | set(after)
+    return sorted(k for k in keys if before.get(k) != after.get(k)
+                  and not any(k == w or k.startswith(w + os.sep) for w in writes))
+
+
+def _fill(text: str, run: Path, tmp: Path) -> str:
+    return text.replace("{run}", str(run)).replace("{tmp}", str(tmp))
+
+
+@pytest.mark.parametrize("c", CASES, ids=_ids())
+def test_bad_input(c: Case, tmp_path, template_dir, request):
+    run = make_run(c, tmp_path, template_dir, request)
+    argv = [_fill(a, run, tmp_path) for a in c.argv]
+    before = snapshot(tmp_path)  # the run directory and everything beside it
+    try:
+        result = cli(*argv, run=run if c.run_dir_arg else None, timeout=c.timeout)
+    finally:
+        _restore_modes(run)
+    output = result.stdout + result.stderr
+    shown = f"$ mathlora-daemon {' '.join(argv)} --run-dir {run}\nexit {result.returncode}\n{output[-3000:]}"
+
+    assert "Traceback" not in output, shown
+    assert result.returncode in CONTRACT or result.returncode in c.codes, f"exit code outside the contract\n{shown}"
+    assert result.returncode in c.codes, f"expected exit {sorted(c.codes)}\n{shown}"
+    for pattern in c.expect:
+        pattern = pattern.replace("{run}", re.escape(str(run))).replace("{tmp}", re.escape(str(tmp_path)))
+        assert re.search(pattern, output), f"the message does not name the offending thing ({pattern!r})\n{shown}"
+
+    after = snapshot(tmp_path)
+    rel = run.relative_to(tmp_path)
+    own = ("logs", "state", "daemon.lock", *c.writes)  # the daemon's bookkeeping, and what the row documents
+    changed = _changed(before, after, tuple(str(rel / w) for w in own))
+    assert not changed, f"changed {changed}\n{shown}"
+    if c.base == "missing":  # a command given a typo'd run directory creates nothing there
+        assert not (tmp_path / "missing").exists(), f"a typo'd --run-dir was created\n{shown}"
+
+
+# --- messages the issue calls out (the fixed behaviour) -----------------------------------------
+
+def test_status_of_a_missing_run_dir_says_it_does_not_exist(tmp_path):
+    typo = tmp_path / "nonexistent" / "typo"
+    result = cli("status", run=typo)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert result.returncode in (0, 78), output
+    assert "not started" not in output, output
+    assert re.search(r"(?i)does not exist|no such (run )?directory", output), output
+    assert str(typo) in output or "typo" in output, output
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_prune_with_a_single_checkpoint_says_nothing_to_prune_and_how_many_are_kept(reference, tmp_path):
+    run = shutil.copytree(reference["dir"], tmp_path / "run")
+    keep_only_newest_checkpoint(run)
+    (only,) = list((run / "checkpoints").glob("step-*"))
+    before = snapshot(run)
+    result = cli("checkpoints", "prune", "--keep", "1", run=run)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert result.returncode == 0, output
+    assert "no checkpoints" not in output, output  # there is one, and it is kept
+    assert re.search(r"(?i)nothing to prune|pruned 0|none pruned|0 pruned", output), output
+    assert re.search(r"(?i)\b1\b[^\n]*kept|kept[^\n]*\b1\b", output), output
+    assert only.is_dir() and snapshot(run) == before
+
+
+def test_eval_with_a_missing_data_file_names_the_option(reference, tmp_path):
+    run = shutil.copytree(reference["dir"], tmp_path / "run")
+    before = snapshot(run)
+    result = cli("eval", "--data", str(tmp_path / "missing.jsonl"), *EVAL_FAST, run=run)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert result.returncode == 78, output
+    assert "--data" in output and "missing.jsonl" in output, output
+    assert "data.name" not in output, output  # the config key was not what the user gave
+    assert snapshot(run) == before
+
+
+def test_a_broken_json_line_is_reported_without_a_stutter(template_dir, tmp_path):
+    run = shutil.copytree(template_dir, tmp_path / "run")
+    (run / "data" / "train.jsonl").write_text(BROKEN_LINE)
+    result = cli("prepare", run=run)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert result.returncode == 78, output
+    assert "train.jsonl" in output and "line 3" in output, output
+    assert not re.search(r"\bat at\b", output), output
