@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -233,6 +234,10 @@ class FileWatcher:
         """Stop watching and join the watchdog thread; safe to call twice."""
         observer, self.observer = self.observer, None
         if observer is not None:
+            # watchdog's inotify thread logs an ERROR ("queue_events() called when the
+            # thread is inactive") when a file event races its own shutdown: harmless
+            # (we are done watching), but it would be the last line a user sees.
+            logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
             observer.stop()
             observer.join()
 

@@ -344,7 +344,7 @@ def report_lines(report: dict) -> list[str]:
     if adapters:
         selected, steps = json_int(report.get("selected_step")), json_int(report.get("steps"))
         rule = report.get("selected_rule") or ("lowest validation loss" if selected != steps else "the last")
-        chosen = f"step {selected} of {steps}, {'the last' if rule == 'last' else rule}"
+        chosen = f"step {selected} of the {steps} trained, {'the last' if rule == 'last' else rule}"
         rows.append(("adapters", f"{adapters} ({chosen})"))
     best, base = json_number(report.get("best_val_loss")), json_number(report.get("base_val_loss"))
     if best is not None:

@@ -121,7 +121,7 @@ def test_the_best_checkpoint_is_kept_and_becomes_the_adapters(odd_validation, tm
     assert sha(run / "adapters" / "adapters.safetensors") == adapters_sha(kept[best["step"]])
     selected = json.loads((run / "adapters" / "adapter_config.json").read_text())["selected"]
     assert selected["step"] == best["step"] and selected["rule"] == "lowest validation loss"
-    assert f"step {best['step']} of {TOTAL}, lowest validation loss" in cli("status", run=run).stdout
+    assert f"step {best['step']} of the {TOTAL} trained, lowest validation loss" in cli("status", run=run).stdout
 
 
 def test_select_last_keeps_the_last_adapters(odd_validation, tmp_path):
@@ -131,7 +131,7 @@ def test_select_last_keeps_the_last_adapters(odd_validation, tmp_path):
     assert sha(run / "adapters" / "adapters.safetensors") == adapters_sha(kept[TOTAL])
     selected = json.loads((run / "adapters" / "adapter_config.json").read_text())["selected"]
     assert selected["rule"] == "last" and selected["step"] == TOTAL
-    assert f"step {TOTAL} of {TOTAL}, the last" in cli("status", run=run).stdout
+    assert f"step {TOTAL} of the {TOTAL} trained, the last" in cli("status", run=run).stdout
 
 
 def test_early_stopping_ends_the_run_after_evaluations_without_a_new_best(odd_validation, tmp_path):

@@ -382,7 +382,7 @@ def test_the_morning_report_says_which_adapters_how_much_better_and_how_to_try_t
 
     lines = report_lines(REPORT)
     assert lines == [
-        "adapters   /runs/night/adapters (step 300 of 400, lowest validation loss)",
+        "adapters   /runs/night/adapters (step 300 of the 400 trained, lowest validation loss)",
         "val loss   0.7500 at step 300 vs 1.0000 for the base model (-25.0%)",
         "train loss 1.2345 at step 1 -> 0.6789 (mean of the last 10 steps)",
         "eval       50 validation problems: accuracy 10.0% -> 30.0%, format 50.0% -> 96.0% (base -> adapters)",
@@ -396,5 +396,5 @@ def test_the_morning_report_warns_when_no_checkpoint_beat_the_base_model():
 
     worse = {**REPORT, "best_val_loss": 1.05, "selected_step": 400, "selected_rule": "last"}
     lines = report_lines(worse)
-    assert lines[0].endswith("(step 400 of 400, the last)")
+    assert lines[0].endswith("(step 400 of the 400 trained, the last)")
     assert lines[1].endswith("(+5.0%)") and lines[2].startswith("warning    no checkpoint beat the base model")
