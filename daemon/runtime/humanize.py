@@ -7,6 +7,7 @@ bar print; `--json` output keeps raw numbers (Unix seconds, UTC ISO) for scripts
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 
 def duration(seconds: float | None) -> str:
@@ -48,3 +49,18 @@ def ago(t: float | None, now: float) -> str:
     delta = now - float(t)
     when = local_time(t, now)
     return f"{when} ({duration(delta)} ago)" if delta >= 0 else f"{when} (in {duration(-delta)})"
+
+
+def local_clock(ts: Any) -> str:
+    """Given a log line's ``ts`` (UTC ISO, ``Z`` or offset), return local ``HH:MM:SS``
+    (the text itself when it is not ISO; ``--:--:--`` when there is none)."""
+    if isinstance(ts, str) and ts:
+        text = ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return ts
+        if moment.tzinfo is not None:
+            moment = moment.astimezone()
+        return moment.strftime("%H:%M:%S")
+    return "--:--:--"

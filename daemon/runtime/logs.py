@@ -16,6 +16,7 @@ import structlog
 
 from mathlora_checkpoints.fsio import ensure_private_dir
 from mathlora_daemon.rundir import RunDir
+from mathlora_daemon.runtime.humanize import local_clock
 
 MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 5
@@ -31,20 +32,11 @@ def console_order(_logger, _name, event_dict: dict) -> dict:
     rest as logged, `run` last; the UTC `ts` becomes local wall-clock time."""
     first = {k: event_dict[k] for k in ("ts", "level", "event") if k in event_dict}
     if isinstance(first.get("ts"), str):
-        first["ts"] = _local_clock(first["ts"])
+        first["ts"] = local_clock(first["ts"])
     ordered = {k: event_dict[k] for k in CONSOLE_FIRST if k in event_dict}
     rest = {k: v for k, v in event_dict.items() if k not in first and k not in ordered and k not in CONSOLE_LAST}
     last = {k: event_dict[k] for k in CONSOLE_LAST if k in event_dict}
     return {**first, **ordered, **rest, **last}
-
-
-def _local_clock(ts: str) -> str:
-    import datetime as dt
-
-    try:
-        return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone().strftime("%H:%M:%S")
-    except ValueError:
-        return ts
 
 
 class _ConsoleFilter(logging.Filter):

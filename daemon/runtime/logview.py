@@ -24,11 +24,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from mathlora_daemon.rundir import RunDir
+from mathlora_daemon.runtime.humanize import local_clock
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "exception": "error"}
@@ -95,7 +95,7 @@ def render_line(text: str, record: dict | None) -> str:
     if record is None:
         return text
     level, event = record.get("level"), record.get("event")
-    parts = [_local_clock(record.get("ts")), f"{level if isinstance(level, str) else '-':<7}",
+    parts = [local_clock(record.get("ts")), f"{level if isinstance(level, str) else '-':<7}",
              "-" if event is None else str(event)]
     parts += [f"{key}={_value(record[key])}" for key in sorted(record, key=str) if key not in _HIDDEN_KEYS]
     return " ".join(parts)
@@ -335,20 +335,6 @@ class _Follower:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def _local_clock(ts: Any) -> str:
-    """Given the ``ts`` field (UTC ISO, ``Z`` or offset), return local ``HH:MM:SS``."""
-    if isinstance(ts, str) and ts:
-        text = ts[:-1] + "+00:00" if ts.endswith(("Z", "z")) else ts
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            return ts
-        if moment.tzinfo is not None:
-            moment = moment.astimezone()
-        return moment.strftime("%H:%M:%S")
-    return "--:--:--"
 
 
 def _value(value: Any) -> str:
