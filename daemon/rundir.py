@@ -148,3 +148,17 @@ def write_problem(run: RunDir) -> OSError | None:
     if lock.is_dir():
         return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(lock))
     return None
+
+
+def unwritable_error(run: RunDir):
+    """Given a run directory, return the contract error for writing it (see
+    `write_problem`): a TemporaryFailure (75) for a full disk and the like, an
+    InputError (78) for permissions, a read-only mount or a wrong file type, each
+    saying `--run-dir X cannot be written: <path>: <reason> (<what to do>)`; or None."""
+    from mathlora_daemon.errors import classify_os_error
+
+    problem = write_problem(run)
+    if problem is None:
+        return None
+    error = classify_os_error(problem)
+    return type(error)(f"--run-dir {run.root} cannot be written: {error}")

@@ -35,13 +35,11 @@ def check_run_dir(command: str, run_dir: Path) -> None:
 def require_writable(run_dir: Path) -> None:
     """Raise the contract error (78; 75 for a full disk) when the run directory or a
     directory in it that the command writes cannot be written."""
-    from mathlora_daemon.errors import classify_os_error
-    from mathlora_daemon.rundir import write_problem
+    from mathlora_daemon.rundir import unwritable_error
 
-    problem = write_problem(RunDir(run_dir))
-    if problem is not None:
-        error = classify_os_error(problem)
-        raise type(error)(f"--run-dir {run_dir} cannot be written: {error}")
+    error = unwritable_error(RunDir(run_dir))
+    if error is not None:
+        raise error
 
 
 def config_path(args: Namespace) -> Path:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from mathlora_daemon import __version__
 from mathlora_daemon.config import Config, load_config
-from mathlora_daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure, classify_os_error
-from mathlora_daemon.rundir import RunDir, write_problem
+from mathlora_daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
+from mathlora_daemon.rundir import RunDir, unwritable_error
 from mathlora_daemon.runtime import crashguard
 from mathlora_daemon.runtime.logs import close_logging, setup_logging
 from mathlora_daemon.runtime.world import GO, World, init_world, start_handshake
@@ -98,22 +98,21 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
         gate.release(exit_code)
 
 
-def _cannot_write(run_dir: Path, problem: OSError, guarded: bool) -> int:
+def _cannot_write(run_dir: Path, error: InputError | TemporaryFailure, guarded: bool) -> int:
     """The run directory cannot be written: a temporary cause (a full disk) is 75; any
     other (permissions, a read-only mount, a file where a directory belongs) is 78, and
     since the crash guard cannot record it in the run directory, it is recorded in the
     user's state directory so launchd's next start ends the loop with 0."""
-    error = classify_os_error(problem)
     if isinstance(error, TemporaryFailure):
         raise error
-    reason = f"--run-dir {run_dir} cannot be written: {error}"
+    reason = str(error)
     repeated = crashguard.repeated_outside_failure(run_dir, reason) if guarded else None
     if repeated:
         print(f"mathlora-daemon run: not starting: {repeated}\nfix it, then start again "
               f"(`mathlora-daemon run --run-dir {run_dir}`, or reload the service)", file=sys.stderr)
         return EXIT_OK
     crashguard.record_outside_failure(run_dir, reason, time.time())
-    raise InputError(reason)
+    raise error
 
 
 def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool, world: World) -> int:
@@ -158,9 +157,9 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
     # launchd restarts us after every non-zero exit; the guard ends such loops. A start
     # from a terminal is a person trying again (after fixing data, freeing memory ...).
     guarded = not debug and not sys.stdin.isatty()
-    problem = write_problem(RunDir(run_dir))
-    if problem is not None:
-        return _cannot_write(run_dir, problem, guarded)
+    unwritable = unwritable_error(RunDir(run_dir))
+    if unwritable is not None:
+        return _cannot_write(run_dir, unwritable, guarded)
     crashguard.clear_outside_failure(run_dir)
     try:
         lock = acquire_lock(run_dir)
