@@ -315,8 +315,10 @@ def eval_main(cfg, run_dir: Path, data: str | None, split: str, subset: str | No
 
     run = RunDir(run_dir)
     adapters = adapter_path
-    if adapters is not None and not (adapters / ADAPTER_WEIGHTS).is_file():
-        raise InputError(f"--adapter-path: {adapters} holds no adapters.safetensors")
+    if adapters is not None:  # before the problems are read: a bad --adapter-path fails at once
+        from mathlora_daemon.modelio.loading import check_adapter_dir
+
+        check_adapter_dir(adapters)
     if adapters is None:
         if (run.adapters / ADAPTER_WEIGHTS).is_file():
             adapters = run.adapters
