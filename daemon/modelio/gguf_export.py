@@ -208,6 +208,21 @@ def check_gguf_fusable(adapter_dir: Path, model_dir: Path, base_gguf: Path) -> N
     _check_against(tensors, rank, _base_gguf_shapes(Path(base_gguf), config), Path(base_gguf))
 
 
+def copy_gguf_metadata(reader, writer, replace: dict | None = None) -> None:
+    """Copy every key of a GGUFReader's file to a GGUFWriter with its own types (arrays
+    keep their element type), the architecture (the writer's own) and the reader's
+    `GGUF.*` header fields aside; `replace` gives new values for some keys."""
+    import gguf
+
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value = (replace or {}).get(field.name, field.contents())
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+
+
 def fuse_gguf(adapter_dir: Path, model_dir: Path, base_gguf: Path, out_file: Path) -> dict:
     """Write the base GGUF with the adapters merged in: every tensor the adapters change
     becomes W + alpha / rank * B @ A (llama.cpp's own runtime formula, on the base file's
@@ -222,12 +237,7 @@ def fuse_gguf(adapter_dir: Path, model_dir: Path, base_gguf: Path, out_file: Pat
     reader = gguf.GGUFReader(str(base_gguf))
     _check_against(tensors, rank, _base_gguf_shapes(Path(base_gguf), config), Path(base_gguf))
     writer = gguf.GGUFWriter(str(out_file), "llama")
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    copy_gguf_metadata(reader, writer)
     floats = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
     fused, types = 0, {}
     for t in reader.tensors:

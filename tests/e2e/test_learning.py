@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,7 +21,7 @@ from mathlora_checkpoints.store import list_checkpoints, load_checkpoint
 from mathlora_daemon.training.lr import LRSchedule
 from mathlora_daemon.training.template import INSTRUCTION
 
-from runs import ENV, TOTAL, cli, copy, events, finish, sha, start, wait_for
+from runs import ENV, TOTAL, cli, copy, events, finish, free_ports, sha, start, wait_for
 
 PEAK, WARMUP, FLOOR = 2e-3, 3, 0.1  # runs.tiny_config's schedule: cosine, 3 warmup steps, floor 10%
 
@@ -256,28 +255,32 @@ def test_mlx_lm_generate_answers_as_ours_with_the_recorded_chat_format(reference
     assert text and text == _ours(run)
 
 
+def _chat(port: int, content: str):
+    """A poll for wait_for: one greedy chat completion of `content` from the server on
+    `port` (its JSON answer), or None while it is not listening yet."""
+    body = json.dumps({"messages": [{"role": "user", "content": content}], "temperature": 0,
+                       "max_tokens": 20}).encode()
+
+    def ask():
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    return ask
+
+
 def test_mlx_lm_server_answers_as_ours(reference):
     run = reference["dir"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     server = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(run / "mlx_model"),
                                "--adapter-path", str(run / "adapters"), "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
-        body = json.dumps({"messages": [{"role": "user", "content": f"{PROBLEM}\n{INSTRUCTION}"}],
-                           "temperature": 0, "max_tokens": 20}).encode()
-
-        def ask():
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    return json.loads(response.read())
-            except OSError:
-                return None
-
-        answer = wait_for(ask, server, "mlx_lm server to answer")
+        answer = wait_for(_chat(port, f"{PROBLEM}\n{INSTRUCTION}"), server, "mlx_lm server to answer")
         assert answer["choices"][0]["message"]["content"] == _ours(run)
     finally:
         server.kill()
@@ -288,26 +291,12 @@ def test_serve_answers_the_bare_problem_as_generate_does(reference):
     """`serve`: mlx-lm's server with the run's adapters and the recorded format, so a
     client sends only the problem (the instruction is added as in training)."""
     run = reference["dir"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     server = subprocess.Popen([sys.executable, "-m", "mathlora_daemon", "serve", "--run-dir", str(run),
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=ENV)
     try:
-        body = json.dumps({"messages": [{"role": "user", "content": PROBLEM}], "temperature": 0,
-                           "max_tokens": 20}).encode()
-
-        def ask():
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    return json.loads(response.read())
-            except OSError:
-                return None
-
-        answer = wait_for(ask, server, "mathlora-daemon serve to answer")
+        answer = wait_for(_chat(port, PROBLEM), server, "mathlora-daemon serve to answer")
         assert answer["choices"][0]["message"]["content"] == _ours(run)
     finally:
         server.terminate()

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mathlora_daemon.modelio.gguf_export import copy_gguf_metadata
+
 from runs import ENV, ROOT, cli
 
 PROBLEM = "What is 7 times 8?"
@@ -38,15 +40,7 @@ def f32_copy(src: Path, dst: Path) -> Path:
 
     reader = gguf.GGUFReader(str(src))
     writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE:
-            value = int(gguf.LlamaFileType.ALL_F32)
-        vtype = field.types[0]
-        writer.add_key_value(field.name, value, vtype,
-                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    copy_gguf_metadata(reader, writer, {gguf.Keys.General.FILE_TYPE: int(gguf.LlamaFileType.ALL_F32)})
     for t in reader.tensors:
         shape = tuple(reversed([int(x) for x in t.shape]))
         writer.add_tensor(t.name, dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape))
