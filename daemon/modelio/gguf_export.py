@@ -72,9 +72,10 @@ def _model_config(model_dir: Path) -> dict:
     return config
 
 
-def _base_gguf_shapes(base_gguf: Path, config: dict) -> dict[str, tuple[int, ...]]:
-    """Read a base GGUF's header: check it is the same architecture and head layout as
-    the MLX model, and return {tensor name: numpy shape} to check every pair against."""
+def _open_base_gguf(base_gguf: Path, config: dict):
+    """Open a base GGUF: check it is the same architecture and head layout as the MLX
+    model, and return (its GGUFReader, {tensor name: numpy shape} to check every pair
+    against)."""
     import gguf
 
     try:
@@ -94,7 +95,7 @@ def _base_gguf_shapes(base_gguf: Path, config: dict) -> dict[str, tuple[int, ...
     if (heads, kv if kv is not None else heads) != want:
         raise InputError(f"--base-gguf {base_gguf}: {heads} query / {kv} key-value heads, the adapters' base has "
                          f"{want[0]} / {want[1]}: not the same model")
-    return {t.name: tuple(int(x) for x in reversed(list(t.shape))) for t in reader.tensors}
+    return reader, {t.name: tuple(int(x) for x in reversed(list(t.shape))) for t in reader.tensors}
 
 
 def gguf_tensors(weights: dict, config: dict) -> tuple[dict, int, list[str], list[int]]:
@@ -169,7 +170,7 @@ def export_gguf(adapter_dir: Path, model_dir: Path, out_dir: Path, outtype: str 
     adapter_dir, model_dir, out_dir = Path(adapter_dir), Path(model_dir), Path(out_dir)
     tensors, rank, alpha, leaves, config = _adapter(adapter_dir, model_dir)
     if base_gguf is not None:
-        _check_against(tensors, rank, _base_gguf_shapes(Path(base_gguf), config), Path(base_gguf))
+        _check_against(tensors, rank, _open_base_gguf(Path(base_gguf), config)[1], Path(base_gguf))
     check_replaceable(out_dir, is_gguf_export, "a previous GGUF export")
     tmp = new_tmp_dir(out_dir)
     try:
@@ -205,7 +206,7 @@ def check_gguf_fusable(adapter_dir: Path, model_dir: Path, base_gguf: Path) -> N
     if not Path(base_gguf).is_file():
         raise InputError(f"--base-gguf {base_gguf}: no such file")
     tensors, rank, _alpha, _leaves, config = _adapter(Path(adapter_dir), Path(model_dir))
-    _check_against(tensors, rank, _base_gguf_shapes(Path(base_gguf), config), Path(base_gguf))
+    _check_against(tensors, rank, _open_base_gguf(Path(base_gguf), config)[1], Path(base_gguf))
 
 
 def copy_gguf_metadata(reader, writer, replace: dict | None = None) -> None:
@@ -234,8 +235,8 @@ def fuse_gguf(adapter_dir: Path, model_dir: Path, base_gguf: Path, out_file: Pat
     from gguf.quants import dequantize
 
     tensors, rank, alpha, _leaves, config = _adapter(Path(adapter_dir), Path(model_dir))
-    reader = gguf.GGUFReader(str(base_gguf))
-    _check_against(tensors, rank, _base_gguf_shapes(Path(base_gguf), config), Path(base_gguf))
+    reader, shapes = _open_base_gguf(Path(base_gguf), config)
+    _check_against(tensors, rank, shapes, Path(base_gguf))
     writer = gguf.GGUFWriter(str(out_file), "llama")
     copy_gguf_metadata(reader, writer)
     floats = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
