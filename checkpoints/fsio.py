@@ -77,6 +77,46 @@ def atomic_write_via(path: Path, write) -> None:
     fsync_dir(path.parent)
 
 
+def pid_exists(pid: int) -> bool:
+    """Given a process id, return whether a process of that id exists (another user's
+    counts: signal 0 is refused, not answered with "no such process")."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temporaries(directory: Path, pid_alive=pid_exists) -> list[Path]:
+    """Given a directory written through atomic_write_via (the final adapters/), remove
+    the temporary files ``.tmp-<pid>-<name>`` whose writer is gone (killed mid-write,
+    they would stay forever) and return the removed paths, by name. A live writer's
+    temporary is kept, and so is every other name (the user's files). Call it before
+    this process writes there: a temporary carrying this very process's id is then a
+    leftover of an earlier process that had the same id (a container restarts its
+    daemon as pid 1), and is removed. `pid_alive(pid)` is injectable for tests."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in entries:
+        pid, sep, rest = entry.name[len(TMP_PREFIX):].partition("-")
+        ours = entry.name.startswith(TMP_PREFIX) and sep and rest and pid.isascii() and pid.isdigit()
+        if not ours or not entry.is_file(follow_symlinks=False):
+            continue
+        if int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
+        path = Path(entry.path)
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        fsync_dir(Path(directory))
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Given a target path and its new content, replace it atomically and durably."""
     atomic_write_via(path, lambda tmp: write_bytes_durable(tmp, data))

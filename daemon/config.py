@@ -284,8 +284,30 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# The longest string a key accepts: a path, a repo id or a window are far shorter, and
+# a longer value (a file pasted into --set) would only be echoed back in messages.
+MAX_STRING = 4096
+# How much of a value a message shows: enough to recognise it, never a pasted file.
+SHOWN_CHARS = 80
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Given a text for a message, return it whole when short, else its first `limit`
+    characters followed by its length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _fmt(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (str, list, bool)) else repr(value)
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:
+        return f'{json.dumps(value[:SHOWN_CHARS])[:-1]}..." ({len(value)} characters)'
+    return shorten(json.dumps(value) if isinstance(value, (str, list, bool)) else repr(value))
+
+
+def _too_long(value: Any) -> int | None:
+    """The length of a string (or a list's string) over MAX_STRING, else None."""
+    texts = value if isinstance(value, list) else [value]
+    longest = max((len(t) for t in texts if isinstance(t, str)), default=0)
+    return longest if longest > MAX_STRING else None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -298,7 +320,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or "." not in key:
-        raise InputError(f"--set {text!r}: expected section.key=value, e.g. --set train.learning_rate=2e-4")
+        raise InputError(f"--set {shorten(repr(text))}: expected section.key=value, e.g. --set "
+                         "train.learning_rate=2e-4")
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -307,9 +330,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def check_config_file(path: Path, option: str = "") -> bool:
+    """Given a config file's path (and the option that named it, for messages), return
+    whether it exists as a regular file (False: absent); raise InputError for a dangling
+    symbolic link (naming where it points), a directory or anything else that is not a
+    regular file: a FIFO would block the read, /dev/zero never end it. Only stat() is
+    used, which never blocks."""
+    import os
+    import stat
+
+    named = f"{option} {path}" if option else str(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise InputError(f"{named}: a symbolic link to {os.readlink(path)}, which does not exist; fix or "
+                             "remove the link") from None
+        return False
+    except OSError as exc:  # no permission on a directory above it, a loop of links ...
+        raise InputError(f"{named}: cannot read the config file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{named}: is a directory, not a config file; name a TOML file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{named}: not a regular file (a FIFO, socket or device), so not a config file; name a "
+                         "TOML file")
+    return True
+
+
 def _read_toml(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark, which some Windows editors write, is not TOML.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc})") from None
     except OSError as exc:  # a directory, no permission ...: still a config error (exit 78)
@@ -331,7 +382,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
     errors: list[str] = []
     values: dict[str, tuple[Any, str]] = {}  # "section.key" -> (raw value, where it came from)
 
-    if path is not None and Path(path).exists():
+    if path is not None and check_config_file(Path(path)):
         where = str(path)
         data = _read_toml(Path(path))
         for section, body in data.items():
@@ -345,9 +396,11 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
             for key, value in body.items():
                 values[f"{section}.{key}"] = (value, where)
 
+    raw: dict[str, str] = {}  # "section.key" -> the text after '=' of its --set
     for text in overrides:
         key, value = parse_override(text)
-        values[key] = (value, f"--set {text}")
+        values[key] = (value, f"--set {shorten(text)}")
+        raw[key] = text.split("=", 1)[1].strip()
 
     cfg = Config()
     for dotted, (value, where) in values.items():
@@ -357,10 +410,15 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
             errors.append(f"{where}: unknown key '{dotted}'{_suggest(dotted, ALL_KEYS)}")
             continue
         if kind is str and where.startswith("--set") and not isinstance(value, str):
-            value = where.split("=", 1)[1].strip()  # `--set model.name=2024` means the string
+            value = raw[dotted]  # `--set model.name=2024` means the string
         ok, converted = _coerce(value, kind)
         if not ok:
             errors.append(f"{where}: {dotted} = {_fmt(value)} has the wrong type: expected {_TYPE_NAMES[kind]}")
+            continue
+        length = _too_long(converted)
+        if length is not None:
+            errors.append(f"{where}: {dotted} = {_fmt(converted)} is not allowed: a string of {length} characters, "
+                          f"expected at most {MAX_STRING}")
             continue
         meta = KEYS[dotted].metadata
         if meta["check"] and not meta["check"](converted):

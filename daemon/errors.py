@@ -5,6 +5,7 @@ import errno
 EXIT_OK = 0
 EXIT_TEMPFAIL = 75  # safe to retry (launchd/systemd restart it)
 EXIT_CONFIG = 78  # configuration or input error: a restart cannot fix it
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: at once, without a checkpoint of the unfinished step
 
 
 class InputError(Exception):

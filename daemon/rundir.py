@@ -19,8 +19,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass(frozen=True)
 class RunDir:
-    """A run directory. `debug` is the `run --debug` variant, whose checkpoints and
-    adapters live under `debug/` so a quick check never touches the real ones."""
+    """A run directory. `debug` is the `run --debug` variant: everything it writes
+    (checkpoints, adapters, its status, log, lock, crash records and report) lives under
+    `debug/`, so a quick check never touches the real run; it reads the real run's
+    config, model, data and token cache."""
 
     root: Path
     debug: bool = False
@@ -60,24 +62,34 @@ class RunDir:
         return self.root / "debug"
 
     @property
+    def scratch(self) -> Path:
+        """Where this run's own files go: the run directory, or debug/ for --debug."""
+        return self.debug_root if self.debug else self.root
+
+    @property
     def checkpoints(self) -> Path:
         """checkpoints/step-<8 digits>/ (debug/checkpoints/ for --debug)."""
-        return (self.debug_root if self.debug else self.root) / "checkpoints"
+        return self.scratch / "checkpoints"
 
     @property
     def adapters(self) -> Path:
         """adapters/: the final adapters in mlx-lm's format (debug/adapters/ for --debug)."""
-        return (self.debug_root if self.debug else self.root) / "adapters"
+        return self.scratch / "adapters"
+
+    @property
+    def report_file(self) -> Path:
+        """report.json: the morning report, written at every end of the run, kept by later starts."""
+        return self.scratch / "report.json"
 
     # -- the runtime's files ---------------------------------------------------------------
     @property
     def log_file(self) -> Path:
         """logs/daemon.jsonl: the structured log, rotated."""
-        return self.root / LOG_FILE
+        return self.scratch / LOG_FILE
 
     @property
     def state(self) -> Path:
-        return self.root / "state"
+        return self.scratch / "state"
 
     @property
     def status_file(self) -> Path:
@@ -88,6 +100,11 @@ class RunDir:
     def control_file(self) -> Path:
         """state/control.json: the last pause/resume/stop request from the CLI."""
         return self.state / "control.json"
+
+    @property
+    def control_ack_file(self) -> Path:
+        """state/control-ack.json: the daemon's acknowledgement of the last request it took."""
+        return self.state / "control-ack.json"
 
     @property
     def starts_file(self) -> Path:
@@ -102,7 +119,7 @@ class RunDir:
     @property
     def lock_file(self) -> Path:
         """daemon.lock: the single-instance lock (flock)."""
-        return self.root / LOCK_FILE
+        return self.scratch / LOCK_FILE
 
     # -- what the other commands write -----------------------------------------------------
     def export(self, fmt: str) -> Path:

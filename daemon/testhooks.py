@@ -5,7 +5,9 @@ micro-batches, halfway through a checkpoint save) and make a save fail with ENOS
 Timing a kill from outside would be a race; instead the daemon announces that it
 reached the point by creating a marker file and then blocks until it is killed:
 
-    MATHLORA_TEST_HOLD="<point>@<step>:<marker path>"   point: micro | save
+    MATHLORA_TEST_HOLD="<point>@<step>:<marker path>"   point: start | micro | save | eval | final_eval | exit
+        (a stop signal raises out of the wait inside a validation pass or the final eval,
+        which are interruptible: that is what the tests of a prompt SIGTERM check)
     MATHLORA_TEST_HOLD="<point>@<step>:<marker path>:<release path>"
         the same, but go on once the release file exists (a distributed test holds one
         rank there, signals it, then lets it reach the next collective)

@@ -142,7 +142,11 @@ def events(run_dir: Path, name: str | None = None) -> list[dict]:
     path = run_dir / "logs" / "daemon.jsonl"
     if not path.exists():
         return []
-    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    # A live daemon may be writing the last line right now (a write that crosses a page
+    # is seen in two parts): only lines that end with a newline are complete.
+    lines = text.split("\n")[:-1]
+    out = [json.loads(line) for line in lines if line.strip()]
     for e in out:  # the log contract holds for every line
         assert {"ts", "level", "event", "run"} <= e.keys(), e
     return [e for e in out if name is None or e["event"] == name]

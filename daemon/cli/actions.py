@@ -7,11 +7,13 @@ so `status`, `logs` and the control commands answer fast.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from argparse import Namespace
 from pathlib import Path
 
-from mathlora_daemon.config import Config, load_config
+from mathlora_daemon import testhooks
+from mathlora_daemon.config import Config, check_config_file, load_config
 from mathlora_daemon.errors import InputError, TemporaryFailure
 from mathlora_daemon.rundir import RunDir
 
@@ -45,7 +47,7 @@ def require_writable(run_dir: Path) -> None:
 def config_path(args: Namespace) -> Path:
     """The config file the options name: --config (which must exist), else <run-dir>/mathlora.toml."""
     if args.config is not None:
-        if not args.config.is_file():
+        if not check_config_file(args.config, "--config"):  # a directory, FIFO, device: said what it is
             raise InputError(f"--config {args.config}: no such file")
         return args.config
     return RunDir(args.run_dir).config
@@ -65,8 +67,11 @@ def _positive(value: int | None, option: str, minimum: int, what: str = "") -> N
 
 def run(args: Namespace) -> int:
     from mathlora_daemon.evaluation.evaluate import final_eval
+    from mathlora_daemon.runtime.signals import ignore_late_stops
     from mathlora_daemon.training.run import run_command
 
+    ignore_late_stops()  # this process ends with training: a signal after the stop has nothing to stop
+    testhooks.hold_point("start", 0)
     return run_command(args.run_dir, config_path(args), args.overrides, debug=args.debug, final_eval=final_eval)
 
 
@@ -85,7 +90,9 @@ def prepare(args: Namespace) -> int:
     finally:
         close_logging()
     m = cache.meta
-    print(f"rows {m['rows']}, used {m['used_rows']}, skipped {m['skipped_rows']}, sequences {m['sequences']}, "
+    first = m.get("skipped_examples") or []  # which rows, so they can be found and fixed
+    print(f"rows {m['rows']}, used {m['used_rows']}, skipped {m['skipped_rows']}"
+          + (f" (first: {'; '.join(first)})" if first else "") + f", sequences {m['sequences']}, "
           f"tokens {m['tokens']}, over max_seq_len {m['exceeded_max_seq_len']} "
           f"({100 * m['exceeded_max_seq_len'] / max(m['used_rows'], 1):.1f}%) -> {cache.path}")
     return 0
@@ -116,16 +123,26 @@ def logs(args: Namespace) -> int:
 
 
 def control(args: Namespace) -> int:
-    """pause, resume, stop: a request in state/control.json for the running daemon."""
-    from mathlora_daemon.runtime.control import write_request
+    """pause, resume, stop: a request in state/control.json for the running daemon,
+    answered "accepted" only once the daemon has acknowledged it."""
+    from mathlora_daemon.errors import EXIT_TEMPFAIL
+    from mathlora_daemon.runtime.control import send_request
     from mathlora_daemon.runtime.lock import probe_lock
 
-    running, pid = probe_lock(args.run_dir)
-    if not running:
-        print(f"no daemon is running in {args.run_dir}; nothing to {args.command}", file=sys.stderr)
+    outcome, request, pid = send_request(args.run_dir, args.command, probe_lock)
+    if outcome == "no_daemon":
+        gone = f" (daemon pid {pid} exited before reading the request)" if pid else ""
+        print(f"no daemon is running in {args.run_dir}{gone}; nothing to {args.command}", file=sys.stderr)
         return 1
-    request = write_request(args.run_dir, args.command)
-    print(f"{args.command} requested (id {request['id'][:8]}); daemon pid {pid} acts at the next step boundary")
+    if outcome == "unacknowledged":
+        print(f"{args.command} requested (id {request['id'][:8]}) but daemon pid {pid} has not acknowledged it "
+              "within 10 s (suspended or busy? `mathlora-daemon status` tells); the request stays and is acted "
+              "on when the daemon reads it", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    what = {"stop": "checkpoints at the next step boundary and exits",
+            "pause": "checkpoints at the next step boundary and waits (`mathlora-daemon resume` continues)",
+            "resume": "continues training"}[args.command]
+    print(f"{args.command} accepted (id {request['id'][:8]}) by daemon pid {pid}: it {what}")
     return 0
 
 
@@ -144,8 +161,8 @@ def checkpoints(args: Namespace) -> int:
     try:
         lock = acquire_lock(args.run_dir, retries=0.2)
     except LockHeld as exc:
-        raise TemporaryFailure(f"{exc}; stop it first (`mathlora-daemon stop`): it prunes its own checkpoints "
-                               "as it trains") from None
+        stop = shlex.join(["mathlora-daemon", "stop", "--run-dir", str(args.run_dir)])  # quoted: it pastes
+        raise TemporaryFailure(f"{exc}; stop it first (`{stop}`): it prunes its own checkpoints as it trains") from None
     except FileNotFoundError:
         raise InputError(f"--run-dir {args.run_dir}: no such directory") from None
     with lock:
@@ -214,7 +231,7 @@ def _recorded_base_gguf(cfg: Config, run: RunDir) -> Path | None:
 def _export_gguf(args: Namespace, cfg: Config, run: RunDir, adapter_dir: Path, out: Path) -> int:
     from mathlora_daemon.evaluation.evaluate import STOP_MARKERS, recorded_template
     from mathlora_daemon.modelio.gguf_export import export_gguf, modelfile_text, ollama_template
-    from mathlora_daemon.modelio.loading import check_adapter_dir
+    from mathlora_daemon.modelio.loading import check_adapter_dir, check_model_dir
     from mathlora_daemon.training.template import PromptFormat
 
     model_dir = run.model(cfg.model.path)
@@ -222,6 +239,7 @@ def _export_gguf(args: Namespace, cfg: Config, run: RunDir, adapter_dir: Path, o
     if base_gguf is not None and not Path(base_gguf).is_file():
         raise InputError(f"--base-gguf {base_gguf}: no such file")
     check_adapter_dir(adapter_dir)
+    check_model_dir(model_dir)  # names a missing tokenizer before transformers' misleading message
     from mlx_lm.utils import load_tokenizer
 
     fmt = PromptFormat.of(recorded_template(adapter_dir, cfg.data.template), load_tokenizer(model_dir))
@@ -237,7 +255,7 @@ def _export_gguf(args: Namespace, cfg: Config, run: RunDir, adapter_dir: Path, o
     print(f"exported {info['tensors']} tensors (rank {info['rank']}, alpha {info['alpha']:g}, {info['outtype']}, "
           f"{', '.join(info['target_modules'])}) -> {info['file']}  ({info['bytes'] / 1e6:.1f} MB)")
     print(f"Ollama Modelfile -> {out / 'Modelfile'} (FROM {base_ref}); then: ollama create my-math -f "
-          f"{out / 'Modelfile'}")
+          f"{shlex.quote(str(out / 'Modelfile'))}")  # quoted: it works pasted, spaces and all
     if base_gguf is None:
         print("note: no base GGUF known (--base-gguf); the Modelfile's FROM needs one", file=sys.stderr)
     return 0
@@ -277,10 +295,10 @@ def serve(args: Namespace) -> int:
     adapters = None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
     template = recorded_template(adapters, cfg.data.template)
     model_dir = RunDir(args.run_dir).model(cfg.model.path)
-    print(f"serving {model_dir}" + (f" with adapters {adapters}" if adapters else " (no adapters)")
-          + f", {template} prompt format, on http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, "
-          "/v1/completions); Ctrl-C stops", file=sys.stderr, flush=True)
-    return serve_main(model_dir, adapters, template, args.host, args.port, args.max_tokens)
+    banner = (f"serving {model_dir}" + (f" with adapters {adapters}" if adapters else " (no adapters)")
+              + f", {template} prompt format, on http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, "
+              "/v1/completions, /v1/models); Ctrl-C stops")
+    return serve_main(model_dir, adapters, template, args.host, args.port, args.max_tokens, banner=banner)
 
 
 # --- evaluation -----------------------------------------------------------------------------

@@ -11,6 +11,8 @@ into a Config.
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from pathlib import Path
 
 from mathlora_daemon import __version__
@@ -54,8 +56,37 @@ def normalize(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a way out when a value starts with '-': `--run-dir -dash` reads to
+    argparse as an option with no value, so say how to write it (`--run-dir=-dash`, or
+    `./-dash` for a path). Subparsers are made of the same class."""
+
+    argv: list[str] = []  # the command line being parsed (set by `parse`)
+
+    def error(self, message: str):
+        match = re.match(r"argument (\S+): expected one argument$", message)
+        action = self._option_string_actions.get(match.group(1).split("/")[0]) if match else None
+        if action is not None:
+            for option in action.option_strings:
+                value = _dash_value(Parser.argv, option)
+                if value is not None:
+                    long = max(action.option_strings, key=len)  # `-n=-3` would not parse; `--lines=-3` does
+                    path = f", or ./{value} for a path" if action.type is Path else ""
+                    message += f" ({value!r} starts with '-', so it reads as an option: write {long}={value}{path})"
+                    break
+        super().error(message)
+
+
+def _dash_value(argv: list[str], option: str) -> str | None:
+    """The value after `option` in argv when it starts with '-' (argparse took it for an option)."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg == option and argv[i + 1].startswith("-") and argv[i + 1] not in ("-", "--"):
+            return argv[i + 1]
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mathlora-daemon", description=DESCRIPTION)
+    parser = Parser(prog="mathlora-daemon", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mathlora-daemon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -68,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="quick check: the first 10 rows, a few steps, adapters to <run-dir>/debug/adapters")
 
-    p = command("status", "what the daemon is doing (or did last), fast, whether it runs or not", config=False)
+    # status and logs read no config, but take --config/--set like every command (README
+    # says so), so a command line edited from another command's still works.
+    p = command("status", "what the daemon is doing (or did last), fast, whether it runs or not")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = command("logs", "show the structured log (last lines, follow, filter)", config=False)
+    p = command("logs", "show the structured log (last lines, follow, filter)")
     p.add_argument("-n", "--lines", type=int, default=20, help="how many of the last matching lines (default 20)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines, across rotation")
     p.add_argument("--level", choices=["debug", "info", "warning", "error", "critical"], help="minimum level")
@@ -209,4 +242,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse a command line into normalized arguments (argparse exits 2 on misuse)."""
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
     return normalize(build_parser().parse_args(argv))

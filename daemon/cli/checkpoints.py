@@ -24,13 +24,15 @@ def _row(info: CheckpointInfo, problem: str | None = None, checked: bool = False
     return row
 
 
-def _table(rows: list[dict], out: TextIO, now: float, empty: str = "no checkpoints") -> None:
+def _table(rows: list[dict], out: TextIO, now: float, empty: str = "no checkpoints", pruned: bool = False) -> None:
     if not rows:
         out.write(f"{empty}\n")
         return
     for r in rows:
         when = humanize.ago(r["created"], now) if r["created"] else "?"
-        if "valid" in r:
+        if pruned:  # removed just now: there is no manifest left to read, by design
+            status = "  pruned"
+        elif "valid" in r:
             status = "  ok" if r["valid"] else f"  INVALID: {r['problem']}"
         else:  # list reads manifests only: say when one cannot be read, without hashing anything
             problem = manifest_problem(Path(r["path"]))
@@ -62,6 +64,6 @@ def checkpoints_command(action: str, root: Path, keep: int, as_json: bool, out: 
         out.write(f"nothing to prune: {len(kept)} checkpoint(s) kept ({rule})\n")
         return 0
     out.write(f"pruned {len(rows)} checkpoint(s):\n")
-    _table(rows, out, now)
+    _table(rows, out, now, pruned=True)
     out.write(f"{len(kept)} checkpoint(s) kept ({rule})\n")
     return 0

@@ -208,8 +208,8 @@ def measure_skill(model_dir: Path, problems: list[dict], max_tokens: int = 128, 
     format compliance in the demo's chat format (what the demo shows as "before")."""
     from mlx_lm.utils import load
 
-    from mathlora_daemon.evaluation.answers import answers_match, last_boxed
     from mathlora_daemon.evaluation.evaluate import answer_and_score, batched_greedy, summarize
+    from mathlora_daemon.training.answers import answers_match, last_boxed
 
     model, tokenizer = load(str(model_dir))
     prompts = [list(tokenizer.encode(f"Q: {p['problem']}\nA:")) for p in problems]

@@ -4,12 +4,20 @@ Given a run directory, write a tiny Llama-architecture model (tokenizer trained 
 demo data, same layout as a converted model) in `mlx_model/`, synthetic step-by-step
 math problems in `data/` (train + held-out test), and a `mathlora.toml` pointing at
 them; then train, and show the loss and a generation before and after.
+
+Run again in its own directory, the demo starts its training from scratch: it removes
+what the previous demo's training and the commands it suggested wrote (checkpoints,
+adapters, state, logs, report, export, fused, loss.png, debug) and says so; the model,
+data, config and token cache are kept. Without that, the daemon would find the previous
+run finished and the SIGTERM step already logged. The `next:` lines are printed to be
+pasted as they are: the console script by its real path, every path shell-quoted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -36,7 +44,7 @@ MARKER = "mathlora-daemon demo run directory"
 # What a demo run directory may already hold, the outputs of every command a user may
 # try on it included (anything else: refuse, lose nothing).
 DEMO_ENTRIES = {CONFIG_FILE, LOCK_FILE, ".tmp-mlx_model", "mlx_model", "data", "cache", "checkpoints", "adapters",
-                "logs", "state", "debug", "export", "fused", "loss.png"}
+                "logs", "state", "debug", "export", "fused", "loss.png", "report.json"}
 LEARNING_RATE = 3e-3
 
 
@@ -96,6 +104,52 @@ def prepare_demo(run_dir: Path) -> Config:
     return load_config(config_path)
 
 
+def training_outputs(run_dir: Path) -> list[Path]:
+    """Given a demo run directory, return what training and the commands the demo
+    suggests write there (what a second demo must not start from)."""
+    run = RunDir(run_dir)
+    return [run.checkpoints, run.adapters, run.state, run.log_file.parent, run.report_file, run.debug_root,
+            run.export("peft").parent, run.fused, run.plot]
+
+
+def clear_previous_run(run_dir: Path) -> list[str]:
+    """Given a demo run directory (check_run_dir passed), remove the previous demo's
+    training outputs and return their names; raise InputError while a daemon trains
+    there (its files are not ours to remove then)."""
+    from mathlora_daemon.runtime.lock import probe_lock
+
+    running, pid = probe_lock(run_dir)
+    if running:
+        raise InputError(f"--run-dir {run_dir}: a daemon (pid {pid}) is training there; stop it first "
+                         f"({_command('stop', run_dir)}) or choose another directory for the demo")
+    cleared = []
+    for path in training_outputs(run_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        cleared.append(path.name)
+    return cleared
+
+
+def console_script() -> list[str]:
+    """How to run this very installation from a shell: the `mathlora-daemon` script beside
+    the interpreter (a venv's bin/) when there is one, else `python -m mathlora_daemon`
+    with this interpreter; absolute, so a pasted line works from any directory."""
+    script = Path(sys.executable).parent / "mathlora-daemon"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script.absolute())]
+    return [str(Path(sys.executable).absolute()), "-m", "mathlora_daemon"]
+
+
+def _command(command: str, run_dir: Path, *args: str) -> str:
+    """One command line to paste: the console script, the command, --run-dir and the
+    arguments, every word shell-quoted."""
+    return shlex.join([*console_script(), command, "--run-dir", str(run_dir), *args])
+
+
 def _steps_logged(run_dir: Path) -> list[dict]:
     path = RunDir(run_dir).log_file
     if not path.exists():
@@ -106,10 +160,11 @@ def _steps_logged(run_dir: Path) -> list[dict]:
 def _train(run_dir: Path, interrupt_at: int | None) -> int:
     """Run `mathlora-daemon run` as its own process, as launchd would; with interrupt_at,
     send it SIGTERM once that step is logged. Return its exit code."""
+    before = len(_steps_logged(run_dir))  # only steps this daemon logs count
     proc = subprocess.Popen([sys.executable, "-m", "mathlora_daemon", "run", "--run-dir", str(run_dir)])
     try:
         while interrupt_at is not None and proc.poll() is None:
-            steps = _steps_logged(run_dir)
+            steps = _steps_logged(run_dir)[before:]
             if steps and steps[-1]["step"] >= interrupt_at:
                 proc.send_signal(signal.SIGTERM)
                 break
@@ -147,6 +202,9 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
           f"data {run_dir / 'data'} ({N_TEST} held-out problems), config {run_dir / CONFIG_FILE}")
     if prepare_only:
         return 0
+    cleared = clear_previous_run(run_dir)
+    if cleared:
+        print(f"starting from scratch: removed the previous demo's {', '.join(cleared)} in {run_dir}")
     test = json.loads((run_dir / "data" / "test.jsonl").read_text().splitlines()[1])
     print(f"\nproblem: {test['problem']}\nexpected answer: {test['answer']}\n\nbase model, greedy, "
           "in DeepSeek-Math's chat format:")
@@ -165,7 +223,7 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
     code = _train(run_dir, interrupt_at=None)
     if code != 0:
         return code
-    print(f"\nthe morning report, as `mathlora-daemon status --run-dir {run_dir}` gives it at any time:\n")
+    print(f"\nthe morning report, as `{_command('status', run_dir)}` gives it at any time:\n")
     status_main(run_dir, as_json=False, out=sys.stdout)
     final = (read_status(run_dir).get("report") or {}).get("final_eval") or {}
     if final.get("base") and final.get("adapters"):
@@ -175,9 +233,21 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
     print("\nwith adapters, greedy:")
     generate_text(run_dir / "mlx_model", test["problem"], run_dir / "adapters", max_new_tokens=80, temperature=0.0,
                   out=sys.stdout)
-    print(f"\n{HONEST}\n\nnext, one at a time:\n"
-          f"  mathlora-daemon eval --run-dir {run_dir}\n"
-          f"  mathlora-daemon generate --run-dir {run_dir} --prompt \"Solve for x: 3x + 7 = 22\"\n"
-          f"  mathlora-daemon logs --run-dir {run_dir} --event train.eval\n"
-          f"  mathlora-daemon plot --run-dir {run_dir}")
+    print(f"\n{HONEST}\n\nnext, one at a time:")
+    for line in next_commands(run_dir):
+        print(f"  {line}")
     return 0
+
+
+def next_commands(run_dir: Path) -> list[str]:
+    """The commands the demo suggests, each a line that works pasted into a shell. `plot`
+    needs matplotlib, which the demo's install (`.[cpu]`) does not bring: when it is
+    missing, the line that installs it comes first."""
+    import importlib.util
+
+    lines = [_command("eval", run_dir), _command("generate", run_dir, "--prompt", "Solve for x: 3x + 7 = 22"),
+             _command("logs", run_dir, "--event", "train.eval")]
+    if importlib.util.find_spec("matplotlib") is None:
+        lines.append(shlex.join([str(Path(sys.executable).absolute()), "-m", "pip", "install", "matplotlib"]))
+    lines.append(_command("plot", run_dir))
+    return lines

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mathlora_daemon.errors import InputError, hub_load_error
-from mathlora_daemon.evaluation.answers import FORMATTED, HOWS, answers_match, extract_answer
 from mathlora_daemon.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir
+from mathlora_daemon.training.answers import FORMATTED, HOWS, answers_match, extract_answer
 from mathlora_daemon.training.data import KIND_FIELDS
 from mathlora_daemon.training.template import PromptFormat
 
@@ -328,6 +328,9 @@ def eval_main(cfg, run_dir: Path, data: str | None, split: str, subset: str | No
         else:
             print(f"no adapters in {run.adapters}: evaluating the base model only", file=sys.stderr)
     described, problems = load_problems(data, run.root, cfg.data, split, subset, answer_field, limit)
+    note = _limit_note(problems, limit, hub=bool(data and data.startswith(HUB_PREFIX)))
+    if note and as_json:
+        print(f"eval: {note}", file=sys.stderr)
     model_dir = run.model(cfg.model.path)
     runs = {}
     for name, path in (("base", None), ("adapters", adapters)):
@@ -341,5 +344,18 @@ def eval_main(cfg, run_dir: Path, data: str | None, split: str, subset: str | No
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, text + "\n")
-    print(text if as_json else f"{described}\n{format_table(record)}")
+    print(text if as_json else f"{described}{': ' + note if note else ''}\n{format_table(record)}")
     return 0
+
+
+def _limit_note(problems: list[dict], limit: int, hub: bool) -> str:
+    """What --limit left out, said at once ("50 of 60 problems (--limit 50; --limit 0 for
+    all)"), or "" when it left out nothing. A hub dataset is read only up to the limit, so
+    its size is not known."""
+    if not limit:
+        return ""
+    if hub:
+        return f"the first {limit} problems (--limit {limit}; --limit 0 for all)" if len(problems) >= limit else ""
+    total = sum(1 for p in problems if isinstance(p.get("problem"), str) and p["problem"].strip()
+                and reference_answer(p))
+    return f"{limit} of {total} problems (--limit {limit}; --limit 0 for all)" if total > limit else ""

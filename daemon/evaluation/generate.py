@@ -35,10 +35,17 @@ def generate_text(model_dir: Path, prompt: str, adapter_path: Path | None = None
     if temperature < 0:
         raise InputError(f"--temperature {temperature}: expected a number >= 0 (0 = greedy)")
     mx.random.seed(seed)
-    model, tokenizer = load_model(model_dir, adapter_path)
+    model, tokenizer, config = load_model(model_dir, adapter_path, return_config=True)
     fmt = PromptFormat.of(recorded_template(adapter_path, template), tokenizer)
+    prompt_ids = fmt.prompt_ids(prompt)
+    limit, source = context_length(config, tokenizer)
+    if limit is not None and len(prompt_ids) > limit:
+        # Past its context the model runs for minutes on positions it never learned and
+        # answers garbage: refuse instead.
+        raise InputError(f"--prompt: {len(prompt_ids)} tokens ({len(prompt)} characters) in the prompt format, longer "
+                         f"than the model's context of {limit} tokens ({source}); shorten the prompt")
     text, shown = "", 0
-    for response in stream_generate(model, tokenizer, fmt.prompt_ids(prompt), max_tokens=max_new_tokens,
+    for response in stream_generate(model, tokenizer, prompt_ids, max_tokens=max_new_tokens,
                                     sampler=make_sampler(temp=temperature)):
         text += response.text
         cut = min((i for i in (text.find(m) for m in STOP_MARKERS) if i >= 0), default=-1)
@@ -56,6 +63,24 @@ def generate_text(model_dir: Path, prompt: str, adapter_path: Path | None = None
         out.write(text[shown:] + "\n")
         out.flush()
     return text
+
+
+# transformers' model_max_length when a tokenizer sets none is int(1e30): not a context.
+_SANE_CONTEXT = 10**8
+
+
+def context_length(config: dict, tokenizer) -> tuple[int | None, str]:
+    """Given the model's config.json and its tokenizer, return (the longest input in
+    tokens the model was built for, where that figure comes from), or (None, "") when
+    neither says: config.json's max_position_embeddings, else the tokenizer's
+    model_max_length when it is a real figure."""
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _SANE_CONTEXT:
+        return value, "config.json max_position_embeddings"
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _SANE_CONTEXT:
+        return value, "the tokenizer's model_max_length"
+    return None, ""
 
 
 def default_adapter_path(run_dir: Path) -> Path | None:

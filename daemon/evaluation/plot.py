@@ -13,6 +13,7 @@ and is imported only here, with the Agg canvas (no display needed).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def plot_run(run_dir: Path, out: Path) -> dict:
 
     run_dir, out = Path(run_dir), Path(out)
     curve = read_curve(run_dir)
+    if curve.bad_lines:  # said, not dropped silently: the curve has a gap there
+        print(logview.damaged_note(RunDir(run_dir).log_file, curve.bad_lines), file=sys.stderr)
     if not curve.loss:
         raise InputError(f"{RunDir(run_dir).log_file}: no train.step events yet; nothing to plot")
     steps = sorted(curve.loss)

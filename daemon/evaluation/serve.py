@@ -10,14 +10,24 @@ prompts the way the adapters were trained (adapter_config.json's `prompt_format`
 - "tutor": the tutor text around the last user message.
 
 The model is loaded through mlx-lm's loader, then `fit_to_device` (float32 scales for a
-quantized model on the CPU). Bound to 127.0.0.1 unless --host says otherwise.
+quantized model on the CPU). Bound to 127.0.0.1 unless --host says otherwise; the address
+is tried before anything loads, because mlx-lm's server, once its model thread has
+started, hangs instead of exiting when it cannot bind.
+
+`GET /v1/models` lists the one model served (with its adapters and prompt format), not
+mlx-lm's scan of the Hugging Face cache (a traceback when that cache does not exist,
+offline, and models this server would load without the adapters). A request naming that
+model's id gets the model with the adapters, as one naming none does.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from pathlib import Path
 
+from mathlora_daemon.errors import InputError
 from mathlora_daemon.training.template import INSTRUCTION, PROMPT_TEMPLATE
 
 
@@ -50,10 +60,46 @@ def chat_template_for(template: str, model_chat_template: str | None, bos: str =
             + model_chat_template)
 
 
+def check_address(host: str, port: int) -> None:
+    """Given --host and --port, bind a socket there as the server will (SO_REUSEADDR, as
+    http.server sets it) and close it; raise InputError naming the option when that
+    fails: the port taken or not allowed, the host not an address of this machine."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InputError(f"--host {host}: not an address of this machine ({exc.strerror}); try 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(f"--port {port}: address already in use on {host}; choose another --port") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise InputError(f"--port {port}: not allowed ({exc.strerror}; ports below 1024 need root); choose "
+                             "another --port") from None
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); choose "
+                         "another --host or --port") from None
+    finally:
+        sock.close()
+
+
+def models_list(model_id: str, adapter_path: Path | None, template: str, created: int, wanted: str = "") -> dict:
+    """Given the served model's id, its adapters, prompt format, the server's start time
+    and the id a `GET /v1/models/<id>` asks for (empty: all), return the OpenAI list."""
+    entry = {"id": model_id, "object": "model", "created": created, "owned_by": "mathlora-daemon",
+             "adapters": str(Path(adapter_path).resolve()) if adapter_path is not None else None,
+             "prompt_format": template}
+    wanted = wanted.strip("/")  # an absolute path as id: /v1/models//tmp/run/mlx_model
+    return {"object": "list", "data": [entry] if wanted in ("", model_id.strip("/"), "default_model") else []}
+
+
 def serve_main(model_dir: Path, adapter_path: Path | None, template: str, host: str, port: int,
-               max_tokens: int, log_level: str = "INFO") -> int:
+               max_tokens: int, log_level: str = "INFO", banner: str = "") -> int:
     """Given the model, optional adapters and the prompt format, run mlx-lm's server in
-    this process until interrupted; return 0."""
+    this process until interrupted (printing `banner` to stderr once the files and the
+    address are checked); return 0."""
     import sys
 
     import mlx_lm.server as server
@@ -63,6 +109,9 @@ def serve_main(model_dir: Path, adapter_path: Path | None, template: str, host: 
     check_model_dir(Path(model_dir))
     if adapter_path is not None:
         check_adapter_dir(Path(adapter_path))
+    check_address(host, port)  # before the model loads (see the module docstring)
+    if banner:
+        print(banner, file=sys.stderr, flush=True)
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = load_tokenizer(Path(model_dir))
@@ -71,21 +120,38 @@ def serve_main(model_dir: Path, adapter_path: Path | None, template: str, host: 
     bos = tokenizer.bos_token if tokenizer.bos_token and ids and ids[0] == tokenizer.bos_token_id else ""
     chat_template = chat_template_for(template, own if isinstance(own, str) else None, bos)
 
+    model_id = str(Path(model_dir).resolve())
+
     class Provider(server.ModelProvider):
+        def __init__(self, cli_args):
+            super().__init__(cli_args)
+            # The id /v1/models lists is the default model, adapters included.
+            self._model_map[model_id] = self._model_map["default_model"]
+            self._adapter_map[model_id] = self._adapter_map["default_model"]
+
         def _load(self, *args, **kwargs):
             super()._load(*args, **kwargs)
             fit_to_device(self.model)
+
+    def handle_models_request(handler) -> None:
+        wanted = handler.path.split("?", 1)[0][len("/v1/models"):].strip("/")
+        body = json.dumps(models_list(model_id, adapter_path, template, handler.created, wanted)).encode()
+        handler._set_completion_headers(200)
+        handler.end_headers()
+        handler.wfile.write(body)
+        handler.wfile.flush()
 
     argv = ["mathlora-daemon serve", "--model", str(model_dir), "--host", host, "--port", str(port),
             "--chat-template", chat_template, "--max-tokens", str(max_tokens), "--log-level", log_level]
     if adapter_path is not None:
         argv += ["--adapter-path", str(adapter_path)]
-    saved_argv, saved_provider = sys.argv, server.ModelProvider
+    saved = sys.argv, server.ModelProvider, server.APIHandler.handle_models_request
     sys.argv, server.ModelProvider = argv, Provider
+    server.APIHandler.handle_models_request = handle_models_request
     try:
         server.main()
     except KeyboardInterrupt:
         pass
     finally:
-        sys.argv, server.ModelProvider = saved_argv, saved_provider
+        sys.argv, server.ModelProvider, server.APIHandler.handle_models_request = saved
     return 0

@@ -9,15 +9,19 @@ and writes `lora_alpha = scale * r`, which gives PEFT the very scale mlx-lm trai
 
 The output directory (`adapter_model.safetensors`, `adapter_config.json`, `README.md`) is
 built in a temporary sibling and renamed into place, so it is whole or absent. The
-directory helpers here are shared with `fuse`.
+directory helpers here are shared with `fuse`, and so is `writing_output`, which turns a
+failed write (a full disk: MLX raises RuntimeError for it, not OSError) into the
+contract's temporary failure naming the output path.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -30,7 +34,7 @@ from mathlora_checkpoints.fsio import (
     seal_tree,
     write_bytes_durable,
 )
-from mathlora_daemon.errors import InputError
+from mathlora_daemon.errors import InputError, TemporaryFailure
 from mathlora_daemon.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir
 
 FORMATS = ("peft", "gguf")
@@ -53,6 +57,65 @@ def new_tmp_dir(final: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=DIR_MODE)
     return tmp
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# MLX's writers (mx.save_safetensors, which mlx-lm's save_model uses) report a short
+# write as RuntimeError("[write] Unable to write N bytes to file."), without an errno.
+_MLX_WRITE_RE = re.compile(r"(?i)unable to write (\d+) bytes|\[write\]")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def write_failure(exc: BaseException, out_dir: Path, option: str = "--out") -> TemporaryFailure | None:
+    """Given an exception raised while writing an output directory, return the temporary
+    failure (exit 75) it is when the disk is full or a write failed, naming the option,
+    the output path and the reason in one line; None for any other exception."""
+    out_dir = Path(out_dir)
+    free = _free_bytes(out_dir.parent)
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    elif isinstance(exc, RuntimeError) and _MLX_WRITE_RE.search(str(exc)):
+        match = re.search(r"(\d+) bytes", str(exc))
+        needed = int(match.group(1)) if match else 1 << 20
+        if free is not None and free >= needed:
+            reason = f"a write failed ({exc})"
+        else:
+            reason = "no space left on device"
+    else:
+        return None
+    where = f" ({free} bytes free there)" if free is not None else ""
+    return TemporaryFailure(f"{option} {out_dir}: {reason}{where}; the partial output was removed: free some "
+                            "space and run it again")
+
+
+@contextmanager
+def writing_output(out_dir: Path, option: str = "--out"):
+    """Around the code that builds and publishes an output directory: a full disk (OSError
+    ENOSPC/EDQUOT, or MLX's RuntimeError for a short write) becomes `write_failure`'s
+    TemporaryFailure, and a parent directory created for the output is removed again
+    when it is left empty. The temporary directory itself is the builder's to remove."""
+    out_dir = Path(out_dir)
+    made = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        for directory in made:  # innermost first; only the empty ones this command created
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        error = write_failure(exc, out_dir, option)
+        if error is None:
+            raise
+        raise error from None
 
 
 def check_replaceable(final: Path, is_previous, what: str) -> None:
@@ -219,16 +282,17 @@ def export_peft(adapter_dir: Path, out_dir: Path, base_model: str) -> dict:
     check_replaceable(out_dir, is_peft_export, "a previous PEFT export")
     tensors, rank, leaves, layers = peft_tensors(weights)
     config = peft_config(mlx_config, rank, leaves, layers, base_model)
-    tmp = new_tmp_dir(out_dir)
-    try:
-        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), tensors, metadata={"format": "pt"})
-        write_bytes_durable(tmp / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-        write_bytes_durable(tmp / "README.md", _model_card(config, mlx_config).encode())
-        seal_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_replacing(tmp, out_dir, is_peft_export, "a previous PEFT export")
+    with writing_output(out_dir):
+        tmp = new_tmp_dir(out_dir)
+        try:
+            mx.save_safetensors(str(tmp / PEFT_WEIGHTS), tensors, metadata={"format": "pt"})
+            write_bytes_durable(tmp / PEFT_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            write_bytes_durable(tmp / "README.md", _model_card(config, mlx_config).encode())
+            seal_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_replacing(tmp, out_dir, is_peft_export, "a previous PEFT export")
     return {"path": str(out_dir), "tensors": len(tensors), "rank": rank, "lora_alpha": config["lora_alpha"],
             "scale": config["lora_alpha"] / rank, "target_modules": leaves, "layers": layers,
             "base_model_name_or_path": base_model}

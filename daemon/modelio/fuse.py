@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mathlora_checkpoints.fsio import seal_tree, write_bytes_durable
 from mathlora_daemon.errors import InputError
-from mathlora_daemon.modelio.export import check_replaceable, new_tmp_dir, publish_replacing
+from mathlora_daemon.modelio.export import check_replaceable, new_tmp_dir, publish_replacing, writing_output
 from mathlora_daemon.modelio.loading import check_adapter_dir, check_model_dir
 from mathlora_daemon.rundir import ADAPTER_CONFIG
 
@@ -77,24 +77,26 @@ def fuse_model(model_dir: Path, adapter_dir: Path, out_dir: Path, dequantize: bo
                 else next(iter(weights.values())).dtype).replace("mlx.core.", "")
     del weights
 
-    tmp = new_tmp_dir(out_dir)
-    try:
-        save_model(tmp, model, donate_model=False)
-        save_config(config, config_path=tmp / "config.json")
-        for src in sorted(model_dir.iterdir()):
-            if src.is_file() and src.name not in _SKIP_NAMES and not src.name.endswith(_SKIP_SUFFIXES):
-                shutil.copyfile(src, tmp / src.name)  # the tokenizer exactly as training saw it
-        gguf_info = None
-        if base_gguf is not None:
-            from mathlora_daemon.modelio.gguf_export import fuse_gguf
+    with writing_output(out_dir):  # a full disk: exit 75 naming --out, nothing left half-written
+        tmp = new_tmp_dir(out_dir)
+        try:
+            save_model(tmp, model, donate_model=False)
+            save_config(config, config_path=tmp / "config.json")
+            for src in sorted(model_dir.iterdir()):
+                if src.is_file() and src.name not in _SKIP_NAMES and not src.name.endswith(_SKIP_SUFFIXES):
+                    shutil.copyfile(src, tmp / src.name)  # the tokenizer exactly as training saw it
+            gguf_info = None
+            if base_gguf is not None:
+                from mathlora_daemon.modelio.gguf_export import fuse_gguf
 
-            gguf_info = fuse_gguf(adapter_dir, model_dir, Path(base_gguf), tmp / FUSED_GGUF)
-        write_bytes_durable(tmp / "README.md", _model_card(model_dir, adapter_dir, len(fused), quantized).encode())
-        seal_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_replacing(tmp, out_dir, is_fused_model, "a previous fused model")
+                gguf_info = fuse_gguf(adapter_dir, model_dir, Path(base_gguf), tmp / FUSED_GGUF)
+            write_bytes_durable(tmp / "README.md", _model_card(model_dir, adapter_dir, len(fused),
+                                                               quantized).encode())
+            seal_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_replacing(tmp, out_dir, is_fused_model, "a previous fused model")
     return {"path": str(out_dir), "fused_modules": len(fused), "dtype": dtype, "quantized": quantized,
             "dequantized": dequantize, "transformers_loadable": not quantized,
             "gguf": {**gguf_info, "path": str(out_dir / FUSED_GGUF)} if gguf_info else None}

@@ -21,6 +21,8 @@ from mathlora_daemon.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 # A safetensors file starts with the header's length (u64, little-endian), then that
 # many bytes of JSON; anything above this is not a header (the format caps it at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024
+# Files any of which gives transformers a tokenizer (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -83,6 +85,12 @@ def check_model_dir(model_dir: Path, key: str = "model.path") -> None:
         problem = _json_object_problem(tokenizer)
         if problem:
             raise InputError(f"{key}: {tokenizer}: {problem}")
+    elif not any((model_dir / name).is_file() for name in TOKENIZER_FILES) and not any(model_dir.glob("*.tiktoken")):
+        # Without one, transformers falls back to asking for sentencepiece or tiktoken,
+        # both installed: name what is missing instead.
+        raise InputError(f"{key} {model_dir}: no tokenizer files (tokenizer.json, or tokenizer.model, vocab.json + "
+                         "merges.txt, *.tiktoken); copy them from the original model into it, or convert again "
+                         "(`mathlora-daemon convert --force`)")
 
 
 def check_adapter_dir(adapter_dir: Path, option: str = "--adapter-path") -> None:

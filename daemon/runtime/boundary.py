@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from mathlora_daemon.config import Config
+from mathlora_daemon.config import FINGERPRINT_KEYS, Config
 from mathlora_daemon.runtime import control, memory, power, schedule
 from mathlora_daemon.runtime.budget import AwakeClock, Budget
 from mathlora_daemon.runtime.signals import Flags
@@ -30,6 +30,7 @@ POLL_S = 5.0  # how often a pause re-reads battery and memory
 # tens of steps a second; a battery read can cost a millisecond). A pause reads every poll.
 MEMORY_EVERY_S = 1.0
 POWER_EVERY_S = 10.0
+CONTROL_EVERY_S = 1.0  # re-read the control file (a missed file event, a deleted state/)
 
 # What a rank tells the others at a boundary: a stop code and a bit set of waits.
 STOP_CODES = {"stopped": 1, "budget_exhausted": 2, "outside_window": 3, "finished": 4}
@@ -38,6 +39,24 @@ STOP_TEXT = {1: "asked to stop (signal or `mathlora-daemon stop`)", 2: "the trai
 WAIT_USER, WAIT_MEMORY, WAIT_POWER = 1, 2, 4
 WAIT_TEXT = {WAIT_USER: ("paused", "paused by the user"), WAIT_MEMORY: ("waiting", "memory is low"),
              WAIT_POWER: ("waiting", "on battery power (pause_on_battery)")}
+
+
+NOT_NOW = ("only budget, window, segment, retention, power and memory settings change while training; "
+           "this applies at the next start")
+MODEL_PATH_NOT_NOW = (NOT_NOW + ", if the new path holds the same base model (the base model is part of this "
+                      "run's fingerprint)")
+FINGERPRINTED = ("part of this run's fingerprint: it cannot change within this run; revert it, or train a new run "
+                 "(a new --run-dir, or move checkpoints/ away)")
+
+
+def _rejection_reasons(rejected: list[str]) -> list[tuple[list[str], str]]:
+    """Given the changed keys a running daemon cannot apply, return (keys, why) groups:
+    fingerprinted keys (config.FINGERPRINT_KEYS), which no restart of this run accepts,
+    and the rest, which apply at the next start (model.path only to the same model)."""
+    groups = {FINGERPRINTED: [k for k in rejected if k in FINGERPRINT_KEYS],
+              MODEL_PATH_NOT_NOW: [k for k in rejected if k == "model.path"],
+              NOT_NOW: [k for k in rejected if k not in FINGERPRINT_KEYS and k != "model.path"]}
+    return [(keys, why) for why, keys in groups.items() if keys]
 
 
 @dataclass
@@ -69,6 +88,7 @@ class Runtime:
     last_memory: memory.MemoryReading | None = None
     on_config_change: Callable[[Config], None] | None = None
     take_control: Callable[[], list] = list  # FileWatcher.take_control: [(request, rejection reason)]
+    poll_control: Callable[[], None] | None = None  # FileWatcher.poll
     world: World = SINGLE
     gather: Callable[[World, list[int]], list[list[int]]] = gather_ints  # the collective (injected by tests)
     wait_bits: int = 0  # what the last pause_reasons() found, as WAIT_* bits
@@ -99,10 +119,10 @@ class Runtime:
         if error:
             self.log.warning("config.rejected", why=error)
             return
-        if rejected:
-            self.log.warning("config.rejected", fields=rejected,
-                             why="only budget, window, segment, retention, power and memory settings can change "
-                                 "while training; restart to apply the others")
+        # Tell the truth per key: a fingerprinted key never applies to this run (a restart
+        # with it refuses the checkpoints, exit 78); the others take effect at the next start.
+        for fields, why in _rejection_reasons(rejected):
+            self.log.warning("config.rejected", fields=fields, why=why)
         if applied:
             self.cfg = new
             self.window = schedule.parse_window(new.daemon.window)
@@ -118,6 +138,7 @@ class Runtime:
         if not self.flags.control.is_set():
             return
         self.flags.control.clear()
+        self.flags.halt_requested = None
         for request, why in self.take_control():
             if request is None:
                 self.log.warning("control.rejected", why=why)
@@ -207,6 +228,8 @@ class Runtime:
         and return a Stop when one is due."""
         self.account(training=training)
         self.apply_reload()
+        if self.poll_control is not None and self._due("control", CONTROL_EVERY_S, fresh=not training):
+            self.poll_control()
         self.apply_control()
         return self.stop_reason()
 

@@ -1,9 +1,15 @@
 """Control: pause/resume/stop requests from the CLI, and watching files for changes.
 
-The CLI writes `<run_dir>/state/control.json` atomically; the running daemon learns of it
-through a `FileWatcher` (watchdog) and acts on each request id once. The same watcher
-reports edits of the config file, which `reload_config` turns into applied safe changes
-and rejected unsafe ones.
+The CLI writes `<run_dir>/state/control.json` atomically, addressed to the daemon that
+holds the lock (`to_pid`); the running daemon learns of it through a `FileWatcher`
+(watchdog, plus a cheap re-read at step boundaries, so a missed event or a deleted
+`state/` loses nothing), acknowledges it in `state/control-ack.json` at once, and acts on
+each request id once at the next step boundary. The CLI answers "accepted" only after
+that acknowledgement (`send_request`). A request addressed to this daemon that is already
+there when it starts watching (written between its lock and its watcher) is delivered;
+one addressed to an earlier daemon is stale and never acted on. The same watcher reports
+edits of the config file, which `reload_config` turns into applied safe changes and
+rejected unsafe ones.
 
 This module must stay light: `pause`, `resume` and `stop` import it, so no MLX here.
 """
@@ -17,6 +23,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +39,8 @@ from mathlora_daemon.rundir import RunDir
 
 COMMANDS = ("pause", "resume", "stop")
 REQUIRED_KEYS = {"command", "id"}
-ALLOWED_KEYS = {"command", "id", "at", "pid"}
+ALLOWED_KEYS = {"command", "id", "at", "pid", "to_pid"}
+ACK_TIMEOUT_S = 10.0  # how long the CLI waits for the daemon's acknowledgement
 MAX_CONTROL_BYTES = 64 * 1024  # a real request is ~150 bytes; refuse to parse junk
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -50,22 +58,65 @@ def control_path(run_dir: Path) -> Path:
     return RunDir(run_dir).control_file
 
 
-def write_request(run_dir: Path, command: str) -> dict:
-    """Given a run directory and a command, write a new request atomically (state dir
-    0700, file 0600) and return it; raise InputError naming the command and the allowed
-    ones when it is not known."""
+def write_request(run_dir: Path, command: str, to_pid: int | None = None, request_id: str | None = None) -> dict:
+    """Given a run directory, a command and the pid of the daemon it is for, write a
+    request atomically (state dir 0700, file 0600) and return it; raise InputError naming
+    the command and the allowed ones when it is not known."""
     if command not in COMMANDS:
         raise InputError(f"unknown control command {command!r}; allowed: {', '.join(COMMANDS)}")
     request = {
         "command": command,
-        "id": uuid.uuid4().hex,
+        "id": request_id or uuid.uuid4().hex,
         "at": datetime.now(timezone.utc).isoformat(),
         "pid": os.getpid(),
     }
+    if to_pid is not None:
+        request["to_pid"] = int(to_pid)
     path = control_path(run_dir)
     ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps(request) + "\n")
     return request
+
+
+def read_ack(run_dir: Path) -> dict | None:
+    """The daemon's last acknowledgement {"id", "command", "pid", "at"}, or None."""
+    try:
+        data = json.loads(RunDir(run_dir).control_ack_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("id"), str) else None
+
+
+def send_request(run_dir: Path, command: str, probe, timeout_s: float = ACK_TIMEOUT_S,
+                 clock=time.monotonic, pause=time.sleep) -> tuple[str, dict, int | None]:
+    """Given a run directory, a command and the lock probe (runtime/lock.py probe_lock),
+    write the request for the daemon holding the lock and wait for its acknowledgement.
+    Return (outcome, request, pid): "accepted" (the daemon took it), "no_daemon" (none
+    runs, or it exited before reading it: nothing was acted on), or "unacknowledged"
+    (no answer within `timeout_s`: suspended or hung; the request stays and is acted on
+    when the daemon reads it). A daemon that is replaced meanwhile (a restart) gets the
+    request re-addressed, with the same id."""
+    running, pid = probe(run_dir)
+    if not running:
+        return "no_daemon", {"command": command, "id": ""}, None
+    request = write_request(run_dir, command, to_pid=pid)
+    deadline = clock() + timeout_s
+    while True:
+        ack = read_ack(run_dir)
+        if ack is not None and ack.get("id") == request["id"]:
+            return "accepted", request, ack.get("pid", pid)
+        running, holder = probe(run_dir)
+        if not running:
+            ack = read_ack(run_dir)  # it may have acknowledged, then exited at once (a stop)
+            if ack is not None and ack.get("id") == request["id"]:
+                return "accepted", request, ack.get("pid", pid)
+            return "no_daemon", request, pid
+        if holder is not None and holder != pid:
+            pid = holder
+            request = write_request(run_dir, command, to_pid=pid, request_id=request["id"])
+        if clock() >= deadline:
+            return "unacknowledged", request, pid
+        pause(0.02)
 
 
 def parse_request(raw: bytes) -> tuple[dict | None, str | None]:
@@ -92,8 +143,9 @@ def parse_request(raw: bytes) -> tuple[dict | None, str | None]:
         return None, f"control request id {data['id']!r} is not 1-64 letters, digits, '-' or '_'"
     if "at" in data and not isinstance(data["at"], str):
         return None, f"control request 'at' must be a string, got {data['at']!r}"
-    if "pid" in data and (isinstance(data["pid"], bool) or not isinstance(data["pid"], int)):
-        return None, f"control request 'pid' must be an integer, got {data['pid']!r}"
+    for name in ("pid", "to_pid"):
+        if name in data and (isinstance(data[name], bool) or not isinstance(data[name], int)):
+            return None, f"control request '{name}' must be an integer, got {data[name]!r}"
     return data, None
 
 
@@ -141,14 +193,19 @@ class FileWatcher:
     callbacks run on watchdog's thread: they must only set a flag or an Event and let
     the main loop do the work.
 
-    Call `prime()` before `start()` so a request left over from before the daemon
-    started is recorded as seen and never acted upon.
+    Call `prime()` before `start()`: a request addressed to this daemon (`to_pid`, its
+    pid) that is already there is delivered; any other is recorded as seen and never
+    acted upon. Every delivered request is acknowledged in `state/control-ack.json`.
+    `poll()` re-reads the control file (and re-creates and re-watches a deleted `state/`):
+    the daemon calls it at step boundaries, so no request depends on one file event.
     """
 
     def __init__(self, run_dir: Path, config_path: Path | None,
-                 on_control: Callable[[], Any], on_config: Callable[[], Any],
-                 observer_factory: Callable[[], Any] = Observer) -> None:
+                 on_control: Callable[..., Any], on_config: Callable[[], Any],
+                 observer_factory: Callable[[], Any] = Observer, pid: int | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.pid = os.getpid() if pid is None else pid
+        self.ack_file = RunDir(self.run_dir).control_ack_file
         self.control_file = RunDir(self.run_dir).control_file.resolve()
         self.state_dir = self.control_file.parent
         self.config_file = Path(config_path).resolve() if config_path is not None else None
@@ -161,19 +218,65 @@ class FileWatcher:
         self._last_rejected: str | None = None  # hash of the last rejected content
         self._config_hash: str | None = None
         self._pending: list[tuple[dict | None, str | None]] = []
+        self._watched_fd: int | None = None  # state/ as watched, held open (see _watching_state)
 
     def prime(self) -> dict | None:
-        """Record the current control request (valid or not) and config content as
-        already seen, without delivering anything; return the current request."""
+        """Record the config content and a stale control request (valid or not, not
+        addressed to this daemon) as already seen; deliver a request addressed to this
+        daemon. Return the current request."""
         request, reason = read_request(self.run_dir)
         with self._lock:
-            if request is not None:
-                self._last_id = request["id"]
-            elif reason is not None:
-                self._last_rejected = _content_hash(self.control_file)
             if self.config_file is not None:
                 self._config_hash = _content_hash(self.config_file)
+            if request is None and reason is not None:
+                self._last_rejected = _content_hash(self.control_file)
+        if request is not None:
+            if self._for_me(request):
+                self._control_changed()
+            else:
+                with self._lock:
+                    self._last_id = request["id"]
         return request
+
+    def _for_me(self, request: dict) -> bool:
+        # A request without an address comes from an older CLI: act on it only once
+        # watching (it cannot be told from a stale one at start-up).
+        return request.get("to_pid") == self.pid
+
+    def _acknowledge(self, request: dict) -> None:
+        try:
+            ensure_private_dir(self.ack_file.parent)
+            atomic_write_text(self.ack_file, json.dumps({
+                "id": request["id"], "command": request["command"], "pid": self.pid,
+                "at": datetime.now(timezone.utc).isoformat()}) + "\n")
+        except OSError:
+            pass  # a full disk: the CLI says "not acknowledged", the request is still acted on
+
+    def poll(self) -> None:
+        """Re-read the control file now (deliver a new request missed by the watcher),
+        and re-create and re-watch `state/` when it was removed or replaced."""
+        if self.observer is not None and not self._watching_state():
+            self._rewatch()
+        self._control_changed()
+
+    def _watching_state(self) -> bool:
+        """Whether the directory being watched is still `state/`: a removed directory
+        keeps its inode while we hold it open, with no links left (so an inode number
+        reused by the new `state/` cannot fool this)."""
+        if self._watched_fd is None:
+            return False
+        try:
+            held, now = os.fstat(self._watched_fd), self.state_dir.stat()
+        except OSError:
+            return False
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+    def _rewatch(self) -> None:
+        try:
+            self.stop()
+            self.start()
+        except OSError:
+            pass  # the next poll tries again
 
     def take_control(self) -> list[tuple[dict | None, str | None]]:
         """Return and forget the control deliveries since the last call, oldest first:
@@ -194,6 +297,8 @@ class FileWatcher:
             if request is not None:
                 if request["id"] == self._last_id:
                     return
+                if "to_pid" in request and not self._for_me(request):
+                    return  # for another daemon (an earlier one, or a CLI race): not ours to act on
                 self._last_id = request["id"]
             elif reason is not None:
                 digest = _content_hash(self.control_file)
@@ -203,7 +308,11 @@ class FileWatcher:
             else:  # the file went away between the event and the read
                 return
             self._pending.append((request, reason))
-        self.on_control()
+        if request is not None:
+            self._acknowledge(request)
+            self.on_control(request["command"])
+        else:
+            self.on_control(None)
 
     def _config_changed(self) -> None:
         digest = _content_hash(self.config_file)
@@ -219,6 +328,8 @@ class FileWatcher:
         if self.observer is not None:
             return
         ensure_private_dir(self.state_dir)
+        self._close_watched()
+        self._watched_fd = os.open(self.state_dir, os.O_RDONLY)
         handler = _Handler(self)
         observer = self.observer_factory()
         dirs = {self.state_dir}
@@ -230,8 +341,14 @@ class FileWatcher:
         observer.start()
         self.observer = observer
 
+    def _close_watched(self) -> None:
+        fd, self._watched_fd = self._watched_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def stop(self) -> None:
         """Stop watching and join the watchdog thread; safe to call twice."""
+        self._close_watched()
         observer, self.observer = self.observer, None
         if observer is not None:
             # watchdog's inotify thread logs an ERROR ("queue_events() called when the
@@ -289,5 +406,5 @@ def reload_config(path: Path | None, overrides: list[str] | tuple[str, ...],
 
 __all__ = [
     "COMMANDS", "SAFE_FIELDS", "SAFE_PREFIXES", "FileWatcher", "control_path", "is_safe_field",
-    "parse_request", "read_request", "reload_config", "write_request",
+    "parse_request", "read_ack", "read_request", "reload_config", "send_request", "write_request",
 ]

@@ -41,7 +41,7 @@ from mathlora_checkpoints.store import read_json_object
 from mathlora_daemon.rundir import RunDir
 
 # Exits the daemon chose itself (docs/DESIGN.md, "Exit codes"); anything else is a crash.
-CLEAN_EXIT_CODES = frozenset({0, 75, 78})
+CLEAN_EXIT_CODES = frozenset({0, 75, 78, 130})  # 130: a person pressed Ctrl-C twice, not a crash
 # A temporary failure is "clean" but, repeated without a step, it is a loop all the same.
 TEMPFAIL_EXIT_CODE = 75
 FAILURE_KINDS = ("crash_loop", "config")

@@ -7,8 +7,10 @@ Built on structlog over the standard library's RotatingFileHandler.
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
+import os
 import sys
 from pathlib import Path
 
@@ -63,16 +65,66 @@ class _ConsoleFilter(logging.Filter):
 class _LogFile(logging.handlers.RotatingFileHandler):
     """The JSON log file. One that cannot be written (a full disk) must neither stop
     training nor print logging's traceback for every line: say so once on stderr, and
-    once more when lines reach the file again (checkpoints report their own failures)."""
+    once more when lines reach the file again (checkpoints report their own failures).
+
+    A line is in the file whole or not at all. The file is written unbuffered, each line
+    with its own writes from the end of the file; when a write fails part-way (the disk
+    filled mid-line) the file is truncated back to where the line began, so no half
+    line is left for the next line (the next start's `daemon.start`) to be glued onto.
+    A file whose last byte is not a newline (a power loss mid-line, or a truncation
+    that failed) gets one before its next line. Only rank 0 of a job writes the file,
+    so nobody else appends between the offset taken and the truncation.
+    """
 
     failing = False
+    _torn = False  # the file does not end with a newline: the next line starts one
+
+    def _open(self):
+        # Binary, unbuffered, readable (to look at the last byte): a buffered text
+        # stream would keep the unwritten rest of a failed line and write it later.
+        stream = open(self.baseFilename, "a+b", buffering=0)
+        try:
+            size = os.fstat(stream.fileno()).st_size
+            self._torn = size > 0 and os.pread(stream.fileno(), 1, size - 1) != b"\n"
+        except OSError:  # not a regular file (a device): nothing to mend
+            self._torn = False
+        return stream
 
     def emit(self, record: logging.LogRecord) -> None:
         self._failed_now = False
-        super().emit(record)
+        try:
+            if self.shouldRollover(record):
+                self.doRollover()
+            if self.stream is None:
+                self.stream = self._open()
+            self._append((self.format(record) + self.terminator).encode("utf-8", errors="backslashreplace"))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
         if self.failing and not self._failed_now:
             self.failing = False
             sys.stderr.write(f"mathlora-daemon: the log file {self.baseFilename} is written again\n")
+
+    def _append(self, line: bytes) -> None:
+        """Write one whole line at the end of the file, or raise OSError and leave the
+        file as it was."""
+        fd = self.stream.fileno()
+        data = memoryview(b"\n" + line if self._torn else line)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                written = os.write(fd, data)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.baseFilename)
+                data = data[written:]
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:  # a device, or the truncation failed too: the next line starts a new one
+                self._torn = True
+            raise
+        self._torn = False
 
     def handleError(self, record: logging.LogRecord) -> None:
         self._failed_now = True

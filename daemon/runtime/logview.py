@@ -10,7 +10,10 @@ for a log that does not exist yet.
 Filters: ``level`` is a minimum (debug < info < warning < error < critical); ``event``
 is an exact name or a dotted prefix ("checkpoint" matches "checkpoint.saved", "train"
 matches "train.step" but not "training"). A line that is not a JSON object cannot match
-a filter, so it is shown (raw) only when no filter is given.
+a filter, so it is shown (raw) only when no filter is given; when a filter leaves such
+damaged lines out, one note on stderr per file says how many ("skipped 2 damaged
+line(s) in .../daemon.jsonl"), so a torn line (a full disk, a power loss) is never
+dropped silently.
 
 No MLX, numpy or structlog import here: reading the log must not load the trainer.
 """
@@ -89,6 +92,13 @@ def parse_line(text: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def damaged_note(path: Path | str, count: int) -> str:
+    """Given a log file and how many of its lines were not JSON objects and left out,
+    return the note that says so (`logs`'s; `plot` counts such lines in Curve.bad_lines)."""
+    return (f"skipped {count} damaged line(s) in {path} (not JSON objects: a write cut short by a full "
+            "disk or a power loss; `logs` without filters shows them raw)")
+
+
 def render_line(text: str, record: dict | None) -> str:
     """Given a raw line and its parsed object (None: shown raw), return the human form
     ``HH:MM:SS level event key=value ...`` with keys sorted and ts/level/event/run left out."""
@@ -140,6 +150,7 @@ def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str |
     line_filter = LineFilter(min_level, event or None)
 
     def emit(batch: list[bytes]) -> None:
+        skipped = 0
         for raw in batch:
             text = raw.decode("utf-8", errors="replace").rstrip("\r")
             if not text.strip():
@@ -147,13 +158,23 @@ def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str |
             record = parse_line(text)
             if line_filter.matches(record):
                 out.write((text if as_json else render_line(text, record)) + "\n")
+            elif record is None:
+                skipped += 1
         out.flush()
+        if skipped:
+            note({follower.path: skipped})
+
+    def note(skipped: dict) -> None:
+        for path, count in skipped.items():
+            err.write(damaged_note(path, count) + "\n")
+        err.flush()
 
     current, _ = log_files(run_dir)
     follower = _Follower(current)
     try:
         follower.open_current()
-        tail = _last_matching(run_dir, follower, max(0, lines), line_filter)
+        skipped: dict[Path, int] = {}
+        tail = _last_matching(run_dir, follower, max(0, lines), line_filter, skipped)
         if tail is None:
             err.write(f"no log yet at {current}\n")
             err.flush()
@@ -161,6 +182,7 @@ def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str |
                 return 0
         else:
             emit(tail)
+            note(skipped)
         while follow:
             emit(follower.poll())
             if stop is not None and stop():
@@ -178,11 +200,12 @@ def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str |
 # --------------------------------------------------------------------------- reading
 
 
-def _last_matching(run_dir: Path, follower: _Follower, want: int,
-                   line_filter: LineFilter) -> list[bytes] | None:
+def _last_matching(run_dir: Path, follower: _Follower, want: int, line_filter: LineFilter,
+                   skipped: dict[Path, int] | None = None) -> list[bytes] | None:
     """Given the follower (its open current file, positioned after the last complete
     line), return the last ``want`` lines that match, oldest first; None when there is no
-    log file at all."""
+    log file at all. Damaged lines (not JSON objects) that the filter left out among
+    those read are counted per file into ``skipped``."""
     _, rotated = log_files(run_dir)
     # A rotation between opening the current file and listing makes it also appear as
     # daemon.jsonl.1: skip rotated files that are the very file we hold open.
@@ -190,10 +213,11 @@ def _last_matching(run_dir: Path, follower: _Follower, want: int,
     if follower.fh is None and not rotated:
         return None
     found: deque[bytes] = deque()
-    sources: list[tuple[BinaryIO | None, Path | None, int | None]] = []
+    sources: list[tuple[BinaryIO | None, Path, int | None]] = []
     if follower.fh is not None:
-        sources.append((follower.fh, None, follower.pos))
+        sources.append((follower.fh, follower.path, follower.pos))
     sources += [(None, path, None) for path in reversed(rotated)]  # newest first
+    skipped = {} if skipped is None else skipped
     for fh, path, end in sources:
         if len(found) >= want:
             break
@@ -203,10 +227,15 @@ def _last_matching(run_dir: Path, follower: _Follower, want: int,
                 own = fh = open(path, "rb")
             for raw in _reverse_lines(fh, end):
                 text = raw.decode("utf-8", errors="replace").rstrip("\r")
-                if text.strip() and line_filter.matches(parse_line(text)):
+                if not text.strip():
+                    continue
+                record = parse_line(text)
+                if line_filter.matches(record):
                     found.appendleft(raw)
                     if len(found) >= want:
                         break
+                elif record is None:
+                    skipped[path] = skipped.get(path, 0) + 1
         except OSError:  # a rotated file removed while we read: show what we have
             continue
         finally:

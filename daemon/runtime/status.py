@@ -33,7 +33,8 @@ updated_unix           by :meth:`Heartbeat.write`
 =====================  ===========================================================
 
 ``read_status`` adds the derived state (``not_started`` and ``crashed`` exist only
-there), ``heartbeat_age_s``, ``stale``, ``crashed_reason``, ``eta_s``, ``eta_at``,
+there), ``heartbeat_age_s``, ``stale``, ``suspended`` (the live daemon's process is stopped:
+SIGSTOP, Ctrl-Z; read through the injected ``process_status``), ``crashed_reason``, ``eta_s``, ``eta_at``,
 ``checkpoint_age_s``, ``log_path``, ``run_dir`` and ``service`` (the launchd agent or
 systemd unit of this run: ``{manager, label, installed, loaded, path}``, from the
 injected ``service_probe``, service/install.py's ``service_status`` when the CLI asks;
@@ -45,6 +46,7 @@ No MLX, numpy or structlog import here: ``status`` must answer in well under a s
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -59,17 +61,22 @@ from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime import humanize
 from mathlora_daemon.runtime.heartbeat import json_int, json_number, jsonable, utc_iso
 from mathlora_daemon.runtime.lock import probe_lock
+from mathlora_daemon.runtime.report import read_report
 
 LIVE_STATES = ("running", "paused", "waiting")
 TERMINAL_STATES = ("stopped", "finished", "budget_exhausted", "failed")
 STALE_AFTER_S = 120.0
+HEARTBEAT_EVERY_S = 10  # what the daemon's heartbeat thread is started with (training/loop.py)
+SLOW_HEARTBEAT_S = 25.0  # older than this (but not stale): worth a hint
+SUSPENDED_PROCESS_STATES = ("stopped", "tracing-stop")  # psutil's names for SIGSTOP / Ctrl-Z / ptrace
 
 
 def read_status(run_dir: Path, now: float | None = None,
                 probe: Callable[[Path], tuple[bool, int | None]] = probe_lock,
                 pid_alive: Callable[[int], bool] = psutil.pid_exists,
                 stale_after_s: float = STALE_AFTER_S,
-                service_probe: Callable[[Path], dict | None] | None = None) -> dict[str, Any]:
+                service_probe: Callable[[Path], dict | None] | None = None,
+                process_status: Callable[[int], str | None] | None = None) -> dict[str, Any]:
     """Given a run directory, return the ``status`` answer: the heartbeat's fields with
     the derived ``state`` and the derived fields listed in the module docstring. Never
     raises for a missing or damaged run directory (an empty one is ``not_started``).
@@ -135,13 +142,25 @@ def read_status(run_dir: Path, now: float | None = None,
         status["state"] = "not_started"
     elif file_state in TERMINAL_STATES:
         status["state"] = file_state
+    elif (ended := _recorded_exit(run_dir, file_pid)) is not None:
+        # It exited on purpose but its final status could not be written (a full disk).
+        status["state"], status["reason"] = ended
     else:
         # The file says the daemon is alive, but nobody holds the lock: it died without
         # writing a final state (SIGKILL, power loss, crash).
         status["state"] = "crashed"
         status["crashed_reason"] = _crashed_reason(file_pid, age, pid_alive)
 
+    saved = read_report(run)
+    if saved is not None:
+        # The morning report outlives the heartbeat: later starts replace status.json.
+        status["report_path"] = str(run.report_file)
+        status["last_end"] = {k: saved.get(k) for k in ("state", "reason", "step", "ended_unix")}
+        if not isinstance(status.get("report"), dict) and isinstance(saved.get("report"), dict):
+            status["report"] = saved["report"]
+
     _add_checkpoint(status, run_dir, now)
+    _add_suspended(status, process_status or read_process_status)
     _add_eta(status, now)
     total, used = json_number(status.get("budget_total_s")), json_number(status.get("budget_used_s"))
     if total is not None and used is not None and json_number(status.get("budget_left_s")) is None:
@@ -154,6 +173,22 @@ def read_status(run_dir: Path, now: float | None = None,
     if service is not None:
         status["service"] = service
     return status
+
+
+def _recorded_exit(run_dir: Path, pid: int | None) -> tuple[str, str] | None:
+    """(state, reason) when the crash guard recorded that this daemon exited with 75 or
+    130 (its own choice), though its heartbeat still says running; else None."""
+    from mathlora_daemon.runtime.crashguard import read_start_record
+
+    record = read_start_record(run_dir)
+    if record is None or pid is None or record.pid != pid or not record.clean_exit:
+        return None
+    if record.exit_code == 75:
+        return "stopped", ("temporary failure (exit 75; launchd and systemd start it again); "
+                           "`mathlora-daemon logs --level error` says why")
+    if record.exit_code == 130:
+        return "stopped", "interrupted by a second Ctrl-C (exit 130); the next start resumes from the newest checkpoint"
+    return None
 
 
 def _safe_probe(probe, run_dir: Path) -> tuple[bool | None, int | None]:
@@ -197,15 +232,46 @@ def _add_checkpoint(status: dict, run_dir: Path, now: float) -> None:
         status["checkpoint_age_s"] = round(max(0.0, now - at), 1)
 
 
+def read_process_status(pid: int) -> str | None:
+    """Given a pid, return its scheduler state as psutil names it ("running",
+    "sleeping", "stopped", "tracing-stop", ...), or None when it cannot be read."""
+    try:
+        return psutil.Process(pid).status()
+    except (psutil.Error, OSError):
+        return None
+
+
+def _add_suspended(status: dict, process_status: Callable[[int], str | None]) -> None:
+    """Flag a live daemon whose process is stopped (SIGSTOP, Ctrl-Z, a debugger): it
+    holds the lock and looks alive, but neither trains nor writes its heartbeat."""
+    pid = json_int(status.get("pid"))
+    if status.get("state") not in LIVE_STATES or pid is None or pid <= 0:
+        return
+    try:
+        state = process_status(pid)
+    except Exception:  # noqa: BLE001 - a probe that fails says nothing
+        return
+    if state in SUSPENDED_PROCESS_STATES:
+        status["suspended"] = True
+
+
 def _add_eta(status: dict, now: float) -> None:
     # tok/s alone cannot give an ETA (tokens per step vary); seconds per step can.
+    # A run that has ended (stopped, finished, budget exhausted, failed) or whose budget
+    # is spent trains no more steps this start: no eta, rather than a promise.
     step, total = json_int(status.get("step")), json_int(status.get("total_steps"))
     step_s = json_number(status.get("step_s"))
-    if status.get("state") == "finished" or None in (step, total, step_s) or step_s <= 0:
+    if status.get("state") in TERMINAL_STATES or None in (step, total, step_s) or step_s <= 0:
+        return
+    left = json_number(status.get("budget_left_s"))
+    budget_total, used = json_number(status.get("budget_total_s")), json_number(status.get("budget_used_s"))
+    if left is None and budget_total is not None and used is not None:
+        left = budget_total - used
+    if left is not None and left <= 0:
         return
     eta = max(0, total - step) * step_s
     status["eta_s"] = round(eta, 1)
-    if status.get("state") == "running" and not status.get("stale"):
+    if status.get("state") == "running" and not status.get("stale") and not status.get("suspended"):
         status["eta_at"] = _local_iso(now + eta)
 
 
@@ -225,8 +291,13 @@ def render_status(status: dict[str, Any]) -> str:
             head += f" (pid {pid})"
         if phase:
             head += f", phase {phase}"
-    if status.get("stale"):
-        head += f", NO HEARTBEAT FOR {_duration(json_number(status.get('heartbeat_age_s')))} (hung?)"
+    age = json_number(status.get("heartbeat_age_s"))
+    if status.get("suspended"):
+        head += f", SUSPENDED (SIGSTOP or Ctrl-Z; `kill -CONT {pid}` resumes it)"
+    elif status.get("stale"):
+        head += f", NO HEARTBEAT FOR {_duration(age)} (hung?)"
+    elif state in LIVE_STATES and age is not None and age > SLOW_HEARTBEAT_S:
+        head += f", last heartbeat {_duration(age)} ago; written every {HEARTBEAT_EVERY_S} s: busy or suspended?"
     rows.append(("state", head))
 
     if state == "crashed" and status.get("crashed_reason"):
@@ -365,10 +436,15 @@ def report_lines(report: dict) -> list[str]:
                              f"{100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}%, format "
                              f"{100 * b['format_compliance']:.1f}% -> {100 * a['format_compliance']:.1f}% "
                              "(base -> adapters)"))
+    if report.get("final_eval_pending"):
+        rows.append(("eval", "cut short by a stop; the next start answers the problems (and only that)"))
     if adapters:
-        run_dir = str(Path(adapters).parent)
-        rows.append(("try", f"mathlora-daemon generate --run-dir {run_dir} --prompt \"...\"  "
-                            f"(or: mathlora-daemon eval --run-dir {run_dir})"))
+        run_dir = report.get("run_dir") or str(Path(adapters).parent)
+        where = f"--run-dir {shlex.quote(run_dir)}"
+        if Path(adapters) != Path(run_dir) / "adapters":  # a --debug run's adapters
+            where += f" --adapter-path {shlex.quote(str(adapters))}"
+        rows.append(("try", f"mathlora-daemon generate {where} --prompt \"...\"  "
+                            f"(or: mathlora-daemon eval {where})"))
     return [f"{label:<10} {value}" for label, value in rows]
 
 

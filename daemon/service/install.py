@@ -436,7 +436,7 @@ def _check_owner(svc: Service) -> None:
     other = installed_run_dir(svc)
     if other is not None and other != svc.run_dir:
         raise InputError(f"{svc.path} already serves the run directory {other} (same name "
-                         f"{svc.name!r}); uninstall it first (mathlora-daemon uninstall --run-dir {other}) "
+                         f"{svc.name!r}); uninstall it first (mathlora-daemon uninstall --run-dir {shlex.quote(str(other))}) "
                          "or give this run directory another name")
 
 

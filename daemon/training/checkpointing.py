@@ -19,6 +19,7 @@ import io
 import json
 import platform
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -59,6 +60,13 @@ class Progress:
     first_loss: float | None = None  # the run's first step, for the morning report
     schedule_length: int | None = None  # fixed once (training/lr.py); None until then
     schedule_source: str | None = None  # "steps" or "budget"
+    # The evidence that sizes a budget-bound schedule (training/lr.py), gathered across
+    # starts: steps whose budget cost is known, and that cost, as of the last checkpoint
+    # (the steps a kill loses since then are timed again when they are re-done).
+    timed_steps: int = 0
+    timed_seconds: float = 0.0
+    # (global step, budget seconds used) where this start's timing began; not saved.
+    timing_since: tuple[int, float] | None = field(default=None, repr=False, compare=False)
     base_eval_loss: float | None = None  # validation loss of the base model (before step 1)
     eval_loss: float | None = None  # validation loss at the last evaluation
     eval_step: int | None = None
@@ -67,6 +75,7 @@ class Progress:
     evals_since_best: int = 0
     eval_history: list[list] = field(default_factory=list)  # [step, validation loss] at every evaluation
     stopped_early: str | None = None  # why early stopping ended the run (a restart takes no more steps)
+    eval_pending: bool = False  # this step's scheduled evaluation was cut short by a stop: the next start runs it
 
     def record(self, loss: float, tokens: int) -> None:
         if self.global_step == 0:
@@ -75,6 +84,15 @@ class Progress:
         self.tokens_seen += tokens
         self.recent_losses = (self.recent_losses + [loss])[-RECENT_LOSSES:]
         self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
+
+    def timing(self, used_s: float, charged_through: int) -> tuple[int, float]:
+        """Given the budget's seconds used, charged for every step up to global step
+        `charged_through`, return the evidence across starts: (steps timed, their
+        seconds), the earlier starts' plus this one's since `timing_since`."""
+        if self.timing_since is None:
+            return self.timed_steps, self.timed_seconds
+        step, used = self.timing_since
+        return self.timed_steps + max(0, charged_through - step), self.timed_seconds + max(0.0, used_s - used)
 
     def recent_mean(self) -> float | None:
         """The mean training loss of the last RECENT_MEAN_STEPS steps (None before any)."""
@@ -100,15 +118,18 @@ class Progress:
     def to_state(self) -> dict:
         """The parts of trainer_state.json this object owns."""
         losses = self.recent_losses
+        # The Checkpointer sets train_seconds to the budget used, charged through this step.
+        timed_steps, timed_seconds = self.timing(self.train_seconds, self.global_step)
         return {
             "loss": {"last": losses[-1] if losses else None, "recent": losses,
                      "recent_mean": sum(losses) / len(losses) if losses else None, "best": self.best_loss,
                      "first": self.first_loss},
-            "schedule": {"length": self.schedule_length, "source": self.schedule_source},
+            "schedule": {"length": self.schedule_length, "source": self.schedule_source,
+                         "timed_steps": timed_steps, "timed_seconds": round(timed_seconds, 6)},
             "eval": {"loss": self.eval_loss, "step": self.eval_step, "base": self.base_eval_loss,
                      "best": self.best_eval_loss, "best_step": self.best_eval_step,
                      "since_best": self.evals_since_best, "history": self.eval_history,
-                     "stopped_early": self.stopped_early},
+                     "stopped_early": self.stopped_early, "pending": self.eval_pending},
             # The store records this one in the manifest, for retention by validation loss.
             "eval_loss": self.eval_loss if self.eval_step == self.global_step else None,
         }
@@ -119,10 +140,12 @@ class Progress:
         return cls(global_step=state["global_step"], tokens_seen=state["tokens_seen"],
                    train_seconds=state["train_seconds"], recent_losses=list(loss.get("recent") or []),
                    best_loss=loss.get("best"), first_loss=loss.get("first"), schedule_length=schedule.get("length"),
-                   schedule_source=schedule.get("source"), base_eval_loss=ev.get("base"), eval_loss=ev.get("loss"),
+                   schedule_source=schedule.get("source"), timed_steps=int(schedule.get("timed_steps") or 0),
+                   timed_seconds=float(schedule.get("timed_seconds") or 0.0),
+                   base_eval_loss=ev.get("base"), eval_loss=ev.get("loss"),
                    eval_step=ev.get("step"), best_eval_loss=ev.get("best"), best_eval_step=ev.get("best_step"),
                    evals_since_best=int(ev.get("since_best") or 0), eval_history=list(ev.get("history") or []),
-                   stopped_early=ev.get("stopped_early"))
+                   stopped_early=ev.get("stopped_early"), eval_pending=bool(ev.get("pending")))
 
 
 def fingerprint(cfg: Config, model_dir: Path, cache_key: str) -> dict:
@@ -158,8 +181,14 @@ def package_versions() -> dict:
 
 
 def _safetensors_bytes(arrays: dict) -> bytes:
+    """Given name -> array, return the safetensors file's bytes, the same bytes for the
+    same arrays whatever order the dict was built in. mx.save_safetensors sorts the
+    header's names but lays the tensors' data out in the order of its internal hash
+    map, which follows the insertion order: a resumed optimizer (its state rebuilt from
+    the file) would store the same tensors at other offsets. Inserting in sorted order
+    fixes the layout (tests/unit/training/test_checkpointing.py)."""
     buf = io.BytesIO()
-    mx.save_safetensors(buf, arrays, metadata={"format": "mlx"})
+    mx.save_safetensors(buf, dict(sorted(arrays.items())), metadata={"format": "mlx"})
     return buf.getvalue()
 
 
@@ -227,18 +256,26 @@ class Checkpointer:
 
     State it reads at each save: the model's adapters, the optimizer's state, the loop's
     Progress (step, tokens, losses, validation history, the schedule's length), the
-    cursor that the schedule derives from the step, and the budget's seconds used. Before
-    writing it measures the validation loss (`validate`, training/validation.py), so the
-    manifest carries it and retention keeps the best; after `early_stop_evals`
-    evaluations without a new best it calls `on_early_stop(reason)`. Only rank 0 writes;
-    on the other ranks `save` does nothing. `settings()` returns the live daemon settings
-    (retention, segment length, checkpoint interval), which a config reload may change.
+    cursor that the schedule derives from the step, and the budget's seconds used.
+
+    A scheduled checkpoint (`save()`: a segment's end, the run's last step) measures the
+    validation loss first (`validate`, training/validation.py), so the manifest carries
+    it and retention keeps the best; after `early_stop_evals` evaluations without a new
+    best it calls `on_early_stop(reason)`. A requested one (`save_requested()`: a stop,
+    SIGTERM, a pause, the memory guard) saves at once, without a validation pass: the
+    steps evaluated are the same whether or not a run was interrupted, so the selection
+    is too. A validation pass runs inside `interruptible()` (runtime/signals.py): a stop
+    during it saves without it, marks it pending, and the next start measures it.
+    Retention never removes the best checkpoint nor the one resumed from. Only rank 0
+    writes; on the other ranks `save` does nothing. `settings()` returns the live daemon
+    settings (retention, segment length, checkpoint interval), which a config reload may
+    change.
     """
 
     def __init__(self, root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress, schedule,
                  fp: dict, cfg: Config, budget, log, heartbeat, settings, resumed: CheckpointInfo | None,
                  world_size: int = 1, leader: bool = True, clock=time.monotonic, validate=None,
-                 on_early_stop=None):
+                 on_early_stop=None, interruptible=None):
         self.root, self.model, self.optimizer, self.progress = root, model, optimizer, progress
         self.schedule, self.fp, self.cfg, self.budget = schedule, fp, cfg, budget
         self.log, self.heartbeat, self.settings = log, heartbeat, settings
@@ -246,6 +283,7 @@ class Checkpointer:
         self.clock = clock
         self.validate = validate if leader else None
         self.on_early_stop = on_early_stop
+        self.interruptible = interruptible or nullcontext
         self.protect = {resumed.path} if resumed else set()  # pruning never removes what we resumed from
         self.last_step = progress.global_step if resumed else -1
         self.last_time = self.clock()
@@ -260,11 +298,25 @@ class Checkpointer:
 
     def evaluate(self) -> None:
         """Measure the validation loss at the current step (once), log `train.eval`,
-        keep it in the progress, and ask for an early stop when it is due."""
+        keep it in the progress, and ask for an early stop when it is due. A stop during
+        the pass leaves it pending (`eval_pending`, kept in the checkpoint)."""
+        from mathlora_daemon.runtime.signals import Interrupted
+
         p = self.progress
         if self.validate is None or p.eval_step == p.global_step:
+            p.eval_pending = False
             return
-        result = self.validate()
+        self.heartbeat.update(phase="evaluating")
+        try:
+            with self.interruptible():
+                testhooks.hold_point("eval", p.global_step)
+                result = self.validate()
+        except Interrupted as exc:
+            p.eval_pending = True
+            self.log.warning("train.eval.deferred", step=p.global_step, reason=str(exc),
+                             why="a stop cut the validation pass short; the next start measures it")
+            return
+        p.eval_pending = False
         best = p.record_eval(result["loss"])
         self.log.info("train.eval", step=p.global_step, val_loss=result["loss"], best=best,
                       best_step=p.best_eval_step, best_val_loss=p.best_eval_loss, base_val_loss=p.base_eval_loss,
@@ -278,15 +330,19 @@ class Checkpointer:
                                f"(best {p.best_eval_loss:.4f} at step {p.best_eval_step}): early stop")
             self.on_early_stop(p.stopped_early)
 
-    def save(self) -> None:
+    def save_requested(self) -> None:
+        """Checkpoint now for a stop, SIGTERM, a pause or the memory guard: no validation pass."""
+        self.save(evaluate=False)
+
+    def save(self, evaluate: bool = True) -> None:
         """Checkpoint the current step boundary (once per step), its validation loss
-        measured first, then prune; raise TemporaryFailure (exit 75) when it cannot be
-        written, every earlier one intact."""
+        measured first when `evaluate`, then prune; raise TemporaryFailure (exit 75) when
+        it cannot be written, every earlier one intact."""
         step = self.progress.global_step
         if self.last_step == step or not self.leader:
             return
-        self.heartbeat.update(phase="evaluating" if self.validate else "checkpointing")
-        self.evaluate()
+        if evaluate:
+            self.evaluate()
         epoch, position = self.schedule.cursor(step)
         self.progress.train_seconds = self.budget.used_s
         self.heartbeat.update(phase="checkpointing")
@@ -296,14 +352,21 @@ class Checkpointer:
                                             self.fp, self.cfg, world_size=self.world_size)
         except OSError as exc:
             self.log.error("checkpoint.failed", step=step, errno=exc.errno, error=str(exc))
-            raise TemporaryFailure(f"checkpoint at step {step} could not be written: {exc}; "
-                                   "earlier checkpoints are intact") from exc
+            raise TemporaryFailure(f"checkpoint at step {step} could not be written to {self.root}: "
+                                   f"{exc.strerror or exc}; earlier checkpoints are intact") from exc
         self.log.info("checkpoint.saved", step=info.step, path=str(info.path), bytes=info.bytes,
                       seconds=round(time.monotonic() - t0, 4), val_loss=info.eval_loss)
         self.last_step, self.last_time = step, self.clock()
         self.heartbeat.update(phase="training", last_checkpoint_step=info.step,
                               last_checkpoint_at=datetime.now().astimezone().isoformat())
-        prune(self.root, self.settings().keep_checkpoints, protect=self.protect,
+        protect = set(self.protect)
+        if self.progress.best_eval_step is not None:
+            # The best may have been measured after its checkpoint was written (a
+            # deferred evaluation): its manifest does not say so, the progress does.
+            from mathlora_checkpoints.store import step_dir_name
+
+            protect.add(self.root / step_dir_name(self.progress.best_eval_step))
+        prune(self.root, self.settings().keep_checkpoints, protect=protect,
               on_pruned=lambda i: self.log.info("checkpoint.pruned", step=i.step, path=str(i.path)))
 
     def best_adapters(self) -> tuple[dict | None, dict | None]:

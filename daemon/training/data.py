@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
-from mathlora_daemon.config import DataConfig
+from mathlora_daemon.config import DataConfig, shorten
 from mathlora_daemon.errors import InputError, hub_load_error
 
 LOCAL_SUFFIXES = (".jsonl", ".parquet")
@@ -144,6 +144,13 @@ def resolve_source(cfg: DataConfig, run_dir: Path) -> DataSource:
     raw = Path(cfg.name).expanduser()
     candidates = [raw] if raw.is_absolute() else [run_dir / raw, Path.cwd() / raw]
     for path in candidates:
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # a name too long for the file system, a loop of links: the key's fault
+            raise InputError(f"data.name = {shorten(repr(cfg.name))}: not a usable path "
+                             f"({exc.strerror or exc})") from None
         if path.is_file():
             if path.suffix not in LOCAL_SUFFIXES:
                 raise InputError(f"data.name = {cfg.name!r}: {path} is not a .jsonl or .parquet file")

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from mathlora_daemon import __version__
+from mathlora_daemon import __version__, testhooks
 from mathlora_daemon.config import Config
-from mathlora_daemon.errors import EXIT_OK, InputError, TemporaryFailure
+from mathlora_daemon.errors import EXIT_INTERRUPTED, EXIT_OK, InputError, TemporaryFailure
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.world import SINGLE, World
 
@@ -48,10 +48,12 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
     s, train = session, session.cfg.train
     order_epoch, order = -1, None
     runtime.account(training=False)  # loading and preparing do not count against the budget
-    if s.progress.global_step == 0:
-        checkpointer.evaluate()  # the base model's validation loss: what the adapters must beat
+    if s.progress.global_step == 0 or s.progress.eval_pending:
+        # The base model's validation loss (what the adapters must beat), or the
+        # evaluation a stop cut short at the checkpoint this start resumed from.
+        checkpointer.evaluate()
     for step in range(s.progress.global_step, s.schedule.total_steps):
-        stop = runtime.boundary(checkpointer.save)
+        stop = runtime.boundary(checkpointer.save_requested)
         if stop:
             return stop
         epoch, _ = s.schedule.cursor(step)
@@ -63,7 +65,7 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
                             step, should_abort=should_abort, world=s.world, lr=lr_plan.lr(step),
                             max_grad_norm=train.max_grad_norm, mask_prompt=train.mask_prompt)
         if result is None:  # stopped between two micro-batches: the state is still at the last boundary
-            return runtime.boundary(checkpointer.save)
+            return runtime.boundary(checkpointer.save_requested)
         # Building compiled traces (the first step, a new length bucket) is set-up, not training.
         runtime.not_training(result.compile_s)
         s.progress.record(result.loss, result.tokens)
@@ -100,7 +102,8 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     if debug and world.leader:
         import shutil
 
-        shutil.rmtree(run.debug_root, ignore_errors=True)  # a debug run always starts from scratch
+        for folder in (run.checkpoints, run.adapters):  # a debug run always starts from scratch
+            shutil.rmtree(folder, ignore_errors=True)
     show_bar = show_progress_bar(progress)
     with ExitStack() as stack:
         flags = signals.Flags()
@@ -110,14 +113,19 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         heartbeat.start(10.0, live_fields=lambda: {"budget_used_s": round(budget.used_s, 1),
                                                    "budget_left_s": round(budget.left_s, 1)})
         watcher = _setup_watcher(stack, run, None if debug else config_path, flags) if world.leader else None
+        if flags.stop.is_set() and not world.distributed:
+            # Stopped while starting (a logout as launchd started us): nothing was trained
+            # since the newest checkpoint, so there is nothing to load or save.
+            return _stopped_before_training(log, heartbeat, budget, flags)
         try:
             s = setup_session(run, cfg, log, heartbeat, world, show_bar)
             runtime = Runtime(run.root, cfg, config_path, overrides, log, flags, heartbeat, budget,
-                              take_control=watcher.take_control if watcher else list, world=world)
+                              take_control=watcher.take_control if watcher else list,
+                              poll_control=watcher.poll if watcher else None, world=world)
             checkpointer = Checkpointer(run.checkpoints, s.model, s.optimizer, s.progress, s.schedule, s.fingerprint,
                                         cfg, budget, log, heartbeat, lambda: runtime.cfg.daemon, s.resumed,
                                         world.size, world.leader, validate=Validator.of(s.model, s.cache, cfg.train),
-                                        on_early_stop=runtime.finish_early)
+                                        on_early_stop=runtime.finish_early, interruptible=flags.interruptible)
             lr_plan = LRPlan(cfg.train, s.schedule.total_steps, s.progress, budget, log,
                              agree=lambda length: gather_ints(world, [length])[0][0])
             reporter = Reporter(run.root, log, heartbeat, budget, runtime, s.progress, s.optimizer,
@@ -138,9 +146,15 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                 lambda: any_true(world, flags.stop.is_set()))
             stop = loop(s, runtime, checkpointer, reporter, should_abort, lr_plan)
             reporter.close()
-            checkpointer.save()  # every way out leaves its state as a checkpoint
+            # Every way out leaves its state as a checkpoint; the run's last step is
+            # evaluated like any scheduled checkpoint, a requested exit saves at once.
+            checkpointer.save(evaluate=stop is None)
             runtime.account(training=True)
             return _finish(s, run, log, heartbeat, budget, reporter, checkpointer, stop, flags, final_eval)
+        except KeyboardInterrupt:
+            log.error("daemon.stop", reason="interrupted by a second Ctrl-C: no checkpoint of the unfinished step",
+                      exit_code=EXIT_INTERRUPTED)
+            raise
         except BaseException as exc:
             if world.distributed and lost_peer(exc):  # e.g. "[ring] connection to a peer was lost" in a step
                 raise peer_lost_error(world, exc) from exc
@@ -149,11 +163,19 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             raise
 
 
+def _stopped_before_training(log, heartbeat, budget, flags) -> RunResult:
+    fields = {"reason": flags.stop_reason, "exit_code": EXIT_OK, "step": None,
+              "signal_to_exit_s": round(time.monotonic() - flags.signal_at, 3) if flags.signal_at else None}
+    log.info("daemon.stop", **fields)
+    heartbeat.update(state="stopped", phase="done", reason=f"{flags.stop_reason} while starting; nothing trained")
+    return RunResult(EXIT_OK, 0, None, None, None, "stopped")
+
+
 def _setup_watcher(stack: ExitStack, run: RunDir, config_path: Path | None, flags):
     """Rank 0 watches the control file and the config; it passes stops and pauses on."""
     from mathlora_daemon.runtime.control import FileWatcher
 
-    watcher = FileWatcher(run.root, config_path, on_control=flags.request_control, on_config=flags.request_reload)
+    watcher = FileWatcher(run.scratch, config_path, on_control=flags.request_control, on_config=flags.request_reload)
     watcher.prime()
     watcher.start()
     stack.callback(watcher.stop)
@@ -173,13 +195,20 @@ def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:
 
 
 def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop, flags, final_eval) -> RunResult:
-    """Write the adapters (the best by validation loss, or the last), evaluate them when
-    asked, and tell how training ended (log, status, the morning report)."""
+    """Write the adapters (the best by validation loss, or the last), evaluate them at
+    the run's end (finished, or its budget spent: train.final_eval, its time not charged
+    to the budget), and tell how training ended: the log, the status and the morning
+    report (report.json, which later starts keep)."""
+    from mathlora_daemon.runtime.report import training_identity, write_report
+    from mathlora_daemon.runtime.signals import Interrupted
     from mathlora_daemon.training.model import adapter_config, save_adapters
 
     step, p, cfg = s.progress.global_step, s.progress, s.cfg
     final_state = stop.state if stop else "finished"
+    reason = stop.reason if stop else "finished"
     report = {}
+    last_loss = reporter.last_loss if reporter.last_loss is not None else (
+        p.recent_losses[-1] if p.recent_losses else None)  # a start that resumed at the final step took none
     if s.world.leader:
         weights, selected = checkpointer.best_adapters() if cfg.train.select == "best" else (None, None)
         if weights is not None:
@@ -188,29 +217,50 @@ def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop
             best_now = cfg.train.select == "best" and p.best_eval_step == step
             selected = {"rule": "lowest validation loss" if best_now else "last", "step": step,
                         "val_loss": p.eval_loss if p.eval_step == step else None}
-        save_adapters(s.model, run.adapters, adapter_config(cfg, len(s.model.layers), s.keys,
-                                                            s.prompt_format.describe(), selected))
+        try:
+            save_adapters(s.model, run.adapters, adapter_config(cfg, len(s.model.layers), s.keys,
+                                                                s.prompt_format.describe(), selected))
+        except OSError as exc:
+            raise TemporaryFailure(f"the final adapters could not be written to {run.adapters}: "
+                                   f"{exc.strerror or exc}; checkpoint step {step} is intact and the next start "
+                                   "writes them") from exc
         report = morning_report(p, run.adapters, selected, step)
-        if final_state == "finished" and cfg.train.final_eval and final_eval is not None and s.cache.validation:
+        report["run_dir"] = str(run.root)
+        if final_state in ("finished", "budget_exhausted") and cfg.train.final_eval and final_eval is not None \
+                and s.cache.validation:
             heartbeat.update(phase="evaluating")
-            report["final_eval"] = final_eval(s.model, s.tokenizer, s.cache.validation.problems(),
-                                              cfg.train.final_eval, cfg.data.template)
-            log.info("train.final_eval", **report["final_eval"])
+            try:
+                with flags.interruptible():
+                    testhooks.hold_point("final_eval", step)
+                    report["final_eval"] = final_eval(s.model, s.tokenizer, s.cache.validation.problems(),
+                                                      cfg.train.final_eval, cfg.data.template)
+                log.info("train.final_eval", **report["final_eval"])
+            except Interrupted as exc:
+                # The adapters are written; the next start answers the problems (nothing else).
+                report["final_eval_pending"] = True
+                log.warning("train.final_eval.interrupted", reason=str(exc), step=step)
     if stop and stop.event:
-        log.info(stop.event, reason=stop.reason, step=step, budget_used_s=round(budget.used_s, 1),
+        log.info(stop.event, reason=reason, step=step, budget_used_s=round(budget.used_s, 1),
                  budget_total_s=budget.total_s)
     if final_state == "finished" and s.world.leader:
-        log.info("train.done", steps=step, first_loss=p.first_loss, last_loss=reporter.last_loss,
+        log.info("train.done", steps=step, first_loss=p.first_loss, last_loss=last_loss,
                  recent_loss=report.get("recent_loss"), adapters=str(run.adapters),
                  train_seconds=round(budget.used_s, 2), tokens_seen=p.tokens_seen, **reporter.totals(),
                  **{k: report[k] for k in ("selected_step", "best_val_loss", "base_val_loss") if k in report})
-    fields = {"reason": stop.reason if stop else "finished", "exit_code": EXIT_OK, "step": step}
+    fields = {"reason": reason, "exit_code": EXIT_OK, "step": step}
     if flags.signal_at is not None:
         fields["signal_to_exit_s"] = round(time.monotonic() - flags.signal_at, 3)
+    if s.world.leader:
+        try:
+            write_report(run, final_state, reason, step, report, identity=training_identity(cfg),
+                         budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
+        except OSError as exc:
+            raise TemporaryFailure(f"the morning report could not be written to {run.report_file}: "
+                                   f"{exc.strerror or exc}; checkpoint step {step} and the adapters are intact") from exc
     log.info("daemon.stop", **fields)
-    heartbeat.update(state=final_state, phase="done", reason=fields["reason"], step=step,
+    heartbeat.update(state=final_state, phase="done", reason=reason, step=step,
                      budget_used_s=round(budget.used_s, 1), budget_left_s=round(budget.left_s, 1), report=report)
-    return RunResult(EXIT_OK, step, p.first_loss, reporter.last_loss, run.adapters, final_state, report)
+    return RunResult(EXIT_OK, step, p.first_loss, last_loss, run.adapters, final_state, report)
 
 
 def morning_report(p, adapters: Path, selected: dict, step: int) -> dict:

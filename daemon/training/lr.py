@@ -2,10 +2,20 @@
 
 The schedule's length is the run's total steps, unless the training budget will end the
 run first: then it is the steps the budget allows, estimated once from the measured
-time per step (after ESTIMATE_AFTER steps) and kept in every later checkpoint, so a run
-cut by its budget has already decayed when the budget runs out, and a resume continues
-the very same schedule. In a distributed job rank 0 decides the length and every rank
-takes it (one collective, at the same step on every rank).
+budget cost per step and kept in every later checkpoint, so a run cut by its budget has
+already decayed when the budget runs out, and a resume continues the very same schedule.
+
+The evidence (steps timed, their budget seconds) lives in Progress and is saved with
+every checkpoint, so it adds up across restarts: a run restarted every few steps fixes
+its length at the same global step as one never interrupted (once ESTIMATE_AFTER steps
+are timed; the budget is charged at each step boundary, so after step k the steps up to
+k - 1 are), with the same learning rates before it. What a kill loses since the last
+checkpoint is timed again when those steps are re-done.
+
+In a distributed job rank 0 decides the length and every rank takes it (one collective,
+at the same step on every rank: the step is decided from the agreed global step alone,
+and rank 0 answers 0, "not yet", while its evidence is short, e.g. after resuming a
+checkpoint written before the evidence was kept).
 
 The rate is computed on the host for each step and handed to the compiled update, so a
 new length needs no new trace.
@@ -16,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ESTIMATE_AFTER = 20  # steps of this start (beyond warmup) before the budget's length is estimated
+ESTIMATE_AFTER = 20  # steps timed (across starts, beyond warmup) before the budget's length is estimated
 BUDGET_MARGIN = 0.97  # keep a little of the budget for checkpoints and evaluations the steps did not show
 
 
@@ -58,8 +68,8 @@ class LRPlan:
     def __init__(self, train_cfg, total_steps: int, progress, budget, log, agree=None):
         self.cfg, self.total, self.progress, self.budget, self.log = train_cfg, total_steps, progress, budget, log
         self.agree = agree or (lambda length: length)  # distributed: every rank takes rank 0's length
-        self.start_step = progress.global_step
-        self.start_used_s = budget.used_s
+        # This start's timing begins here: loading was not charged to the budget.
+        progress.timing_since = (progress.global_step, budget.used_s)
         self.schedule = self._schedule(progress.schedule_length or total_steps)
 
     def _schedule(self, length: int) -> LRSchedule:
@@ -70,15 +80,20 @@ class LRPlan:
         return self.schedule(step)
 
     def after_step(self) -> None:
-        """After a step: once this start has taken ESTIMATE_AFTER steps past warmup, fix
-        the schedule's length for good."""
+        """After a step: once ESTIMATE_AFTER steps past warmup are timed (across starts),
+        fix the schedule's length for good."""
         p = self.progress
-        taken = p.global_step - self.start_step
-        if p.schedule_length is not None or taken < ESTIMATE_AFTER or p.global_step < self.cfg.warmup_steps:
+        # Decided from the global step alone (the same on every rank): with the evidence
+        # kept in every checkpoint, the steps before this one are timed.
+        if p.schedule_length is not None or p.global_step - 1 < ESTIMATE_AFTER or p.global_step < self.cfg.warmup_steps:
             return
         # The budget was last charged at this step's boundary: it holds the steps before it.
-        per_step = (self.budget.used_s - self.start_used_s) / max(taken - 1, 1)
-        length = self.agree(budget_length(self.total, p.global_step, per_step, self.budget.left_s))
+        steps, seconds = p.timing(self.budget.used_s, p.global_step - 1)
+        per_step = seconds / max(steps, 1)
+        enough = steps >= ESTIMATE_AFTER
+        length = self.agree(budget_length(self.total, p.global_step, per_step, self.budget.left_s) if enough else 0)
+        if not length:  # rank 0 has not timed enough steps yet (see the module docstring)
+            return
         p.schedule_length, p.schedule_source = length, "budget" if length < self.total else "steps"
         self.schedule = self._schedule(length)
         self.log.info("train.schedule", step=p.global_step, kind=self.cfg.lr_schedule, length=length,

@@ -180,9 +180,12 @@ def save_safetensors_durable(path: Path, arrays: dict) -> None:
 def save_adapters(model: nn.Module, out_dir: Path, config: dict) -> Path:
     """Given a LoRA model, an output directory and its adapter config, write
     adapters.safetensors and adapter_config.json there (each atomically) and return the
-    weights path."""
+    weights path. A kill mid-write leaves a `.tmp-<pid>-...` file there, which the next
+    start removes (fsio.remove_dead_temporaries)."""
     ensure_private_dir(out_dir)
-    weights = dict(tree_flatten(model.trainable_parameters()))
+    # Sorted as checkpoints store them (checkpointing._safetensors_bytes): the adapters of
+    # a step are then the same bytes here and in its checkpoint.
+    weights = dict(sorted(tree_flatten(model.trainable_parameters())))
     save_safetensors_durable(out_dir / ADAPTER_WEIGHTS, weights)
     atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir / ADAPTER_WEIGHTS

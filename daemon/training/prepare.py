@@ -91,10 +91,14 @@ class PrepareCounts:
 
 
 def _add_row(row, fmt: PromptFormat, cfg: DataConfig, split: Split, counts: PrepareCounts,
-             keep_problem: bool) -> None:
+             keep_problem: bool, stats: RowStats) -> None:
     ids, prompt_len = fmt.example(row.problem, row.solution)
     if prompt_len >= cfg.max_seq_len:
+        # Not a row to train on (nothing of its solution would fit), and said like any
+        # other skipped row, with its label: a 5 MB problem must not vanish in silence.
         counts.prompt_too_long += 1
+        stats.used -= 1
+        stats.skip(row.label, f"its prompt alone is {prompt_len} tokens, data.max_seq_len is {cfg.max_seq_len}")
         return
     chunks = split_chunks(ids, cfg.max_seq_len)
     if len(chunks) > 1:  # more than max_seq_len targets
@@ -141,21 +145,20 @@ def prepare_tokens(cfg: DataConfig, run_dir: Path, model_dir: Path, tokenizer, l
     rows = iter_rows(source, cfg, stats)
     for row in tqdm(rows, desc="tokenizing", unit=" rows", disable=not show, total=count_rows(source, cfg)):
         held_out = val_source is None and validation_row(row.problem, cfg.validation_fraction)
-        _add_row(row, fmt, cfg, validation if held_out else train, counts, keep_problem=held_out)
+        _add_row(row, fmt, cfg, validation if held_out else train, counts, keep_problem=held_out, stats=stats)
     if val_source is not None:
         for row in iter_rows(val_source, val_cfg, val_stats):
-            _add_row(row, fmt, cfg, validation, counts, keep_problem=True)
+            _add_row(row, fmt, cfg, validation, counts, keep_problem=True, stats=val_stats)
 
     skipped = stats.skipped + val_stats.skipped
     if skipped:
         log.warning("data.prepare.skipped", skipped=skipped, first=stats.skipped_examples + val_stats.skipped_examples)
     if not train.sequences:
         raise InputError(f"dataset {cfg.name!r} has no usable rows: {stats.rows} rows read, {stats.skipped} skipped "
-                         f"for a missing or empty '{cfg.problem_field}' or solution"
+                         f"(a missing or empty '{cfg.problem_field}' or solution, or a prompt longer than "
+                         "data.max_seq_len)"
                          + (f" (first: {', '.join(stats.skipped_examples)})" if stats.skipped_examples else "")
-                         + (f", {counts.long_skipped} longer than max_seq_len skipped" if counts.long_skipped else "")
-                         + (f", {counts.prompt_too_long} with a prompt longer than max_seq_len"
-                            if counts.prompt_too_long else ""))
+                         + (f", {counts.long_skipped} longer than max_seq_len skipped" if counts.long_skipped else ""))
     if val_source is not None and not validation.sequences:
         raise InputError(f"data.validation_name = {cfg.validation_name!r}: no usable rows ({val_stats.rows} read, "
                          f"{val_stats.skipped} skipped)")

@@ -16,15 +16,16 @@ all ranks (runtime/boundary.py).
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from mathlora_daemon import __version__
+from mathlora_daemon import __version__, testhooks
 from mathlora_daemon.config import Config, load_config
-from mathlora_daemon.errors import EXIT_CONFIG, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
+from mathlora_daemon.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
 from mathlora_daemon.rundir import RunDir, unwritable_error
 from mathlora_daemon.runtime import crashguard
 from mathlora_daemon.runtime.logs import close_logging, setup_logging
@@ -109,7 +110,7 @@ def _cannot_write(run_dir: Path, error: InputError | TemporaryFailure, guarded: 
     repeated = crashguard.repeated_outside_failure(run_dir, reason) if guarded else None
     if repeated:
         print(f"mathlora-daemon run: not starting: {repeated}\nfix it, then start again "
-              f"(`mathlora-daemon run --run-dir {run_dir}`, or reload the service)", file=sys.stderr)
+              f"(`mathlora-daemon run --run-dir {shlex.quote(str(run_dir))}`, or reload the service)", file=sys.stderr)
         return EXIT_OK
     crashguard.record_outside_failure(run_dir, reason, time.time())
     raise error
@@ -146,12 +147,17 @@ def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], d
 
 def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool,
                 progress: bool | None, world: World, gate: _StartGate, final_eval=None) -> int:
-    """Rank 0 (or the only process): lock, guards, then train."""
+    """Rank 0 (or the only process): lock, guards, then train. A `--debug` run keeps
+    everything it writes (lock, status, log, crash records, budget, report) under
+    `debug/` (RunDir.scratch): the real run is never touched."""
     from mathlora_daemon.runtime.budget import Budget, initial_used, read_used_seconds
     from mathlora_daemon.runtime.heartbeat import Heartbeat
     from mathlora_daemon.runtime.lock import LockHeld, acquire_lock
+    from mathlora_daemon.runtime.report import finished_already, pointer, training_identity, write_report
     from mathlora_daemon.runtime.schedule import inside, next_start, parse_window
 
+    run = RunDir(run_dir, debug=debug)
+    own = run.scratch  # lock, state, log: the run directory, or debug/
     config_text = config_path.read_text(errors="replace") if config_path and config_path.is_file() else None
     chash = crashguard.config_hash(config_text, overrides)
     # launchd restarts us after every non-zero exit; the guard ends such loops. A start
@@ -161,84 +167,120 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
     if unwritable is not None:
         return _cannot_write(run_dir, unwritable, guarded)
     crashguard.clear_outside_failure(run_dir)
+    if debug:
+        own.mkdir(exist_ok=True)
     try:
-        lock = acquire_lock(run_dir)
+        lock = acquire_lock(own)
     except LockHeld as exc:
         print(f"mathlora-daemon run: {exc}; not starting a second daemon", file=sys.stderr)
         return EXIT_TEMPFAIL
     with lock:
-        crashes = crashguard.begin_start(run_dir, os.getpid(), time.time())
+        crashes = crashguard.begin_start(own, os.getpid(), time.time())
         if not guarded:
-            crashguard.clear_failure(run_dir)
+            crashguard.clear_failure(own)
         try:
             cfg = load_config(config_path, overrides)
         except InputError as exc:
-            failure = crashguard.read_failure(run_dir)
+            failure = crashguard.read_failure(own)
             if failure and failure.get("kind") == "config" and failure.get("config_hash") == chash:
                 print(f"mathlora-daemon run: not starting: the configuration error recorded earlier is unchanged "
                       f"(fix {config_path} and start again):\n{exc}", file=sys.stderr)
-                crashguard.record_clean_exit(run_dir, EXIT_OK)
+                crashguard.record_clean_exit(own, EXIT_OK)
                 return EXIT_OK
-            crashguard.record_failure(run_dir, str(exc), "config", chash, time.time())
-            crashguard.record_clean_exit(run_dir, EXIT_CONFIG)
+            crashguard.record_failure(own, str(exc), "config", chash, time.time())
+            crashguard.record_clean_exit(own, EXIT_CONFIG)
+            _quietly(write_report, run, "failed", f"configuration error: {exc}", None, None)
             raise
         if debug:
             cfg = debug_config(cfg)
-        log = setup_logging(run_dir, run_dir.resolve().name, quiet_events=_quiet(progress))
+        used = 0.0 if debug else initial_used(*read_used_seconds(run_dir))
+        budget = Budget(float("inf") if debug else cfg.daemon.budget_hours * 3600, used)
+        identity = training_identity(cfg)
+        done = None if debug else finished_already(run, identity, budget.exhausted)
+        if done is not None:
+            # Nothing left to do (launchd at every login, the systemd timer): answer at
+            # once, without loading the model, and leave the report and adapters as they are.
+            what = "finished" if done["state"] == "finished" else "spent its training budget"
+            print(f"mathlora-daemon run: this run {what} at step {done.get('step')}; nothing to do. "
+                  f"{pointer(done, run_dir)}. To train further raise "
+                  f"{'train.epochs or train.max_steps' if done['state'] == 'finished' else 'daemon.budget_hours'}, "
+                  "or start a new run directory.", file=sys.stderr)
+            crashguard.record_clean_exit(own, EXIT_OK)
+            return EXIT_OK
+        log = setup_logging(own, run_dir.resolve().name, quiet_events=_quiet(progress))
         if world.distributed:
             log = log.bind(rank=0, world_size=world.size)
-        heartbeat = Heartbeat(run_dir, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
-        exit_code = EXIT_CONFIG
+        heartbeat = Heartbeat(own, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
+        exit_code, step = EXIT_CONFIG, None
         try:
             log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()),
                      debug=debug, crashed_starts_before=crashes, **world.describe())
-            reason = crashguard.decide(run_dir, crashes, cfg.daemon.max_crash_restarts, chash) if guarded else None
+            reason = crashguard.decide(own, crashes, cfg.daemon.max_crash_restarts, chash) if guarded else None
             if reason:
-                if crashguard.read_failure(run_dir) is None:
-                    crashguard.record_failure(run_dir, reason, "crash_loop", chash, time.time())
+                if crashguard.read_failure(own) is None:
+                    crashguard.record_failure(own, reason, "crash_loop", chash, time.time())
                 heartbeat.update(state="failed", phase="done", reason=reason)
                 log.error("daemon.failed", reason=reason)
+                _quietly(write_report, run, "failed", reason, None, None)
                 exit_code = EXIT_OK  # launchd must stop restarting us
                 return exit_code
-            used = 0.0 if debug else initial_used(*read_used_seconds(run_dir))
-            budget = Budget(float("inf") if debug else cfg.daemon.budget_hours * 3600, used)
             heartbeat.update(budget_used_s=budget.used_s, budget_total_s=budget.total_s,
                              budget_left_s=budget.left_s, window=cfg.daemon.window)
-            if budget.exhausted:
-                log.info("budget.exhausted", budget_used_s=round(budget.used_s, 1), budget_total_s=budget.total_s)
-                heartbeat.update(state="budget_exhausted", phase="done", reason="training budget spent")
-                exit_code = EXIT_OK
-                return exit_code
             window = parse_window(cfg.daemon.window)
-            if not inside(window, datetime.now()):
+            if not budget.exhausted and not inside(window, datetime.now()):
                 opens = next_start(window, datetime.now())
                 log.info("schedule.outside_window", window=cfg.daemon.window, next_start=opens.isoformat())
                 heartbeat.update(state="stopped", phase="done",
                                  reason=f"outside the training window {cfg.daemon.window}; opens {opens:%H:%M}")
                 exit_code = EXIT_OK
                 return exit_code
+            # A spent budget still goes on when the adapters or the final eval of the
+            # last step are missing (a kill as the budget ran out): the loop stops at
+            # once and the end is written.
             gate.open()
             result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world,
                            final_eval)
-            if result.report and result.state == "finished":
+            step = result.steps
+            testhooks.hold_point("exit", step)
+            if result.report and result.state in ("finished", "budget_exhausted"):
                 print_report(result.report, file=sys.stdout)
             exit_code = result.exit_code
             return exit_code
         except InputError as exc:
             log.error("daemon.stop", reason="error", error=str(exc), exit_code=EXIT_CONFIG)
-            crashguard.record_failure(run_dir, str(exc), "config", chash, time.time())
+            crashguard.record_failure(own, str(exc), "config", chash, time.time())
             heartbeat.update(state="failed", phase="done", reason=str(exc))
+            _quietly(write_report, run, "failed", str(exc), None, None)
             raise
         except TemporaryFailure as exc:
             log.error("daemon.stop", reason="temporary failure", error=str(exc), exit_code=EXIT_TEMPFAIL)
+            heartbeat.update(state="stopped", phase="done",
+                             reason=f"temporary failure (exit 75; launchd and systemd start it again): {exc}")
             exit_code = EXIT_TEMPFAIL
             raise
+        except KeyboardInterrupt:
+            # The second Ctrl-C: exit at once, without a checkpoint of the unfinished step.
+            heartbeat.update(state="stopped", phase="done",
+                             reason="interrupted by a second Ctrl-C (exit 130); the next start resumes from the "
+                                    "newest checkpoint")
+            exit_code = EXIT_INTERRUPTED
+            raise
         finally:
-            if exit_code in (EXIT_OK, EXIT_CONFIG, EXIT_TEMPFAIL):
-                crashguard.record_clean_exit(run_dir, exit_code)
+            if exit_code in (EXIT_OK, EXIT_CONFIG, EXIT_TEMPFAIL, EXIT_INTERRUPTED):
+                # Each write may meet the full disk that ended the run: the exit's own
+                # message must stand, not a second "No space left on device".
+                _quietly(crashguard.record_clean_exit, own, exit_code)
                 heartbeat.update(pid=os.getpid())
                 heartbeat.stop()  # the final state is on disk before the lock is released
             close_logging()
+
+
+def _quietly(write, *args) -> None:
+    """A bookkeeping write on the way out that must not replace the exit's own error."""
+    try:
+        write(*args)
+    except OSError:
+        pass
 
 
 def _quiet(progress: bool | None) -> set[str]:

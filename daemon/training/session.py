@@ -121,6 +121,7 @@ def _resume(run: RunDir, model, optimizer, schedule: Schedule, fp: dict, log,
     state, a fresh start too, so no rank depends on its own initialisation."""
     from mlx.utils import tree_flatten, tree_unflatten
 
+    from mathlora_checkpoints.fsio import remove_dead_temporaries
     from mathlora_checkpoints.store import cleanup_temporaries, find_latest_valid
     from mathlora_daemon.runtime.world import broadcast_arrays, gather_ints
     from mathlora_daemon.training.checkpointing import restore_training_checkpoint
@@ -128,6 +129,9 @@ def _resume(run: RunDir, model, optimizer, schedule: Schedule, fp: dict, log,
     resumed, progress = None, Progress()
     if world.leader:
         for leftover in cleanup_temporaries(run.checkpoints):
+            log.info("checkpoint.cleaned", path=str(leftover))
+        # A kill while the final adapters were written leaves the writer's temporary file.
+        for leftover in remove_dead_temporaries(run.adapters):
             log.info("checkpoint.cleaned", path=str(leftover))
         resumed = find_latest_valid(run.checkpoints, on_rejected=lambda path, why: log.warning(
             "checkpoint.rejected", path=str(path), why=why))

@@ -39,7 +39,7 @@ BROKEN_LINE = ('{"problem": "a", "solution": "b"}\n{"problem": "c", "solution": 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def snapshot(root: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock")) -> dict[str, str]:
+def snapshot(root: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json")) -> dict[str, str]:
     """Every file under root -> sha256 of its bytes, except the daemon's own bookkeeping
     (its log, its state files, its lock). Directories are listed too (as "<dir>"), so a
     removed or added empty directory counts as a change."""
@@ -48,8 +48,8 @@ def snapshot(root: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock"
         return out
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if rel.parts[0] in skip:
-            continue
+        if rel.parts[0] in skip or (len(rel.parts) > 1 and rel.parts[:2] in (("run", name) for name in skip)):
+            continue  # the run directory's bookkeeping, whether root is the run directory or holds it
         if path.is_symlink():
             out[str(rel)] = "<link>"
         elif path.is_file():
@@ -382,7 +382,47 @@ CASES = [
          setup=lambda run: (run / "mlx_model" / "config.json").write_text(
              (run / "mlx_model" / "config.json").read_text().replace('"llama"', '"qwen2"'))),
     case("fuse-gguf-without-a-base", "trained", ["fuse", "--gguf"], 78, r"--base-gguf"),
+
+    # --- issue 20: what a user trying the product found ---------------------------------------
+    case("status-run-dir-dash", "template", ["status", "--run-dir", "-dash"], 2, r"--run-dir=-dash", r"\./-dash",
+         run_dir_arg=False),
+    case("checkpoints-list-toml-bom", "template", ["checkpoints", "list"], 0, r"no checkpoints",
+         setup=lambda run: (run / "mathlora.toml").write_bytes(b"\xef\xbb\xbf" + (run / "mathlora.toml").read_bytes())),
+    case("prepare-toml-dangling-symlink", "template", ["prepare"], 78, r"mathlora\.toml", r"symbolic link",
+         r"/nowhere/mathlora\.toml",
+         setup=both(remove("mathlora.toml"), lambda run: (run / "mathlora.toml").symlink_to("/nowhere/mathlora.toml"))),
+    case("prepare-config-is-a-directory", "template", ["prepare", "--config", "{tmp}/confdir"], 78, r"--config",
+         r"confdir", r"is a directory", setup=lambda run: (run.parent / "confdir").mkdir()),
+    case("prepare-config-is-a-fifo", "template", ["prepare", "--config", "{tmp}/fifo"], 78, r"--config", r"fifo",
+         r"not a regular file", setup=lambda run: os.mkfifo(run.parent / "fifo"), timeout=60),
+    case("prepare-config-dev-zero", "template", ["prepare", "--config", "/dev/zero"], 78, r"--config /dev/zero",
+         r"not a regular file", timeout=60),
+    case("generate-model-without-tokenizer", "trained", ["generate", "--prompt", "1+1?", "--max-new-tokens", "2"], 78,
+         r"model\.path \S*mlx_model", r"no tokenizer files", r"tokenizer\.json",
+         setup=remove("mlx_model/tokenizer.json")),
+    case("status-takes-set-and-config", "trained", ["status", "--set", "train.epochs=2", "--config",
+                                                    "{run}/mathlora.toml"], 0, r"(?i)finished"),
+    case("logs-takes-set-and-config", "trained", ["logs", "-n", "1", "--set", "train.epochs=2", "--config",
+                                                  "{run}/mathlora.toml"], 0, r"\S"),
+    case("generate-prompt-longer-than-context", "trained", ["generate", "--prompt", "1+" * 20000], 78, r"--prompt",
+         r"\d{5} tokens", r"context of 512 tokens", r"max_position_embeddings"),
+    case("prepare-row-with-a-huge-prompt", "template", ["prepare"], 0, r"skipped 1 \(first: train\.jsonl:2 ",
+         r"prompt alone is \d+ tokens", r"max_seq_len", setup=lambda run: _insert_row(
+             run / "data" / "train.jsonl", 2, {"problem": "What is " + "1+" * 500_000 + "1?",
+                                                "solution": "The final answer is $\\boxed{500001}$."}),
+         writes=("cache",)),
+    case("eval-limit-says-how-many", "template", ["eval", "--data", "{run}/data/train.jsonl", "--limit", "2",
+                                                  "--max-new-tokens", "2"], 0,
+         r"2 of 80 problems \(--limit 2; --limit 0 for all\)"),
 ]
+
+
+def _insert_row(path: Path, line: int, row: dict) -> None:
+    import json
+
+    lines = path.read_text().splitlines()
+    lines.insert(line - 1, json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _ids() -> list[str]:
@@ -510,3 +550,182 @@ def test_a_broken_json_line_is_reported_without_a_stutter(template_dir, tmp_path
     assert result.returncode == 78, output
     assert "train.jsonl" in output and "line 3" in output, output
     assert not re.search(r"\bat at\b", output), output
+
+
+# --- issue 20: the cases a table row cannot express ------------------------------------------
+
+def _mount_full_tmpfs(mountpoint: Path) -> None:
+    """Mount a 64 KiB tmpfs at mountpoint and fill it, so the next write fails with
+    ENOSPC: a real full disk (root only; CI runs as root)."""
+    import subprocess
+
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        with open(mountpoint / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError as exc:
+        assert exc.errno == 28, exc  # ENOSPC: the file system is full now
+
+
+@pytest.mark.parametrize("command", [("export", "--format", "peft"), ("fuse",)], ids=["export-peft", "fuse"])
+def test_export_and_fuse_onto_a_full_disk_exit_75_and_leave_nothing(reference, tmp_path, command):
+    import subprocess
+
+    run = shutil.copytree(reference["dir"], tmp_path / "run")
+    full = tmp_path / "full"
+    _mount_full_tmpfs(full)
+    try:
+        before = snapshot(run)
+        out = full / "out"
+        result = cli(*command, "--out", str(out), run=run)
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output, output
+        assert result.returncode == 75, output
+        assert re.search(rf"--out {re.escape(str(out))}: no space left on device", output), output
+        assert len(output.strip().splitlines()) == 1, output  # one line
+        assert sorted(p.name for p in full.iterdir()) == ["filler"], "a half-written output was left behind"
+        assert snapshot(run) == before
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_serve_on_a_port_in_use_says_so_at_once(reference, tmp_path):
+    import socket
+
+    from runs import free_ports
+
+    (port,) = free_ports(1)
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = cli("serve", "--port", str(port), run=reference["dir"], timeout=60)  # it used to hang
+    finally:
+        taken.close()
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert result.returncode == 78, output
+    assert re.search(rf"--port {port}: address already in use.*choose another --port", output), output
+    assert "serving" not in output, output  # refused before announcing or loading anything
+
+
+def test_serve_lists_the_served_model_with_its_adapters(reference, tmp_path):
+    """`GET /v1/models` against a real `serve`: the model served (with the adapters), not
+    a scan of a Hugging Face cache that does not exist offline (it printed a traceback);
+    a request naming that id is answered by the model with the adapters."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from runs import ENV, free_ports, track, wait_for
+
+    run = reference["dir"]
+    (port,) = free_ports(1)
+    env = {**ENV, "HF_HOME": str(tmp_path / "no-hf-home"), "HF_HUB_CACHE": str(tmp_path / "no-hf-home" / "hub")}
+    server = track(subprocess.Popen([sys.executable, "-m", "mathlora_daemon", "serve", "--run-dir", str(run),
+                                     "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True, env=env))
+
+    def get(path: str):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    try:
+        models = wait_for(lambda: get("/v1/models"), server, "serve to answer /v1/models", timeout_s=120)
+        (entry,) = models["data"]
+        assert entry["id"] == str((run / "mlx_model").resolve()), entry
+        assert entry["adapters"] == str((run / "adapters").resolve()) and entry["prompt_format"] == "chat", entry
+        body = json.dumps({"model": entry["id"], "messages": [{"role": "user", "content": "1+1?"}],
+                           "temperature": 0, "max_tokens": 4}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and "choices" in json.loads(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    errors = server.stderr.read()
+    assert "Traceback" not in errors, errors[-3000:]
+    assert "/v1/models" in errors  # the request was served (logged), not failed
+
+
+def test_a_non_ascii_run_dir_with_an_ascii_terminal_runs(template_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from runs import ENV
+
+    run = shutil.copytree(template_dir, tmp_path / "nuit-é")
+    result = subprocess.run([sys.executable, "-m", "mathlora_daemon", "run", "--run-dir", str(run)],
+                            capture_output=True, text=True, encoding="ascii", errors="replace",
+                            env={**ENV, "PYTHONIOENCODING": "ascii"}, timeout=300, stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "UnicodeEncodeError" not in output, output[-3000:]
+    assert result.returncode == 0, output[-3000:]
+    assert "nuit-\\xe9" in output, output[-3000:]  # shown, escaped
+    assert (run / "adapters" / "adapters.safetensors").is_file()
+
+
+def test_a_reader_that_closes_stdout_early_is_not_a_failure(reference):
+    """`checkpoints list | head -0`: the reader is gone before the first write. Exit 0,
+    silently (it was "temporary failure: Broken pipe", exit 75)."""
+    import subprocess
+    import sys
+
+    from runs import ENV
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # deterministic: every write to the pipe fails with EPIPE
+    try:
+        result = subprocess.run([sys.executable, "-m", "mathlora_daemon", "checkpoints", "list", "--run-dir",
+                                 str(reference["dir"])], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
+
+
+def test_a_huge_set_value_is_shown_short_and_blamed_on_its_key(template_dir, tmp_path):
+    run = shutil.copytree(template_dir, tmp_path / "run")
+    before = snapshot(run)
+    result = cli("prepare", "--set", "data.name=" + "x" * 120_000, run=run)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert result.returncode == 78, output[:2000]
+    assert len(output) < 1000, f"the value is echoed whole ({len(output)} characters)"
+    assert "data.name" in output and "120000 characters" in output and "at most 4096" in output, output
+    assert "--run-dir" not in output, output
+    assert snapshot(run) == before
+
+
+def test_prune_labels_the_checkpoints_it_removed_as_pruned(reference, tmp_path):
+    run = shutil.copytree(reference["dir"], tmp_path / "run")
+    result = cli("checkpoints", "prune", "--keep", "1", run=run)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    removed = [line for line in output.splitlines() if line.startswith("step ")]
+    assert removed and all(line.rstrip().endswith("pruned") for line in removed), output
+    assert "DAMAGED" not in output, output
+
+
+def test_a_long_data_name_under_the_limit_is_blamed_on_the_key_not_the_run_dir(template_dir, tmp_path):
+    """4000 characters pass the string limit but no file system takes such a name: say
+    so about data.name, shortened (it was "--run-dir <the whole path>")."""
+    run = shutil.copytree(template_dir, tmp_path / "run")
+    result = cli("prepare", "--set", "data.name=" + "x" * 4000, run=run)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert result.returncode == 78, output[:2000]
+    assert "data.name" in output and "4002 characters" in output and len(output) < 600, output[:2000]
+    assert "--run-dir" not in output, output[:2000]

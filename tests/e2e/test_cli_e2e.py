@@ -25,7 +25,7 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=600)
 
 
-def snapshot(run_dir: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock")) -> dict[str, str]:
+def snapshot(run_dir: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json")) -> dict[str, str]:
     """Every file under run_dir -> sha256 of its bytes, except the daemon's own bookkeeping
     (its log, its state files, its lock): bad input must leave everything else alone."""
     out = {}
@@ -139,7 +139,8 @@ def test_run_debug_takes_ten_rows_a_few_steps_and_leaves_real_adapters_alone(run
     assert result.returncode == 0, result.stderr
     assert (run_dir / "debug" / "adapters" / "adapters.safetensors").is_file()
     assert not (run_dir / "adapters").exists()
-    events = log_events(run_dir)
+    assert not (run_dir / "logs").exists() and not (run_dir / "state").exists()  # the real run: untouched
+    events = log_events(run_dir / "debug")  # a debug run logs into debug/logs
     done = next(e for e in events if e["event"] == "data.prepare.done")
     assert done["rows"] == 10
     assert len([e for e in events if e["event"] == "train.step"]) == 2  # 10 rows / 8 per step

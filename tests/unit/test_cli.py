@@ -38,8 +38,52 @@ def test_defaults_when_no_shared_option_is_given():
 
 def test_commands_that_read_no_config_refuse_config_options():
     with pytest.raises(SystemExit) as info:
-        arguments.parse(["status", "--set", "train.seed=1"])
+        arguments.parse(["pause", "--set", "train.seed=1"])
     assert info.value.code == 2  # argparse's usage error
+
+
+@pytest.mark.parametrize("command", ["status", "logs"])
+def test_status_and_logs_take_config_options_as_readme_says_every_command_does(command):
+    args = arguments.parse([command, "--set", "train.seed=1", "--config", "a.toml"])
+    assert args.overrides == ["train.seed=1"] and args.config == Path("a.toml")
+
+
+def test_a_value_that_starts_with_a_dash_gets_a_way_to_write_it(capsys):
+    with pytest.raises(SystemExit) as info:
+        arguments.parse(["status", "--run-dir", "-dash"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--run-dir=-dash" in err and "./-dash" in err, err
+    with pytest.raises(SystemExit):
+        arguments.parse(["logs", "-n", "-x"])
+    err = capsys.readouterr().err
+    assert "--lines=-x" in err and "./-x" not in err, err  # not a path: no ./ form
+
+
+def test_entry_ignores_sigint_and_sigterm_once_main_has_returned(monkeypatch):
+    """A signal arriving while the interpreter shuts down must not replace main()'s exit
+    code by a death by signal (-2): entry() ignores both once main() has returned."""
+    import signal
+
+    import mathlora_daemon.cli as cli
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def main():
+        seen["during"] = signal.getsignal(signal.SIGINT)
+        return 3
+
+    monkeypatch.setattr(cli, "main", main)
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.entry()
+        assert info.value.code == 3
+        assert seen["during"] is saved[0]  # main() itself still gets Ctrl-C
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def test_every_command_has_an_action_and_every_option_has_help():

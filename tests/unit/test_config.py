@@ -361,3 +361,37 @@ def test_each_key_declares_help_allowed_values_and_its_change_rule():
     assert RELOADABLE and all(name.startswith("daemon.") for name in RELOADABLE)
     assert {"lora.rank", "train.learning_rate", "data.max_seq_len", "train.group_by_length"} <= set(FINGERPRINT_KEYS)
     assert "train.grad_checkpoint" not in FINGERPRINT_KEYS and "train.epochs" not in FINGERPRINT_KEYS
+
+
+# --- issue 20: files and values a user really had ----------------------------------------------
+
+def test_a_byte_order_mark_is_not_toml_and_is_ignored(tmp_path):
+    (tmp_path / "mathlora.toml").write_bytes(b"\xef\xbb\xbf[train]\nepochs = 3\n")
+    assert load_config(tmp_path / "mathlora.toml").train.epochs == 3
+
+
+def test_a_dangling_symlink_names_the_file_and_where_it_points(tmp_path):
+    (tmp_path / "mathlora.toml").symlink_to(tmp_path / "gone.toml")
+    with pytest.raises(InputError) as info:
+        load_config(tmp_path / "mathlora.toml")
+    msg = str(info.value)
+    assert str(tmp_path / "mathlora.toml") in msg and "symbolic link" in msg and "gone.toml" in msg, msg
+
+
+def test_a_fifo_is_refused_without_reading_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "mathlora.toml")  # reading it would block forever
+    with pytest.raises(InputError, match="not a regular file"):
+        load_config(tmp_path / "mathlora.toml")
+
+
+def test_a_string_longer_than_the_limit_is_refused_naming_the_key_and_shown_short(tmp_path):
+    from mathlora_daemon.config import MAX_STRING
+
+    msg = config_error(tmp_path, overrides=["data.name=" + "x" * 120_000])
+    assert "data.name" in msg and "120000 characters" in msg and f"at most {MAX_STRING}" in msg, msg[:500]
+    assert len(msg) < 600, len(msg)
+    assert load_config(None, ["data.name=" + "x" * MAX_STRING]).data.name == "x" * MAX_STRING
+    msg = config_error(tmp_path, toml=f'[lora]\ntargets = ["{"q" * 5000}"]\n')
+    assert "lora.targets" in msg and "at most" in msg and len(msg) < 600, msg[:500]

@@ -29,8 +29,15 @@ def test_the_model_path_is_relative_to_the_run_directory_unless_absolute(tmp_pat
     assert run.model("~/m") == Path.home() / "m"
 
 
-def test_a_debug_run_keeps_its_checkpoints_and_adapters_apart(tmp_path):
-    run = RunDir(tmp_path, debug=True)
-    assert run.checkpoints == tmp_path / "debug" / "checkpoints"
-    assert run.adapters == tmp_path / "debug" / "adapters"
-    assert run.log_file == RunDir(tmp_path).log_file  # one log for the run directory
+def test_a_debug_run_keeps_everything_it_writes_apart(tmp_path):
+    run, real = RunDir(tmp_path, debug=True), RunDir(tmp_path)
+    debug = tmp_path / "debug"
+    assert run.checkpoints == debug / "checkpoints" and run.adapters == debug / "adapters"
+    # its own status, log, lock, crash records and report: the real run's stay as they are
+    for name in ("log_file", "status_file", "control_file", "starts_file", "failure_file", "lock_file",
+                 "report_file"):
+        assert getattr(run, name).is_relative_to(debug), name
+        assert not getattr(real, name).is_relative_to(debug), name
+    # what it reads is the real run's
+    assert run.config == real.config and run.model("mlx_model") == real.model("mlx_model")
+    assert run.cache == real.cache and run.data == real.data

@@ -251,3 +251,25 @@ def test_quantized_base_fuses_dequantized_for_transformers(run, tmp_path):
     diff = np.abs(got - want).max()
     print(f"dequantized fused (transformers) vs QLoRA (mlx) max |logit difference|: {diff:.2e}")
     assert diff < ATOL
+
+
+def test_a_failed_write_is_a_temporary_failure_naming_the_output(tmp_path):
+    """MLX reports a full disk as RuntimeError, not OSError: both become exit 75 with
+    the output path and the reason; anything else is left alone."""
+    import errno
+
+    from mathlora_daemon.errors import TemporaryFailure
+    from mathlora_daemon.modelio.export import write_failure, writing_output
+
+    out = tmp_path / "made" / "peft"
+    error = write_failure(OSError(errno.ENOSPC, "No space left on device"), out)
+    assert isinstance(error, TemporaryFailure) and f"--out {out}: no space left on device" in str(error)
+    huge = RuntimeError(f"[write] Unable to write {1 << 60} bytes to file.")
+    assert f"--out {out}: no space left on device" in str(write_failure(huge, out))
+    assert write_failure(RuntimeError("some other MLX error"), out) is None
+    assert write_failure(OSError(errno.EACCES, "Permission denied"), out) is None
+    with pytest.raises(TemporaryFailure):
+        with writing_output(out):
+            out.parent.mkdir()
+            raise huge
+    assert not (tmp_path / "made").exists()  # the parent it created is removed again

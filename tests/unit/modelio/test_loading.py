@@ -77,3 +77,18 @@ def test_quantized_scales_become_float32_on_the_cpu_and_only_theirs():
     after = model.proj(x)
     # The same values (float16 scales are exact in float32), computed in float32.
     assert mx.allclose(before.astype(mx.float32), after, atol=1e-2).item()
+
+
+def test_a_model_without_tokenizer_files_names_them(tmp_path):
+    """transformers' own message asked to install sentencepiece or tiktoken (both are)."""
+    from pathlib import Path
+
+    from runs import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    (run / "mlx_model" / "tokenizer.json").unlink()
+    with pytest.raises(InputError) as info:
+        check_model_dir(Path(run / "mlx_model"))
+    msg = str(info.value)
+    assert f"model.path {run / 'mlx_model'}" in msg and "tokenizer.json" in msg and "tokenizer.model" in msg, msg
+    assert "sentencepiece" not in msg

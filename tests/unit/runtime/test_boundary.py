@@ -92,3 +92,31 @@ def test_only_awake_training_time_counts_and_a_system_sleep_is_logged():
     clock.awake(3450)
     stop = runtime.boundary(lambda: None)
     assert stop.state == "budget_exhausted" and stop.event == "budget.exhausted"
+
+
+def test_a_rejected_edit_says_per_key_whether_a_restart_can_apply_it(tmp_path):
+    from mathlora_daemon.config import to_toml
+
+    runtime, log = make_runtime([PowerState(on_battery=False, percent=100.0)])
+    edited = Config()
+    edited.train.learning_rate = runtime.cfg.train.learning_rate * 2  # fingerprinted: never within this run
+    edited.lora.rank = runtime.cfg.lora.rank * 2                      # fingerprinted too
+    edited.train.epochs = runtime.cfg.train.epochs + 1                 # applies at the next start
+    edited.model.path = "models/elsewhere"                            # the next start, if the same model
+    edited.daemon.budget_hours = 2.0                                   # safe: applied now
+    runtime.config_path = tmp_path / "mathlora.toml"
+    runtime.config_path.write_text(to_toml(edited))
+    runtime.flags.request_reload()
+
+    runtime.apply_reload()
+
+    rejected = [(fields["fields"], fields["why"]) for _, event, fields in log.events if event == "config.rejected"]
+    assert [keys for keys, _ in rejected] == [["lora.rank", "train.learning_rate"], ["model.path"], ["train.epochs"]]
+    fixed, model_path, later = (why for _, why in rejected)
+    assert fixed == ("part of this run's fingerprint: it cannot change within this run; revert it, or train a new "
+                     "run (a new --run-dir, or move checkpoints/ away)")
+    assert "restart" not in fixed and "next start" not in fixed
+    assert later.endswith("applies at the next start")
+    assert "next start" in model_path and "same base model" in model_path
+    assert runtime.cfg.daemon.budget_hours == 2.0 and runtime.cfg.train.learning_rate != edited.train.learning_rate
+    assert [event for _, event, _ in log.events][-1] == "config.reloaded"

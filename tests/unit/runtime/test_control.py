@@ -21,8 +21,10 @@ from mathlora_daemon.runtime.control import (
     FileWatcher,
     control_path,
     is_safe_field,
+    read_ack,
     read_request,
     reload_config,
+    send_request,
     write_request,
 )
 
@@ -94,11 +96,13 @@ class Recorder:
     """Callbacks for the watcher that only set events, as the daemon's do."""
 
     def __init__(self) -> None:
+        self.commands: list = []
         self.control = threading.Event()
         self.config = threading.Event()
         self.config_calls = 0
 
-    def on_control(self) -> None:
+    def on_control(self, command: str | None = None) -> None:
+        self.commands.append(command)
         self.control.set()
 
     def on_config(self) -> None:
@@ -271,3 +275,82 @@ def test_reload_returns_error_for_malformed_or_missing_file(tmp_path):
     path.unlink()
     new, applied, rejected, error = reload_config(path, [], current)
     assert new is current and applied == {} and "missing" in error
+
+
+# --- addressed, acknowledged requests (no request lost) -------------------------------------
+
+def test_prime_delivers_a_request_addressed_to_this_daemon_and_acknowledges_it(watched):
+    """A `stop` written between the daemon's lock and its watcher is this daemon's: it is
+    delivered, not taken for a stale one (the lost-stop race at start-up)."""
+    run_dir, _, rec, watcher = watched
+    request = write_request(run_dir, "stop", to_pid=os.getpid())
+    watcher.prime()
+    assert watcher.take_control() == [(request, None)]
+    assert rec.commands == ["stop"]
+    ack = read_ack(run_dir)
+    assert ack["id"] == request["id"] and ack["pid"] == os.getpid() and ack["command"] == "stop"
+
+
+def test_prime_ignores_a_request_for_an_earlier_daemon(watched):
+    run_dir, _, rec, watcher = watched
+    write_request(run_dir, "stop", to_pid=os.getpid() + 1)  # the previous daemon's
+    watcher.prime()
+    watcher.start()
+    assert watcher.take_control() == [] and read_ack(run_dir) is None
+    mine = write_request(run_dir, "pause", to_pid=os.getpid())
+    assert wait_for_requests(watcher, rec, 1) == [(mine, None)]
+
+
+def test_poll_recovers_a_deleted_state_directory(watched):
+    """`rm -rf RUN/state` while running: the next poll re-creates and re-watches it, and
+    requests written afterwards arrive through the watcher again."""
+    import shutil
+
+    run_dir, _, rec, watcher = watched
+    watcher.prime()
+    watcher.start()
+    shutil.rmtree(run_dir / "state")
+    first = write_request(run_dir, "pause", to_pid=os.getpid())  # the CLI re-creates state/
+    watcher.poll()  # a boundary: re-watch, and deliver what the dead watch missed
+    assert watcher.take_control() == [(first, None)]
+    second = write_request(run_dir, "resume", to_pid=os.getpid())
+    assert wait_for_requests(watcher, rec, 1) == [(second, None)]
+
+
+def test_send_request_waits_for_the_acknowledgement(watched):
+    run_dir, _, rec, watcher = watched
+    watcher.prime()
+    watcher.start()
+    outcome, request, pid = send_request(run_dir, "stop", probe=lambda _d: (True, os.getpid()))
+    assert outcome == "accepted" and pid == os.getpid() and read_ack(run_dir)["id"] == request["id"]
+
+
+def test_send_request_without_an_answer_says_so():
+    """A daemon that never reads the file (SIGSTOPped): not "accepted"."""
+    import tempfile
+
+    clock = iter(range(0, 100)).__next__
+    with tempfile.TemporaryDirectory() as run_dir:
+        outcome, request, pid = send_request(Path(run_dir), "pause", probe=lambda _d: (True, 4242),
+                                             timeout_s=5, clock=clock, pause=lambda _s: None)
+        assert outcome == "unacknowledged" and pid == 4242
+        assert read_request(Path(run_dir))[0]["to_pid"] == 4242  # it stays for the daemon
+        outcome, _, _ = send_request(Path(run_dir), "stop", probe=lambda _d: (False, None))
+        assert outcome == "no_daemon"
+
+
+def test_send_request_readdresses_a_restarted_daemon(tmp_path):
+    holders = iter([(True, 100), (True, 200), (True, 200)])
+    seen = []
+
+    def probe(_d):
+        holder = next(holders, (True, 200))
+        request = read_request(tmp_path)[0]
+        if request and request.get("to_pid") == 200 and not seen:
+            seen.append(request)  # the new daemon acknowledges the re-addressed request
+            atomic_write_text(tmp_path / "state" / "control-ack.json",
+                              json.dumps({"id": request["id"], "command": "stop", "pid": 200}))
+        return holder
+
+    outcome, request, pid = send_request(tmp_path, "stop", probe=probe, pause=lambda _s: None)
+    assert outcome == "accepted" and pid == 200 and seen[0]["id"] == request["id"]

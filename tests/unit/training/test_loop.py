@@ -58,8 +58,11 @@ class RecordingCheckpointer:
     def due(self):
         return self.progress.global_step % self.every == 0
 
-    def save(self):
+    def save(self, evaluate: bool = True):
         self.saved.append(self.progress.global_step)
+
+    def save_requested(self):
+        self.save(evaluate=False)
 
 
 class RecordingPlan:

@@ -1,4 +1,4 @@
-"""Tests for final-answer extraction and comparison (daemon.answers): the last brace-
+"""Tests for final-answer extraction and comparison (training/answers.py): the last brace-
 matched `\\boxed{}`, then a "Final Answer:" line, then the last number; normalisation;
 numeric equality."""
 
@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from mathlora_daemon.demo.mathgen import generate_problems
-from mathlora_daemon.evaluation.answers import answers_match, extract_answer, last_boxed, normalize, to_number
+from mathlora_daemon.training.answers import answers_match, extract_answer, last_boxed, normalize, to_number
 
 # --- extract_answer -----------------------------------------------------------------------
 
