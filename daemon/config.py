@@ -89,6 +89,9 @@ class DataConfig:
                                      expected="a number in [0, 0.5)",
                                      help="share of rows held out for validation, chosen by a hash of the problem "
                                           "(deterministic, never trained on); 0 = none")
+    answer_field: str = key("answer", fingerprint=True, allowed="string",
+                            help="field holding the final answer (GRPO's reference, eval's too); where it is empty "
+                                 "the last \\boxed{} of the solution is used")
     validation_name: str = key("", fingerprint=True, allowed='`""` or a path',
                                help="a separate validation file or folder (`.jsonl`/`.parquet`); when set, every row "
                                     "of data.name is trained on and validation_fraction is not used")
@@ -160,6 +163,11 @@ class TrainConfig:
                           expected="an integer >= 0 (0 = off)",
                           help="at the end of a run, answer this many validation problems with the base model and "
                                "with the adapters and compare accuracy and format (logged, and shown by `status`)")
+    method: str = key("sft", fingerprint=True, check=lambda v: v in ("sft", "grpo"), allowed="sft, grpo",
+                      expected='"sft" or "grpo"',
+                      help="`sft`: learn the solutions (supervised LoRA); `grpo`: learn from answers, rewarding "
+                           "sampled completions whose final answer is right (section [rl]); start it from SFT "
+                           "adapters with `rl.init_adapters`")
     grad_checkpoint: bool = key(False, allowed="bool",
                                 help="recompute each layer's activations (and the logits, a slice at a time) in the "
                                      "backward pass: much less memory for about a third more compute; needs "
@@ -199,12 +207,53 @@ class DaemonConfig:
 
 
 @dataclass
+class RLConfig:
+    group_size: int = key(8, fingerprint=True, check=lambda v: 2 <= v <= 256, allowed="2 to 256",
+                          expected="an integer from 2 to 256",
+                          help="G: completions sampled per prompt; each is scored against its group's mean")
+    prompts_per_step: int = key(4, fingerprint=True, check=lambda v: 1 <= v <= 4096, allowed="1 to 4096",
+                                expected="an integer from 1 to 4096", help="prompts per optimizer step")
+    max_new_tokens: int = key(512, fingerprint=True, check=lambda v: 1 <= v <= 32768, allowed="1 to 32768",
+                              expected="an integer from 1 to 32768", help="longest completion sampled")
+    temperature: float = key(1.0, fingerprint=True, check=lambda v: 0 < v <= 10, allowed="(0, 10]",
+                             expected="a number > 0 and <= 10", help="sampling temperature of the rollouts")
+    top_p: float = key(1.0, fingerprint=True, check=lambda v: 0 < v <= 1, allowed="(0, 1]",
+                       expected="a number > 0 and <= 1", help="nucleus sampling of the rollouts (1 = off)")
+    beta: float = key(0.04, fingerprint=True, check=lambda v: 0 <= v <= 10, allowed="[0, 10]",
+                      expected="a number from 0 to 10",
+                      help="weight of the KL penalty to the base model (the adapters switched off; no second "
+                           "model in memory); 0.04 as in the DeepSeekMath paper")
+    clip_epsilon: float = key(0.2, fingerprint=True, check=lambda v: 0 < v < 1, allowed="(0, 1)",
+                              expected="a number > 0 and < 1", help="PPO-style clipping of the probability ratio")
+    updates_per_batch: int = key(1, fingerprint=True, check=lambda v: 1 <= v <= 64, allowed="1 to 64",
+                                 expected="an integer from 1 to 64",
+                                 help="optimizer steps on each batch of rollouts (1: on-policy, the ratio is 1)")
+    loss: str = key("dapo", fingerprint=True, check=lambda v: v in ("grpo", "dr_grpo", "dapo"),
+                    allowed="grpo, dr_grpo, dapo", expected='"grpo", "dr_grpo" or "dapo"',
+                    help="`grpo`: each completion's mean token loss, averaged (long completions weigh less per "
+                         "token); `dr_grpo`: advantages not divided by the group's std, tokens summed over a "
+                         "constant; `dapo` (default): every token of the batch weighs the same, so a long wrong "
+                         "answer is not penalised less than a short one")
+    format_weight: float = key(0.1, fingerprint=True, check=lambda v: 0 <= v <= 10, allowed="[0, 10]",
+                               expected="a number from 0 to 10",
+                               help="reward for a final answer given boxed or on a \"Final Answer\" line, besides "
+                                    "1.0 for a correct one")
+    skip_flat_groups: int = key(0, fingerprint=True, check=lambda v: 0 <= v <= 16, allowed="0 to 16",
+                                expected="an integer from 0 to 16",
+                                help="resample a group whose rewards are all equal (no signal) up to this many times "
+                                     "(DAPO's dynamic sampling; 0 = keep them, counted as zero_advantage_share)")
+    init_adapters: str = key("", fingerprint=True, allowed='`""` or a path',
+                             help="start GRPO from these (SFT) adapters; \"\" = fresh LoRA")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def lora_scale(self) -> float:

@@ -57,9 +57,11 @@ def ignore_late_stops() -> None:
     _LATE_STOPS_IGNORED = True
 
 
-class Interrupted(Exception):
-    """An interruptible section (a validation pass, the final eval) was cut short by a
-    stop signal or a stop/pause request; the caller goes on without its result."""
+class Interrupted(BaseException):
+    """An interruptible section (a validation pass, the final eval, GRPO's rollouts) was
+    cut short by a stop signal or a stop/pause request; the caller goes on without its
+    result. A BaseException, like KeyboardInterrupt: library code that catches every
+    Exception (math-verify's parser does) must not swallow it."""
 
 
 @dataclass

@@ -333,6 +333,13 @@ def render_status(status: dict[str, Any]) -> str:
         extra += [f"base model {base_val:.4f}"] if base_val is not None else []
         rows.append(("val loss", text + (f" ({'; '.join(extra)})" if extra else "")))
 
+    rl = status.get("rl") if isinstance(status.get("rl"), dict) else None
+    if rl and json_number(rl.get("reward_mean")) is not None:
+        rows.append(("grpo", f"reward {rl['reward_mean']:.3f} (std {json_number(rl.get('reward_std')) or 0:.3f}), "
+                             f"sample accuracy {100 * (json_number(rl.get('sample_accuracy')) or 0):.1f}%, "
+                             f"groups without signal {100 * (json_number(rl.get('zero_advantage_share')) or 0):.0f}%, "
+                             f"{json_number(rl.get('completion_tokens_mean')) or 0:.0f} tokens a completion"))
+
     world = json_int(status.get("world_size"))
     if world is not None and state != "not_started":
         rows.append(("world", "1 process" if world == 1 else
@@ -418,6 +425,19 @@ def report_lines(report: dict) -> list[str]:
         chosen = f"step {selected} of the {steps} trained, {'the last' if rule == 'last' else rule}"
         rows.append(("adapters", f"{adapters} ({chosen})"))
     best, base = json_number(report.get("best_val_loss")), json_number(report.get("base_val_loss"))
+    best_acc, base_acc = json_number(report.get("best_val_accuracy")), json_number(report.get("base_val_accuracy"))
+    if best_acc is not None:  # GRPO: selected by greedy accuracy on the validation problems
+        text = f"{100 * best_acc:.1f}% at step {json_int(report.get('best_val_step'))}"
+        if base_acc is not None:
+            text += f" vs {100 * base_acc:.1f}% at step 0 (where GRPO started)"
+        rows.append(("val acc", text))
+        if base_acc is not None and best_acc <= base_acc:
+            rows.append(("warning", "no checkpoint beat the starting point on validation accuracy: keep the "
+                                    "adapters GRPO started from (try a lower train.learning_rate or more steps)"))
+        first_r, recent_r = json_number(report.get("first_reward")), json_number(report.get("recent_reward"))
+        if first_r is not None and recent_r is not None:
+            rows.append(("reward", f"{first_r:.3f} at step 1 -> {recent_r:.3f} (mean of the last 10 steps)"))
+        best = None
     if best is not None:
         text = f"{best:.4f} at step {json_int(report.get('best_val_step'))}"
         if base is not None:

@@ -10,6 +10,8 @@ Layout of `cache/<key>/` (format 2):
     validation/...                   the same three arrays for the held-out rows
     validation/problems.jsonl        the held-out rows themselves (problem, solution, answer,
                                      kind), for the final eval
+    train/problems.jsonl             with train.method = "grpo" only: the training rows'
+                                     problem, reference answer and kind
 
 Loading memory-maps the arrays, so a 220k-row cache costs no RAM until touched. The
 directory is built under a temporary name and renamed into place: a cache either exists
@@ -69,6 +71,14 @@ class TokenCache:
 
     def sequence(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]: self.offsets[i + 1]]
+
+    def train_problems(self) -> list[dict]:
+        """GRPO's training rows (problem, answer, kind), kept by `prepare` when asked
+        (`train/problems.jsonl`); [] without them."""
+        path = self.path / "train" / PROBLEMS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def problems(self) -> list[dict]:
         """The validation split's rows (problem, solution, answer, kind); [] without any."""

@@ -76,8 +76,15 @@ class Progress:
     eval_history: list[list] = field(default_factory=list)  # [step, validation loss] at every evaluation
     stopped_early: str | None = None  # why early stopping ended the run (a restart takes no more steps)
     eval_pending: bool = False  # this step's scheduled evaluation was cut short by a stop: the next start runs it
+    # GRPO: each step's mean reward (the last RECENT_LOSSES) and the run's first, for
+    # status and the morning report.
+    recent_rewards: list[float] = field(default_factory=list)
+    first_reward: float | None = None
 
-    def record(self, loss: float, tokens: int) -> None:
+    def record(self, loss: float, tokens: int, reward: float | None = None) -> None:
+        if reward is not None:
+            self.first_reward = reward if self.first_reward is None else self.first_reward
+            self.recent_rewards = (self.recent_rewards + [reward])[-RECENT_LOSSES:]
         if self.global_step == 0:
             self.first_loss = loss
         self.global_step += 1
@@ -130,6 +137,7 @@ class Progress:
                      "best": self.best_eval_loss, "best_step": self.best_eval_step,
                      "since_best": self.evals_since_best, "history": self.eval_history,
                      "stopped_early": self.stopped_early, "pending": self.eval_pending},
+            "rl": {"recent_rewards": self.recent_rewards, "first_reward": self.first_reward},
             # The store records this one in the manifest, for retention by validation loss.
             "eval_loss": self.eval_loss if self.eval_step == self.global_step else None,
         }
@@ -145,7 +153,9 @@ class Progress:
                    base_eval_loss=ev.get("base"), eval_loss=ev.get("loss"),
                    eval_step=ev.get("step"), best_eval_loss=ev.get("best"), best_eval_step=ev.get("best_step"),
                    evals_since_best=int(ev.get("since_best") or 0), eval_history=list(ev.get("history") or []),
-                   stopped_early=ev.get("stopped_early"), eval_pending=bool(ev.get("pending")))
+                   stopped_early=ev.get("stopped_early"), eval_pending=bool(ev.get("pending")),
+                   recent_rewards=list((state.get("rl") or {}).get("recent_rewards") or []),
+                   first_reward=(state.get("rl") or {}).get("first_reward"))
 
 
 def fingerprint(cfg: Config, model_dir: Path, cache_key: str) -> dict:
@@ -167,7 +177,22 @@ def fingerprint_conflicts(saved: dict, current: dict) -> list[str]:
     """Given a saved and a current fingerprint, return 'field: saved -> current' for each
     field that differs (fields unknown to either side are compared too)."""
     return [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}"
-            for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+            for name in sorted(set(saved) | set(current))
+            if saved.get(name) != current.get(name) and not _added_since(name, saved, current)]
+
+
+def _added_since(name: str, saved: dict, current: dict) -> bool:
+    """A key a newer version added to the fingerprint, at its default: the checkpoint was
+    made with that default's behaviour (an upgrade mid-run must not refuse the resume)."""
+    import dataclasses
+
+    from mathlora_daemon.config import KEYS
+
+    declared = KEYS.get(name)
+    if name in saved or declared is None:
+        return False
+    default = declared.default if declared.default is not dataclasses.MISSING else declared.default_factory()
+    return current.get(name) == default
 
 
 def package_versions() -> dict:
@@ -194,13 +219,15 @@ def _safetensors_bytes(arrays: dict) -> bytes:
 
 def save_training_checkpoint(root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress,
                              epoch: int, position: int, fp: dict, cfg: Config,
-                             world_size: int = 1) -> CheckpointInfo:
+                             world_size: int = 1, reference: dict | None = None) -> CheckpointInfo:
     """Given the checkpoint root, the model, optimizer and loop progress at an optimizer
     step boundary, write checkpoint `step-<global step>` atomically and return it; raise
     OSError (e.g. ENOSPC) with every earlier checkpoint left intact."""
     step = progress.global_step
     groups = {"adapters": _safetensors_bytes(dict(tree_flatten(model.trainable_parameters()))),
               "optimizer": _safetensors_bytes(dict(tree_flatten(optimizer.state)))}
+    if reference is not None:  # GRPO started from trained adapters: its KL reference (training/grpo.py)
+        groups["reference"] = _safetensors_bytes(reference)
     state = {
         "global_step": step, "epoch": epoch, "position": position, "tokens_seen": progress.tokens_seen,
         "train_seconds": progress.train_seconds, **progress.to_state(),
@@ -275,7 +302,7 @@ class Checkpointer:
     def __init__(self, root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress, schedule,
                  fp: dict, cfg: Config, budget, log, heartbeat, settings, resumed: CheckpointInfo | None,
                  world_size: int = 1, leader: bool = True, clock=time.monotonic, validate=None,
-                 on_early_stop=None, interruptible=None):
+                 on_early_stop=None, interruptible=None, reference=None):
         self.root, self.model, self.optimizer, self.progress = root, model, optimizer, progress
         self.schedule, self.fp, self.cfg, self.budget = schedule, fp, cfg, budget
         self.log, self.heartbeat, self.settings = log, heartbeat, settings
@@ -284,6 +311,7 @@ class Checkpointer:
         self.validate = validate if leader else None
         self.on_early_stop = on_early_stop
         self.interruptible = interruptible or nullcontext
+        self.reference = reference or (lambda: None)  # GRPO's reference adapters, kept in every checkpoint
         self.protect = {resumed.path} if resumed else set()  # pruning never removes what we resumed from
         self.last_step = progress.global_step if resumed else -1
         self.last_time = self.clock()
@@ -318,11 +346,13 @@ class Checkpointer:
             return
         p.eval_pending = False
         best = p.record_eval(result["loss"])
+        # GRPO validates by greedy accuracy; its "loss" is the error rate (1 - accuracy).
+        accuracy = {"val_accuracy": result["accuracy"], "val_format": result["format"]} if "accuracy" in result else {}
         self.log.info("train.eval", step=p.global_step, val_loss=result["loss"], best=best,
                       best_step=p.best_eval_step, best_val_loss=p.best_eval_loss, base_val_loss=p.base_eval_loss,
-                      tokens=result["tokens"], sequences=result["sequences"], seconds=result["seconds"])
+                      tokens=result["tokens"], sequences=result["sequences"], seconds=result["seconds"], **accuracy)
         self.heartbeat.update(val_loss=result["loss"], val_step=p.global_step, best_val_loss=p.best_eval_loss,
-                              best_val_step=p.best_eval_step, base_val_loss=p.base_eval_loss)
+                              best_val_step=p.best_eval_step, base_val_loss=p.base_eval_loss, **accuracy)
         limit = self.cfg.train.early_stop_evals
         if limit and p.evals_since_best >= limit and self.on_early_stop is not None:
             # Kept in the checkpoint written next, so a restart (launchd) stays finished.
@@ -349,7 +379,8 @@ class Checkpointer:
         t0 = time.monotonic()
         try:
             info = save_training_checkpoint(self.root, self.model, self.optimizer, self.progress, epoch, position,
-                                            self.fp, self.cfg, world_size=self.world_size)
+                                            self.fp, self.cfg, world_size=self.world_size,
+                                            reference=self.reference())
         except OSError as exc:
             self.log.error("checkpoint.failed", step=step, errno=exc.errno, error=str(exc))
             raise TemporaryFailure(f"checkpoint at step {step} could not be written to {self.root}: "

@@ -341,7 +341,7 @@ def _verified_generation(record: dict) -> tuple[str | None, str]:
 def row_fields(cfg: DataConfig) -> list[str]:
     """The columns a row is built from (only these are read from parquet files)."""
     solution = [GENERATIONS_FIELD, VERIFIED_FIELD] if cfg.solution_source == "generation" else [cfg.solution_field]
-    return list(dict.fromkeys([cfg.problem_field, *solution, ANSWER_FIELD, *KIND_FIELDS]))
+    return list(dict.fromkeys([cfg.problem_field, *solution, cfg.answer_field or ANSWER_FIELD, *KIND_FIELDS]))
 
 
 def iter_rows(source: DataSource, cfg: DataConfig, stats: RowStats) -> Iterator[Row]:
@@ -370,10 +370,17 @@ def iter_rows(source: DataSource, cfg: DataConfig, stats: RowStats) -> Iterator[
         else:
             solution = record.get(cfg.solution_field)
             why = f"missing '{cfg.solution_field}'" if solution is None else f"empty or non-text '{cfg.solution_field}'"
+        answer = record.get(cfg.answer_field or ANSWER_FIELD)
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)  # GSM8K-style sets store numbers
+        if solution is None and cfg.solution_source == "solution" and isinstance(answer, str) and answer.strip():
+            # An answer-only row (no solution field at all; an empty one stays a skipped
+            # row): its solution is the final answer line, what SFT on such a set teaches
+            # and what GRPO's reward checks.
+            solution = f"The final answer is $\\boxed{{{answer.strip()}}}$."
         if not isinstance(solution, str) or not solution.strip():
             stats.skip(label, why)
             continue
         stats.used += 1
-        answer = record.get(ANSWER_FIELD)
         kind = next((record[k] for k in KIND_FIELDS if isinstance(record.get(k), str) and record[k].strip()), None)
         yield Row(label, problem, solution, answer if isinstance(answer, str) and answer.strip() else None, kind)

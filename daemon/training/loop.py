@@ -43,7 +43,6 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
     the runtime's Stop when training must end first, else None. The model, optimizer and
     progress are left at an optimizer-step boundary either way."""
     from mathlora_daemon.training.batches import step_micro_batches, training_order
-    from mathlora_daemon.training.step import train_step
 
     s, train = session, session.cfg.train
     order_epoch, order = -1, None
@@ -58,17 +57,15 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
             return stop
         epoch, _ = s.schedule.cursor(step)
         if epoch != order_epoch:
-            order_epoch, order = epoch, training_order(s.cache.lengths, train.seed, epoch,
+            order_epoch, order = epoch, training_order(s.order_lengths, train.seed, epoch,
                                                        s.schedule.sequences_per_step, train.group_by_length)
         started = time.monotonic()
-        result = train_step(s.model, s.optimizer, s.cache, step_micro_batches(s.schedule, order, step), train.seed,
-                            step, should_abort=should_abort, world=s.world, lr=lr_plan.lr(step),
-                            max_grad_norm=train.max_grad_norm, mask_prompt=train.mask_prompt)
+        result = s.take_step(step, step_micro_batches(s.schedule, order, step), lr_plan.lr(step), should_abort)
         if result is None:  # stopped between two micro-batches: the state is still at the last boundary
             return runtime.boundary(checkpointer.save_requested)
         # Building compiled traces (the first step, a new length bucket) is set-up, not training.
         runtime.not_training(result.compile_s)
-        s.progress.record(result.loss, result.tokens)
+        s.progress.record(result.loss, result.tokens, getattr(result, "reward_mean", None))
         reporter.on_step(epoch, result, max(time.monotonic() - started - result.compile_s, 1e-9))
         lr_plan.after_step()
         if checkpointer.due():
@@ -124,8 +121,9 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                               poll_control=watcher.poll if watcher else None, world=world)
             checkpointer = Checkpointer(run.checkpoints, s.model, s.optimizer, s.progress, s.schedule, s.fingerprint,
                                         cfg, budget, log, heartbeat, lambda: runtime.cfg.daemon, s.resumed,
-                                        world.size, world.leader, validate=Validator.of(s.model, s.cache, cfg.train),
-                                        on_early_stop=runtime.finish_early, interruptible=flags.interruptible)
+                                        world.size, world.leader, validate=Validator.of(s, cfg.train),
+                                        on_early_stop=runtime.finish_early, interruptible=flags.interruptible,
+                                        reference=lambda: s.grpo.reference if s.grpo is not None else None)
             lr_plan = LRPlan(cfg.train, s.schedule.total_steps, s.progress, budget, log,
                              agree=lambda length: gather_ints(world, [length])[0][0])
             reporter = Reporter(run.root, log, heartbeat, budget, runtime, s.progress, s.optimizer,
@@ -144,6 +142,9 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             # A stop must be seen by every rank between the same two micro-batches (all ranks).
             should_abort = flags.stop.is_set if not world.distributed else (
                 lambda: any_true(world, flags.stop.is_set()))
+            if s.grpo is not None:  # a stop raises out of the rollouts, or abandons the step before its update
+                s.grpo.interruptible, s.grpo.should_abort = flags.interruptible, should_abort
+                heartbeat.update(method="grpo")
             stop = loop(s, runtime, checkpointer, reporter, should_abort, lr_plan)
             reporter.close()
             # Every way out leaves its state as a checkpoint; the run's last step is
@@ -274,4 +275,11 @@ def morning_report(p, adapters: Path, selected: dict, step: int) -> dict:
         report["base_val_loss"] = p.base_eval_loss
     if p.best_eval_loss is not None:
         report["best_val_loss"], report["best_val_step"] = p.best_eval_loss, p.best_eval_step
+    if p.first_reward is not None:  # GRPO: validation is greedy accuracy (its "loss" is 1 - accuracy)
+        report["method"] = "grpo"
+        report["first_reward"] = p.first_reward
+        report["recent_reward"] = sum(p.recent_rewards[-10:]) / len(p.recent_rewards[-10:])
+        for name in ("base", "best"):
+            if report.get(f"{name}_val_loss") is not None:
+                report[f"{name}_val_accuracy"] = 1.0 - report[f"{name}_val_loss"]
     return report

@@ -171,6 +171,21 @@ def adapters_off(model: nn.Module):
             m.lora_b = b
 
 
+@contextmanager
+def adapters_as(model: nn.Module, weights: dict):
+    """While active, the LoRA layers hold `weights` (e.g. GRPO's reference: the adapters
+    it started from); the current adapters are put back on exit. Adapters only: no second
+    model in memory."""
+    from mlx.utils import tree_flatten
+
+    current = list(tree_flatten(model.trainable_parameters()))
+    model.load_weights(list(weights.items()), strict=False)
+    try:
+        yield model
+    finally:
+        model.load_weights(current, strict=False)
+
+
 def save_safetensors_durable(path: Path, arrays: dict) -> None:
     """Given a target path ending in .safetensors and MLX arrays, replace the file
     atomically and durably (temporary sibling, fsync, rename, fsync the directory)."""

@@ -91,7 +91,7 @@ class PrepareCounts:
 
 
 def _add_row(row, fmt: PromptFormat, cfg: DataConfig, split: Split, counts: PrepareCounts,
-             keep_problem: bool, stats: RowStats) -> None:
+             keep_problem: bool, stats: RowStats, keep_reference: bool = False) -> None:
     ids, prompt_len = fmt.example(row.problem, row.solution)
     if prompt_len >= cfg.max_seq_len:
         # Not a row to train on (nothing of its solution would fit), and said like any
@@ -112,10 +112,17 @@ def _add_row(row, fmt: PromptFormat, cfg: DataConfig, split: Split, counts: Prep
     if keep_problem:
         split.problems.append({"label": row.label, "problem": row.problem, "solution": row.solution,
                                "answer": row.answer, "kind": row.kind})
+    elif keep_reference:  # GRPO's training rows: the problem and the answer to check, not the solution
+        from mathlora_daemon.training.rewards import reference_of
+
+        reference = reference_of(row.answer, row.solution)
+        if reference is not None:
+            split.problems.append({"label": row.label, "problem": row.problem, "answer": reference,
+                                   "kind": row.kind})
 
 
 def prepare_tokens(cfg: DataConfig, run_dir: Path, model_dir: Path, tokenizer, log,
-                   progress: bool | None = None) -> TokenCache:
+                   progress: bool | None = None, train_problems: bool = False) -> TokenCache:
     """Given the data config, run directory, model directory and its tokenizer, return
     the training split's token cache (its `.validation` holds the held-out split); raise
     InputError when a dataset cannot be read or leaves no usable row (nothing is written
@@ -126,6 +133,8 @@ def prepare_tokens(cfg: DataConfig, run_dir: Path, model_dir: Path, tokenizer, l
     val_source = resolve_source(val_cfg, run_dir) if val_cfg else None
     val_ident = source_identity(val_source, val_cfg) if val_source else {"fraction": cfg.validation_fraction}
     identity = cache_identity(cfg, source_identity(source, cfg), val_ident, model_dir, fmt)
+    if train_problems:  # GRPO keeps the training rows' problems and reference answers too
+        identity["train_problems"] = {"answer_field": cfg.answer_field}
     key = cache_key(identity)
     root = RunDir(run_dir).cache
     cached = load_cache(root / key)
@@ -145,7 +154,8 @@ def prepare_tokens(cfg: DataConfig, run_dir: Path, model_dir: Path, tokenizer, l
     rows = iter_rows(source, cfg, stats)
     for row in tqdm(rows, desc="tokenizing", unit=" rows", disable=not show, total=count_rows(source, cfg)):
         held_out = val_source is None and validation_row(row.problem, cfg.validation_fraction)
-        _add_row(row, fmt, cfg, validation if held_out else train, counts, keep_problem=held_out, stats=stats)
+        _add_row(row, fmt, cfg, validation if held_out else train, counts, keep_problem=held_out, stats=stats,
+                 keep_reference=train_problems and not held_out)
     if val_source is not None:
         for row in iter_rows(val_source, val_cfg, val_stats):
             _add_row(row, fmt, cfg, validation, counts, keep_problem=True, stats=val_stats)

@@ -59,6 +59,10 @@ class Reporter:
                       tok_per_s=round(result.tokens / step_s, 1), step_s=round(step_s, 4),
                       padding=round(result.padding_share, 4), budget_used_s=round(budget.used_s + step_s, 1),
                       budget_left_s=round(max(budget.total_s - budget.used_s - step_s, 0), 1), **mem)
+        if hasattr(result, "rl_fields"):  # GRPO: what the rollouts found, beside the step's line
+            rl = result.rl_fields()
+            self.log.info("rl.step", step=step, **rl)
+            self.heartbeat.update(rl=rl)
         self.heartbeat.update(step=step, epoch=epoch, loss=result.loss, step_s=round(step_s, 4),
                               recent_mean_loss=self.progress.recent_mean(), tok_per_s=round(result.tokens / step_s, 1),
                               memory=mem)

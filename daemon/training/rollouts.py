@@ -61,6 +61,8 @@ def sample_tokens(logits: mx.array, keys: mx.array, temperature: float, top_p: f
     comes from its own key, so a row's draw does not depend on the other rows."""
     from mlx_lm.sample_utils import apply_top_p
 
+    if temperature == 0:  # greedy: validation accuracy
+        return mx.argmax(logits, axis=-1)
     logprobs = logits.astype(mx.float32) / temperature
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
     if top_p < 1.0:
@@ -138,8 +140,8 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], seeds: list[list
         raise ValueError("a prompt has no tokens")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} and batch_size {batch_size}: expected integers >= 1")
-    if not temperature > 0:
-        raise ValueError(f"temperature {temperature}: expected > 0 (greedy decoding is not sampling)")
+    if not temperature >= 0:
+        raise ValueError(f"temperature {temperature}: expected >= 0 (0: greedy)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p {top_p}: expected a value in (0, 1]")
     if any(not 0 <= int(seed) < 2**64 for row in seeds for seed in row):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mathlora_checkpoints.store import CheckpointInfo
 from mathlora_daemon.config import Config
+from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.world import World
 from mathlora_daemon.training.batches import Schedule
@@ -42,6 +43,31 @@ class Session:
     progress: Progress
     resumed: CheckpointInfo | None
     prompt_format: PromptFormat
+    problems: list | None = None  # GRPO's training rows (problem, answer, kind); None for SFT
+    grpo: object = None  # training/grpo.py GRPOStep when train.method = "grpo"
+
+    @property
+    def order_lengths(self):
+        """What a step's items are ordered and grouped by: the sequences' lengths (SFT),
+        or one per problem (GRPO: a problem's completions have no length yet)."""
+        import numpy as np
+
+        return self.cache.lengths if self.problems is None else np.ones(len(self.problems), dtype=np.int64)
+
+    def take_step(self, step: int, micro_batches, lr: float, should_abort):
+        """One optimizer step of the run's method: its result, or None when a stop
+        abandoned it (the state is still at the last boundary)."""
+        train = self.cfg.train
+        if self.grpo is not None:
+            import numpy as np
+
+            indices = [int(i) for i in np.concatenate(micro_batches)]
+            return self.grpo(step, indices, lr, train.max_grad_norm)
+        from mathlora_daemon.training.step import train_step
+
+        return train_step(self.model, self.optimizer, self.cache, micro_batches, train.seed, step,
+                          should_abort=should_abort, world=self.world, lr=lr, max_grad_norm=train.max_grad_norm,
+                          mask_prompt=train.mask_prompt)
 
 
 def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_bar: bool) -> Session:
@@ -51,10 +77,79 @@ def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_b
     _setup_device(run, cfg, log, world)
     model_dir, model, tokenizer, cache = _setup_model_and_data(run, cfg, log, heartbeat, world, show_bar)
     keys = _setup_lora(model, cfg, log, world)
-    schedule, optimizer, fp = _setup_optimizer(cfg, cache, model_dir, world)
+    problems = _setup_problems(cfg, cache, world)
+    schedule, optimizer, fp = _setup_optimizer(cfg, cache, model_dir, world, problems)
     resumed, progress = _resume(run, model, optimizer, schedule, fp, log, world)
-    return Session(cfg, run, world, model_dir, model, tokenizer, cache, keys, schedule, optimizer, fp, progress,
-                   resumed, PromptFormat.of(cfg.data.template, tokenizer))
+    reference = None
+    if problems is not None and resumed is not None:
+        reference = _saved_reference(resumed)
+    elif problems is not None and cfg.rl.init_adapters:
+        reference = _setup_init_adapters(run, model, cfg, log)
+    fmt = PromptFormat.of(cfg.data.template, tokenizer)
+    session = Session(cfg, run, world, model_dir, model, tokenizer, cache, keys, schedule, optimizer, fp, progress,
+                      resumed, fmt, problems)
+    if problems is not None:
+        session.grpo = _setup_grpo(session, reference)
+    return session
+
+
+def _saved_reference(resumed: CheckpointInfo) -> dict | None:
+    """GRPO's reference adapters as the checkpoint keeps them (None: the base model)."""
+    import mlx.core as mx
+
+    from mathlora_checkpoints.store import load_checkpoint
+
+    _state, files = load_checkpoint(resumed.path)
+    return dict(mx.load(str(files["reference"]))) if "reference" in files else None
+
+
+def _setup_problems(cfg: Config, cache: TokenCache, world: World):
+    """GRPO's training rows: the problems with a reference answer (None for SFT)."""
+    if cfg.train.method != "grpo":
+        return None
+    if world.distributed:
+        raise InputError("train.method = \"grpo\" runs in one process; data-parallel GRPO (mlx.launch) is not "
+                         "supported yet: start `run` without `launch`")
+    problems = cache.train_problems()
+    if not problems:
+        raise InputError(f"train.method = \"grpo\": no training row of {cfg.data.name!r} has a reference answer "
+                         f"(a non-empty '{cfg.data.answer_field}' field, or a solution ending in \\boxed{{...}} or a "
+                         "\"Final Answer\" line)")
+    return problems
+
+
+def _setup_init_adapters(run: RunDir, model, cfg: Config, log) -> None:
+    """Start GRPO from trained (SFT) adapters: rl.init_adapters, relative to the run dir."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mathlora_daemon.modelio.loading import check_adapter_dir
+
+    path = run.model(cfg.rl.init_adapters)  # the same rule: relative to the run directory unless absolute
+    check_adapter_dir(path, option="rl.init_adapters")
+    weights = mx.load(str(path / "adapters.safetensors"))
+    expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights))[:3], sorted(set(weights) - expected)[:3]
+        raise InputError(f"rl.init_adapters {path}: its LoRA weights do not fit this run's lora settings (missing "
+                         f"{missing}, unexpected {extra}): use the same lora.rank and lora.targets as the run that "
+                         "made them")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.trainable_parameters())
+    log.info("rl.init_adapters", path=str(path), tensors=len(weights))
+    return dict(weights)
+
+
+def _setup_grpo(s: Session, reference: dict | None):
+    from mathlora_daemon.runtime.signals import Flags
+    from mathlora_daemon.training.grpo import GRPOStep
+    from mathlora_daemon.training.step import _update
+
+    # The loop replaces these two with the runtime's (a stop raises out of the rollouts).
+    idle = Flags()
+    return GRPOStep(s.model, s.optimizer, s.tokenizer, s.prompt_format, s.problems, s.cfg.rl, s.cfg.train,
+                    interruptible=idle.interruptible, should_abort=lambda: False, update=_update,
+                    reference=reference)
 
 
 def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
@@ -79,7 +174,8 @@ def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World
     log.info("model.load.start", path=str(model_dir))
     model, tokenizer, _ = load_base(model_dir)
     heartbeat.update(phase="preparing")
-    cache = prepare_tokens(cfg.data, run.root, model_dir, tokenizer, log, progress=show_bar)
+    cache = prepare_tokens(cfg.data, run.root, model_dir, tokenizer, log, progress=show_bar,
+                           train_problems=cfg.train.method == "grpo")
     if world.leader:
         barrier(world)
     return model_dir, model, tokenizer, cache
@@ -101,13 +197,16 @@ def _setup_lora(model, cfg: Config, log, world: World) -> list[str]:
     return keys
 
 
-def _setup_optimizer(cfg: Config, cache: TokenCache, model_dir: Path, world: World):
+def _setup_optimizer(cfg: Config, cache: TokenCache, model_dir: Path, world: World, problems=None):
     from mathlora_daemon.runtime.world import check_agreement
     from mathlora_daemon.training.checkpointing import fingerprint
     from mathlora_daemon.training.step import make_optimizer
 
-    schedule = Schedule(len(cache), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
-                        cfg.train.max_steps)
+    if problems is None:
+        schedule = Schedule(len(cache), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
+                            cfg.train.max_steps)
+    else:  # GRPO: a step takes rl.prompts_per_step problems (each sampled rl.group_size times)
+        schedule = Schedule(len(problems), cfg.rl.prompts_per_step, 1, cfg.train.epochs, cfg.train.max_steps)
     optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.weight_decay)
     fp = fingerprint(cfg, model_dir, cache.meta["key"])
     check_agreement(world, "configuration fingerprint", json.dumps(fp, sort_keys=True))  # all ranks

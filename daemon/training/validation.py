@@ -26,12 +26,15 @@ class Validator:
     mask_prompt: bool
 
     @classmethod
-    def of(cls, model, train_cache: TokenCache, train_cfg) -> "Validator | None":
-        """The run's validator, or None without validation data or with eval_sequences 0."""
-        val = train_cache.validation
+    def of(cls, session, train_cfg):
+        """The run's validator (GRPO: AccuracyValidator), or None without validation data
+        or with eval_sequences 0."""
+        val = session.cache.validation
         if val is None or not len(val) or train_cfg.eval_sequences <= 0:
             return None
-        return cls(model, val, min(train_cfg.eval_sequences, len(val)), max(train_cfg.batch_size, 8),
+        if session.grpo is not None:
+            return AccuracyValidator.of(session, train_cfg)
+        return cls(session.model, val, min(train_cfg.eval_sequences, len(val)), max(train_cfg.batch_size, 8),
                    train_cfg.mask_prompt)
 
     def __call__(self) -> dict:
@@ -43,3 +46,46 @@ class Validator:
                                      mask_prompt=self.mask_prompt)
         return {"loss": loss, "tokens": tokens, "sequences": self.sequences,
                 "seconds": round(time.monotonic() - started, 3)}
+
+
+@dataclass
+class AccuracyValidator:
+    """GRPO's validation: greedy answers to the first `train.eval_sequences` validation
+    problems, checked like the rewards (training/rewards.py). What selection ranks is
+    the error rate (`loss` = 1 - accuracy: lower is better, like a loss), so retention,
+    best adapters and early stopping work unchanged; `accuracy` is logged beside it."""
+
+    model: object
+    tokenizer: object
+    prompt_format: object
+    problems: list
+    max_new_tokens: int
+
+    @classmethod
+    def of(cls, session, train_cfg) -> "AccuracyValidator | None":
+        from mathlora_daemon.training.rewards import reference_of
+
+        problems = []
+        for p in session.cache.validation.problems():
+            reference = reference_of(p.get("answer"), p.get("solution"))
+            if reference is not None:
+                problems.append({"problem": p["problem"], "answer": reference})
+        problems = problems[:train_cfg.eval_sequences]
+        if not problems:
+            return None
+        return cls(session.model, session.tokenizer, session.prompt_format, problems, session.cfg.rl.max_new_tokens)
+
+    def __call__(self) -> dict:
+        """Measure now: {loss (1 - accuracy), accuracy, format, tokens, sequences, seconds}."""
+        from mathlora_daemon.training.rewards import score
+        from mathlora_daemon.training.rollouts import sample_rollouts
+
+        started = time.monotonic()
+        prompts = [list(self.prompt_format.prompt_ids(p["problem"])) for p in self.problems]
+        rollouts, stats = sample_rollouts(self.model, self.tokenizer, prompts, [[0]] * len(prompts),
+                                          self.max_new_tokens, temperature=0.0, batch_size=32)
+        scores = [score(r.text, self.problems[r.row]["answer"]) for r in rollouts]
+        accuracy = sum(s.correct for s in scores) / len(scores)
+        return {"loss": 1.0 - accuracy, "accuracy": accuracy,
+                "format": sum(s.formatted for s in scores) / len(scores), "tokens": stats["tokens"],
+                "sequences": len(scores), "seconds": round(time.monotonic() - started, 3)}

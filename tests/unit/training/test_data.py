@@ -3,6 +3,8 @@ rows (daemon.data), and chunking/encoding into tokens (daemon.prepare)."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -380,3 +382,17 @@ class _FakeTokenizer:
 def test_encode_example_without_bos_and_without_double_eos():
     assert encode_example(_FakeTokenizer(), "ab") == [97, 98, 99]
     assert encode_example(_FakeTokenizer(eos_in_text=True), "ab") == [97, 98, 99]
+
+
+def test_answer_only_rows_get_the_final_answer_line_as_their_solution(tmp_path):
+    """GSM8K-style rows (a problem and an answer, a number or text): usable for SFT (the
+    answer line) and for GRPO (the answer is the reference); data.answer_field names it."""
+    rows = [{"problem": "What is 6 x 7?", "answer": 42}, {"problem": "Simplify 2/4.", "final": "1/2"},
+            {"problem": "No answer here."}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source, cfg = local_source(tmp_path, "a.jsonl")
+    got, stats = read(source, cfg)
+    assert got[0][2] == "The final answer is $\\boxed{42}$." and stats.skipped == 2
+    source, cfg = local_source(tmp_path, "a.jsonl", {"answer_field": "final"})
+    got, stats = read(source, cfg)
+    assert [r[2] for r in got] == ["The final answer is $\\boxed{1/2}$."] and stats.skipped == 2

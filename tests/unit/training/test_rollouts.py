@@ -88,7 +88,7 @@ def test_prompts_may_have_different_sample_counts(loaded, prompts):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-0.5), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"),
@@ -105,6 +105,17 @@ def test_bad_arguments_are_refused(loaded, kwargs, match):
 
 
 # --- the KV cache and the padding -------------------------------------------------------
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_temperature_zero_is_greedy_and_matches_a_cache_free_decode(loaded, prompts, batch_size):
+    """Greedy decoding (validation accuracy) through the same batched, cached path."""
+    model, tokenizer = loaded
+    eos = set(tokenizer.eos_token_ids)
+    rollouts, _ = sample_rollouts(model, tokenizer, prompts, seeds_for(len(prompts), g=1), 16,
+                                  temperature=0.0, batch_size=batch_size)
+    for r in rollouts:
+        assert r.completion_ids == greedy_no_cache(model, r.prompt_ids, 16, eos)
+
 
 @pytest.mark.parametrize("batch_size", [1, 32])
 def test_near_zero_temperature_is_greedy_and_matches_a_cache_free_decode(loaded, prompts, batch_size):
