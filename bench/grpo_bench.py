@@ -90,7 +90,7 @@ def make_model(args) -> Path:
 def cli(*cmd: str, log: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "mathlora_daemon", *cmd], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "mathlora_daemon", *cmd], capture_output=True, text=True, env=env, check=False)
     with open(log, "a") as fh:
         fh.write(f"$ mathlora-daemon {' '.join(cmd)}  # {time.monotonic() - started:.1f} s, exit "
                  f"{result.returncode}\n{result.stderr[-4000:]}\n")
@@ -254,7 +254,7 @@ def run_mlx_lm_lora(spec: dict, args, log: Path) -> dict:
         env["PYTHONPATH"] = f"{args.mlx_lm_lora_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--mlx-lm-lora-worker", json.dumps(spec)],
-                            capture_output=True, text=True, env=env)
+                            capture_output=True, text=True, env=env, check=False)
     with open(log, "a") as fh:
         fh.write(f"$ mlx-lm-lora worker  # {time.monotonic() - started:.1f} s, exit {result.returncode}\n"
                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n")
@@ -266,7 +266,7 @@ def run_mlx_lm_lora(spec: dict, args, log: Path) -> dict:
     try:
         record["version"] = subprocess.run(
             [sys.executable, "-c", "import importlib.metadata as m; print(m.version('mlx-lm-lora'))"],
-            capture_output=True, text=True, env=env).stdout.strip() or None
+            capture_output=True, text=True, env=env, check=False).stdout.strip() or None
     except Exception:  # noqa: BLE001 - the version is a label only
         record["version"] = None
     record.update(step_s=[round(v, 4) for v in s], step_s_median_after_first=round(statistics.median(tail), 4),
