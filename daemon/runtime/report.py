@@ -96,4 +96,4 @@ def pointer(report: dict, run_dir: Path) -> str:
 
     body = report.get("report") or {}
     where = f"; adapters {body['adapters']}" if body.get("adapters") else ""
-    return f"the morning report: `mathlora-daemon status --run-dir {shlex.quote(str(run_dir))}`{where}"
+    return f"The morning report: `mathlora-daemon status --run-dir {shlex.quote(str(run_dir))}`{where}"
