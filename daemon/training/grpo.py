@@ -97,18 +97,29 @@ def group_advantages(rewards: np.ndarray, loss: str) -> np.ndarray:
     return centred / (rewards.std(axis=1, keepdims=True) + 1e-4)
 
 
-def token_logprobs(model: nn.Module, tokens: mx.array) -> mx.array:
-    """Log-probability of each next token (B, T-1), float32."""
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    targets = tokens[:, 1:]
+def token_logprobs(model: nn.Module, tokens: mx.array, start: int = 0) -> mx.array:
+    """Log-probability of each next token from position `start` on (B, T-1-start),
+    float32. The positions before `start` are the prompts' (no completion token there):
+    where the model splits into body and head, their logits (a vocabulary each) are never
+    computed."""
+    from mathlora_daemon.training.model import body_and_head
+
+    split = body_and_head(model) if start > 0 else None
+    if split is not None:
+        body, head = split
+        logits = head(body(tokens[:, :-1])[:, start:]).astype(mx.float32)
+    else:
+        logits = model(tokens[:, :-1])[:, start:].astype(mx.float32)
+    targets = tokens[:, 1 + start:]
     return mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
 
 
 def grpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, advantages: mx.array, ref: mx.array | None,
-              old: mx.array | None, beta: float, epsilon: float, loss: str, norm: float):
+              old: mx.array | None, beta: float, epsilon: float, loss: str, norm: float, start: int = 0):
     """The batch's share of the GRPO objective (summed, then divided by `norm`, the whole
-    step's normaliser), with (kl sum, clipped-token count) as metrics."""
-    lp = token_logprobs(model, tokens)
+    step's normaliser), with (kl sum, clipped-token count) as metrics. `mask`, `ref` and
+    `old` cover the positions from `start` on (see token_logprobs)."""
+    lp = token_logprobs(model, tokens, start)
     old_lp = mx.stop_gradient(lp) if old is None else old
     ratio = mx.exp(lp - old_lp)
     adv = advantages[:, None]
@@ -215,7 +226,10 @@ class GRPOStep:
                 "dr_grpo": len(sequences) * self.rl.max_new_tokens}[self.rl.loss]
         rows = max(1, self.train_cfg.batch_size)
         chunks = [slice(i, i + rows) for i in range(0, len(sequences), rows)]
-        batch = [(mx.array(tokens[c]), mx.array(mask[c]), mx.array(advantages[c].astype(np.float32))) for c in chunks]
+        # Each micro-batch's log-softmax starts where its shortest prompt ends.
+        starts = [min(len(r.prompt_ids) for r in rollouts[c]) - 1 for c in chunks]
+        batch = [(mx.array(tokens[c]), mx.array(mask[c][:, k:]), mx.array(advantages[c].astype(np.float32)))
+                 for c, k in zip(chunks, starts)]
 
         was_training = self.model.training
         self.model.eval()  # the reference and the rollouts' own log-probabilities: no dropout
@@ -223,10 +237,10 @@ class GRPOStep:
         if self.rl.beta > 0:
             reference = adapters_off(self.model) if self.reference is None else adapters_as(self.model, self.reference)
             with reference:
-                ref = [mx.stop_gradient(token_logprobs(self.model, t)) for t, _, _ in batch]
+                ref = [mx.stop_gradient(token_logprobs(self.model, t, k)) for (t, _, _), k in zip(batch, starts)]
             mx.eval(ref)
         if self.rl.updates_per_batch > 1:
-            old = [mx.stop_gradient(token_logprobs(self.model, t)) for t, _, _ in batch]
+            old = [mx.stop_gradient(token_logprobs(self.model, t, k)) for (t, _, _), k in zip(batch, starts)]
             mx.eval(old)
         self.model.train(was_training)
         if self.should_abort():
@@ -239,7 +253,8 @@ class GRPOStep:
                 mx.random.seed(step_seed(self.train_cfg.seed, step * self.rl.updates_per_batch + update, m))
                 (loss, (kl, clip)), g_m = self.loss_and_grad(
                     self.model, t, msk, adv, ref[m] if ref is not None else None,
-                    old[m] if old is not None else None, self.rl.beta, self.rl.clip_epsilon, self.rl.loss, norm)
+                    old[m] if old is not None else None, self.rl.beta, self.rl.clip_epsilon, self.rl.loss, norm,
+                    starts[m])
                 grads = g_m if grads is None else tree_map(lambda a, b: a + b, grads, g_m)
                 mx.eval(grads, loss, kl, clip)
                 testhooks.hold_point("micro", step + 1)  # the crash tests' "mid-update"

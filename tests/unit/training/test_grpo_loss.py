@@ -102,3 +102,22 @@ def _flat(tree):
     from mlx.utils import tree_flatten
 
     return tree_flatten(tree)
+
+
+def test_log_probabilities_from_a_start_skip_the_prompts_logits(tiny_model_dir):
+    """From `start` on, the body-and-head path gives the full forward's values, and the
+    loss over a mask that is zero before `start` is the same."""
+    from mathlora_daemon.training.model import body_and_head, load_base
+
+    model, _, _ = load_base(tiny_model_dir)
+    assert body_and_head(model) is not None  # the path under test
+    tokens = mx.array(np.random.default_rng(0).integers(3, 200, size=(3, 17)), dtype=mx.int32)
+    full = token_logprobs(model, tokens)
+    for start in (0, 5, 12):
+        assert np.allclose(np.array(token_logprobs(model, tokens, start)), np.array(full[:, start:]), atol=1e-5)
+    mask = np.zeros((3, 16), dtype=np.float32)
+    mask[:, 9:] = 1
+    adv = mx.array([1.0, -1.0, 0.5])
+    whole, _ = grpo_loss(model, tokens, mx.array(mask), adv, None, None, 0.0, 0.2, "dapo", 21.0)
+    cut, _ = grpo_loss(model, tokens, mx.array(mask[:, 9:]), adv, None, None, 0.0, 0.2, "dapo", 21.0, start=9)
+    assert cut.item() == pytest.approx(whole.item(), abs=1e-6)
