@@ -85,15 +85,25 @@ def _generate_batch(model, prompts: list[list[int]], seeds: list[int], max_new_t
                     temperature: float, top_p: float) -> list[tuple[list[int], bool]]:
     """Given a batch of prompts (token ids) with one seed each, return each row's
     (completion ids, finished)."""
-    width = max(len(p) for p in prompts)
-    padding = [width - len(p) for p in prompts]
-    inputs = mx.array([[PAD_ID] * pad + p for pad, p in zip(padding, prompts)])
+    # A group's G completions share their prompt: prefill each distinct prompt once, then
+    # give every completion its own copy of that prompt's cache rows (GRPO's groups).
+    distinct: dict[tuple, int] = {}
+    rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    unique = [list(p) for p in distinct]
+    width = max(len(p) for p in unique)
+    padding = [width - len(p) for p in unique]
+    inputs = mx.array([[PAD_ID] * pad + p for pad, p in zip(padding, unique)])
     cache = _batch_cache(model, padding)
     # Prefill: the cache's mask hides each row's padding (keys before its first token).
     for start in range(0, width - 1, PREFILL_STEP):
         model(inputs[:, start:min(start + PREFILL_STEP, width - 1)], cache=cache)
         mx.eval([c.state for c in cache])
     logits = model(inputs[:, width - 1:], cache=cache)[:, -1, :]
+    if len(unique) < len(prompts):
+        index = mx.array(rows)
+        for c in cache:
+            c.filter(index)  # a gather: repeated rows are copies
+        logits = logits[index]
 
     chain = mx.stack([mx.random.key(s) for s in seeds])
     live = list(range(len(prompts)))  # live[b]: which prompt of this batch sits at cache row b
