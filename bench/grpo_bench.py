@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,6 +163,14 @@ def run_summary(run: Path, wall_s: float) -> dict:
 
 def train_run(run: Path, model_dir: Path, train: Path, log: Path, *, budget_s: float, batch_size: int, lr: float,
               sets: list[str], max_steps: int = 0) -> dict:
+    # A fresh run directory every time: a finished run started again does nothing (it
+    # exits at once), and its old log would be read as a new measurement.
+    for stale in ("checkpoints", "adapters", "logs", "state", "report.json"):
+        target = run / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
     write_config(run, model_dir, train, budget_s=budget_s, batch_size=batch_size, lr=lr, max_steps=max_steps)
     started = time.monotonic()
     cli("run", "--run-dir", str(run), *sets, log=log)
