@@ -88,16 +88,7 @@ def make_model(args) -> Path:
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
-def cli(*cmd: str, log: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "mathlora_daemon", *cmd], capture_output=True, text=True, env=env, check=False)
-    with open(log, "a") as fh:
-        fh.write(f"$ mathlora-daemon {' '.join(cmd)}  # {time.monotonic() - started:.1f} s, exit "
-                 f"{result.returncode}\n{result.stderr[-4000:]}\n")
-    if result.returncode != 0:
-        raise SystemExit(f"mathlora-daemon {' '.join(cmd)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return result
+from learning_bench import cli  # noqa: E402  the same CLI runner and log (bench/ is on sys.path above)
 
 
 def write_config(run: Path, model_dir: Path, train: Path, *, budget_s: float, batch_size: int, lr: float,

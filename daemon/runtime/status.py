@@ -66,6 +66,9 @@ from mathlora_daemon.runtime.report import read_report
 LIVE_STATES = ("running", "paused", "waiting")
 TERMINAL_STATES = ("stopped", "finished", "budget_exhausted", "failed")
 STALE_AFTER_S = 120.0
+# Why a run stopped after a second Ctrl-C: the daemon's last word and, when its status could
+# not be written, what `status` derives from the crash guard's record.
+SECOND_CTRL_C = "interrupted by a second Ctrl-C (exit 130); the next start resumes from the newest checkpoint"
 HEARTBEAT_EVERY_S = 10  # what the daemon's heartbeat thread is started with (training/loop.py)
 SLOW_HEARTBEAT_S = 25.0  # older than this (but not stale): worth a hint
 SUSPENDED_PROCESS_STATES = ("stopped", "tracing-stop")  # psutil's names for SIGSTOP / Ctrl-Z / ptrace
@@ -187,7 +190,7 @@ def _recorded_exit(run_dir: Path, pid: int | None) -> tuple[str, str] | None:
         return "stopped", ("temporary failure (exit 75; launchd and systemd start it again); "
                            "`mathlora-daemon logs --level error` says why")
     if record.exit_code == 130:
-        return "stopped", "interrupted by a second Ctrl-C (exit 130); the next start resumes from the newest checkpoint"
+        return "stopped", SECOND_CTRL_C
     return None
 
 

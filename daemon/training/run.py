@@ -211,7 +211,7 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
         if world.distributed:
             log = log.bind(rank=0, world_size=world.size)
         heartbeat = Heartbeat(own, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
-        exit_code, step = EXIT_CONFIG, None
+        exit_code = EXIT_CONFIG
         try:
             log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()),
                      debug=debug, crashed_starts_before=crashes, **world.describe())
@@ -240,8 +240,7 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
             gate.open()
             result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world,
                            final_eval)
-            step = result.steps
-            testhooks.hold_point("exit", step)
+            testhooks.hold_point("exit", result.steps)
             if result.report and result.state in ("finished", "budget_exhausted"):
                 print_report(result.report, file=sys.stdout)
             exit_code = result.exit_code
@@ -260,9 +259,9 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
             raise
         except KeyboardInterrupt:
             # The second Ctrl-C: exit at once, without a checkpoint of the unfinished step.
-            heartbeat.update(state="stopped", phase="done",
-                             reason="interrupted by a second Ctrl-C (exit 130); the next start resumes from the "
-                                    "newest checkpoint")
+            from mathlora_daemon.runtime.status import SECOND_CTRL_C
+
+            heartbeat.update(state="stopped", phase="done", reason=SECOND_CTRL_C)
             exit_code = EXIT_INTERRUPTED
             raise
         finally:
