@@ -64,6 +64,7 @@ class GRPOResult:
     generation_tokens_per_s: float
     update_tokens_per_s: float
     resampled_groups: int = 0
+    seconds: dict = field(default_factory=dict)  # where the step's time went: rollouts, rewards, reference, update
     grad_norm: float | None = None
     compile_s: float = 0.0
     traces: list = field(default_factory=list)
@@ -79,7 +80,8 @@ class GRPOResult:
                 "completion_tokens_mean": round(self.completion_tokens_mean, 1), "kl": round(self.kl, 6),
                 "clip_fraction": round(self.clip_fraction, 4), "resampled_groups": self.resampled_groups,
                 "generation_tok_per_s": round(self.generation_tokens_per_s, 1),
-                "update_tok_per_s": round(self.update_tokens_per_s, 1)}
+                "update_tok_per_s": round(self.update_tokens_per_s, 1),
+                **{f"{part}_s": round(v, 3) for part, v in self.seconds.items()}}
 
 
 def rollout_seeds(seed: int, step: int, index: int, group_size: int, attempt: int = 0) -> list[int]:
@@ -97,29 +99,13 @@ def group_advantages(rewards: np.ndarray, loss: str) -> np.ndarray:
     return centred / (rewards.std(axis=1, keepdims=True) + 1e-4)
 
 
-def token_logprobs(model: nn.Module, tokens: mx.array, start: int = 0) -> mx.array:
-    """Log-probability of each next token from position `start` on (B, T-1-start),
-    float32. The positions before `start` are the prompts' (no completion token there):
-    where the model splits into body and head, their logits (a vocabulary each) are never
-    computed."""
-    from mathlora_daemon.training.model import body_and_head
-
-    split = body_and_head(model) if start > 0 else None
-    if split is not None:
-        body, head = split
-        logits = head(body(tokens[:, :-1])[:, start:]).astype(mx.float32)
-    else:
-        logits = model(tokens[:, :-1])[:, start:].astype(mx.float32)
-    targets = tokens[:, 1 + start:]
-    return mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
-
-
-def grpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, advantages: mx.array, ref: mx.array | None,
-              old: mx.array | None, beta: float, epsilon: float, loss: str, norm: float, start: int = 0):
-    """The batch's share of the GRPO objective (summed, then divided by `norm`, the whole
-    step's normaliser), with (kl sum, clipped-token count) as metrics. `mask`, `ref` and
-    `old` cover the positions from `start` on (see token_logprobs)."""
-    lp = token_logprobs(model, tokens, start)
+def grpo_objective(lp: mx.array, mask: mx.array, advantages: mx.array, ref: mx.array | None,
+                   old: mx.array | None, beta: float, epsilon: float, loss: str, norm: float):
+    """Given the completion tokens' log-probabilities under the policy `lp` (rows, Lc),
+    their mask, each row's advantage, the reference's and the rollouts' own
+    log-probabilities (or None), return the batch's share of the GRPO objective (summed,
+    then divided by `norm`, the whole step's normaliser), with (kl sum, clipped-token
+    count) as metrics."""
     old_lp = mx.stop_gradient(lp) if old is None else old
     ratio = mx.exp(lp - old_lp)
     adv = advantages[:, None]
@@ -139,6 +125,15 @@ def grpo_loss(model: nn.Module, tokens: mx.array, mask: mx.array, advantages: mx
     return total / norm, (mx.stop_gradient((kl * mask).sum()), mx.stop_gradient(clipped_count))
 
 
+def grpo_loss(model: nn.Module, batch, ref: mx.array | None, old: mx.array | None, beta: float, epsilon: float,
+              loss: str, norm: float, shared: bool | None = None):
+    """grpo_objective over one micro-batch of whole groups (training/group_batch.py)."""
+    from mathlora_daemon.training.group_batch import completion_logprobs
+
+    lp = completion_logprobs(model, batch, shared)
+    return grpo_objective(lp, batch.mask, mx.array(batch.advantages), ref, old, beta, epsilon, loss, norm)
+
+
 class GRPOStep:
     """The GRPO optimizer step, called by the loop like training/step.py's train_step.
 
@@ -152,7 +147,6 @@ class GRPOStep:
         self.reference = reference  # the reference policy's LoRA weights; None: the base model
         self.problems, self.rl, self.train_cfg = problems, rl_cfg, train_cfg
         self.interruptible, self.should_abort, self.update = interruptible, should_abort, update
-        self.pad_id = 0
         self._prompts: dict[int, list[int]] = {}
         self.loss_and_grad = nn.value_and_grad(model, grpo_loss)
 
@@ -173,7 +167,14 @@ class GRPOStep:
     def _score(self, rollouts, indices: list[int]):
         from mathlora_daemon.training.rewards import reward, score
 
-        scores = [score(r.text, self.problems[indices[r.row]]["answer"]) for r in rollouts]
+        # A group often repeats a completion word for word: check each distinct one once.
+        memo: dict[tuple[str, str], object] = {}
+        scores = []
+        for r in rollouts:
+            key = (r.text, self.problems[indices[r.row]]["answer"])
+            if key not in memo:
+                memo[key] = score(*key)
+            scores.append(memo[key])
         rewards = np.array([reward(s, self.rl.format_weight) for s in scores], dtype=np.float64)
         return scores, rewards.reshape(len(indices), self.rl.group_size)
 
@@ -181,7 +182,9 @@ class GRPOStep:
         """Sample, score, and resample flat groups: (rollouts, scores, rewards (P, G),
         generated tokens, generation seconds, groups resampled)."""
         rollouts, stats = self._sample(step, indices, 0)
+        scored = time.monotonic()
         scores, rewards = self._score(rollouts, indices)
+        self.reward_s = time.monotonic() - scored
         tokens, seconds, resampled = stats["tokens"], stats["seconds"], 0
         for attempt in range(1, self.rl.skip_flat_groups + 1):
             flat = [p for p in range(len(indices)) if np.ptp(rewards[p]) == 0]
@@ -189,7 +192,9 @@ class GRPOStep:
                 break
             again, stats = self._sample(step, [indices[p] for p in flat], attempt)
             tokens, seconds, resampled = tokens + stats["tokens"], seconds + stats["seconds"], resampled + len(flat)
+            scored = time.monotonic()
             again_scores, again_rewards = self._score(again, [indices[p] for p in flat])
+            self.reward_s += time.monotonic() - scored
             g = self.rl.group_size
             for k, p in enumerate(flat):
                 if np.ptp(again_rewards[k]) > 0:  # keep a group that now has a signal
@@ -203,6 +208,7 @@ class GRPOStep:
     # -- 3. to 5. the update ----------------------------------------------------------------
     def __call__(self, step: int, indices: list[int], lr: float, max_grad_norm: float) -> GRPOResult | None:
         from mathlora_daemon.runtime.signals import Interrupted
+        from mathlora_daemon.training.group_batch import completion_logprobs, group_batches, shares_prefix
         from mathlora_daemon.training.model import adapters_as, adapters_off
 
         try:
@@ -214,47 +220,39 @@ class GRPOStep:
         if self.should_abort():
             return None
         advantages = group_advantages(rewards, self.rl.loss).reshape(-1)
-        sequences = [r.prompt_ids + r.completion_ids for r in rollouts]
-        width = max(len(s) for s in sequences)
-        tokens = np.full((len(sequences), width), self.pad_id, dtype=np.int32)
-        mask = np.zeros((len(sequences), width - 1), dtype=np.float32)
-        for i, (seq, r) in enumerate(zip(sequences, rollouts)):
-            tokens[i, :len(seq)] = seq
-            mask[i, len(r.prompt_ids) - 1:len(seq) - 1] = 1.0  # the positions that predict the completion
-        completion_tokens = int(mask.sum())
-        norm = {"dapo": max(completion_tokens, 1), "grpo": len(sequences),
-                "dr_grpo": len(sequences) * self.rl.max_new_tokens}[self.rl.loss]
-        rows = max(1, self.train_cfg.batch_size)
-        chunks = [slice(i, i + rows) for i in range(0, len(sequences), rows)]
-        # Each micro-batch's log-softmax starts where its shortest prompt ends.
-        starts = [min(len(r.prompt_ids) for r in rollouts[c]) - 1 for c in chunks]
-        batch = [(mx.array(tokens[c]), mx.array(mask[c][:, k:]), mx.array(advantages[c].astype(np.float32)))
-                 for c, k in zip(chunks, starts)]
+        g = self.rl.group_size
+        batch = group_batches([rollouts[p * g].prompt_ids for p in range(len(indices))],
+                              [r.completion_ids for r in rollouts], advantages, g, self.train_cfg.batch_size)
+        completion_tokens = sum(len(r.completion_ids) for r in rollouts)
+        norm = {"dapo": max(completion_tokens, 1), "grpo": len(rollouts),
+                "dr_grpo": len(rollouts) * self.rl.max_new_tokens}[self.rl.loss]
+        shared = shares_prefix(self.model)
+        positions = sum(b.positions(shared) for b in batch)
 
-        was_training = self.model.training
+        was_training, reference_started = self.model.training, time.monotonic()
         self.model.eval()  # the reference and the rollouts' own log-probabilities: no dropout
         ref = old = None
         if self.rl.beta > 0:
             reference = adapters_off(self.model) if self.reference is None else adapters_as(self.model, self.reference)
             with reference:
-                ref = [mx.stop_gradient(token_logprobs(self.model, t, k)) for (t, _, _), k in zip(batch, starts)]
-            mx.eval(ref)
+                ref = [mx.stop_gradient(completion_logprobs(self.model, b, shared)) for b in batch]
+                mx.eval(ref)
         if self.rl.updates_per_batch > 1:
-            old = [mx.stop_gradient(token_logprobs(self.model, t, k)) for (t, _, _), k in zip(batch, starts)]
+            old = [mx.stop_gradient(completion_logprobs(self.model, b, shared)) for b in batch]
             mx.eval(old)
         self.model.train(was_training)
+        reference_s = time.monotonic() - reference_started
         if self.should_abort():
             return None
 
         started, total_loss, kl_sum, clipped, norm_value = time.monotonic(), 0.0, 0.0, 0.0, None
         for update in range(self.rl.updates_per_batch):
             grads = None
-            for m, (t, msk, adv) in enumerate(batch):
+            for m, micro in enumerate(batch):
                 mx.random.seed(step_seed(self.train_cfg.seed, step * self.rl.updates_per_batch + update, m))
                 (loss, (kl, clip)), g_m = self.loss_and_grad(
-                    self.model, t, msk, adv, ref[m] if ref is not None else None,
-                    old[m] if old is not None else None, self.rl.beta, self.rl.clip_epsilon, self.rl.loss, norm,
-                    starts[m])
+                    self.model, micro, ref[m] if ref is not None else None, old[m] if old is not None else None,
+                    self.rl.beta, self.rl.clip_epsilon, self.rl.loss, norm, shared)
                 grads = g_m if grads is None else tree_map(lambda a, b: a + b, grads, g_m)
                 mx.eval(grads, loss, kl, clip)
                 testhooks.hold_point("micro", step + 1)  # the crash tests' "mid-update"
@@ -269,13 +267,14 @@ class GRPOStep:
 
         correct = np.array([s.correct for s in scores])
         return GRPOResult(
-            loss=total_loss, tokens=completion_tokens, positions=int(tokens.size),
+            loss=total_loss, tokens=completion_tokens, positions=positions,
             reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
             sample_accuracy=float(correct.mean()), format_share=float(np.mean([s.formatted for s in scores])),
             zero_advantage_share=float(np.mean([np.ptp(rewards[p]) == 0 for p in range(len(indices))])),
             completion_tokens_mean=float(np.mean([len(r.completion_ids) for r in rollouts])),
             kl=kl_sum / max(completion_tokens, 1), clip_fraction=clipped / max(completion_tokens, 1),
             generation_tokens_per_s=gen_tokens / max(gen_s, 1e-9),
-            update_tokens_per_s=self.rl.updates_per_batch * tokens.size / max(update_s, 1e-9),
+            update_tokens_per_s=self.rl.updates_per_batch * positions / max(update_s, 1e-9),
             resampled_groups=resampled,
+            seconds={"rollout": gen_s, "reward": self.reward_s, "reference": reference_s, "update": update_s},
             grad_norm=float(norm_value.item()) if norm_value is not None else None)

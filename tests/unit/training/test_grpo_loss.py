@@ -7,7 +7,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mathlora_daemon.training.grpo import group_advantages, grpo_loss, rollout_seeds, token_logprobs
+from mathlora_daemon.training.group_batch import GroupBatch, completion_logprobs, group_batches
+from mathlora_daemon.training.grpo import group_advantages, grpo_loss, grpo_objective, rollout_seeds
 
 
 def test_seeds_depend_on_seed_step_problem_and_attempt_only():
@@ -25,6 +26,16 @@ def test_advantages_are_relative_to_the_group():
     assert np.all(grpo[1] == 0)  # a flat group carries no signal
     dr = group_advantages(rewards, "dr_grpo")
     assert dr[0] == pytest.approx([0.5, -0.5, -0.5, 0.5])  # Dr. GRPO: not divided by the std
+
+
+def token_logprobs(model, tokens):
+    """Log-probability of each next token (B, T-1) under a plain model."""
+    logits = model(tokens[:, :-1])
+    return mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0] - mx.logsumexp(logits, axis=-1)
+
+
+def toy_loss(model, tokens, mask, adv, ref, old, beta, epsilon, loss, norm):
+    return grpo_objective(token_logprobs(model, tokens), mask, adv, ref, old, beta, epsilon, loss, norm)
 
 
 class Toy(nn.Module):
@@ -51,7 +62,7 @@ def test_on_policy_loss_is_minus_advantage_weighted_tokens(toy):
     the advantage-weighted log-likelihood gradient (a policy gradient)."""
     model, tokens, mask = toy
     adv = mx.array([1.0, -0.5])
-    loss, (kl, clipped) = grpo_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "dapo", 5.0)
+    loss, (kl, clipped) = toy_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "dapo", 5.0)
     assert loss.item() == pytest.approx(-(1.0 * 2 - 0.5 * 3) / 5.0, abs=1e-6)
     assert kl.item() == 0 and clipped.item() == 0
 
@@ -59,7 +70,7 @@ def test_on_policy_loss_is_minus_advantage_weighted_tokens(toy):
         lp = token_logprobs(m, tokens)
         return -(lp * mask * adv[:, None]).sum() / 5.0
 
-    grads = nn.value_and_grad(model, lambda m, *a: grpo_loss(m, *a)[0])(model, tokens, mask, adv, None, None, 0.0,
+    grads = nn.value_and_grad(model, lambda m, *a: toy_loss(m, *a)[0])(model, tokens, mask, adv, None, None, 0.0,
                                                                        0.2, "dapo", 5.0)[1]
     expected = nn.value_and_grad(model, surrogate)(model)[1]
     for (name, g), (_, e) in zip(sorted(_flat(grads)), sorted(_flat(expected))):
@@ -69,12 +80,12 @@ def test_on_policy_loss_is_minus_advantage_weighted_tokens(toy):
 def test_grpo_normalises_per_completion_and_dapo_per_token(toy):
     model, tokens, mask = toy
     adv = mx.array([1.0, 1.0])
-    grpo, _ = grpo_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "grpo", 2.0)
-    dapo, _ = grpo_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "dapo", 5.0)
+    grpo, _ = toy_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "grpo", 2.0)
+    dapo, _ = toy_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "dapo", 5.0)
     assert grpo.item() == pytest.approx(-1.0) and dapo.item() == pytest.approx(-1.0)
     adv = mx.array([1.0, 0.0])  # only the short completion counts
-    grpo, _ = grpo_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "grpo", 2.0)
-    dapo, _ = grpo_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "dapo", 5.0)
+    grpo, _ = toy_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "grpo", 2.0)
+    dapo, _ = toy_loss(model, tokens, mask, adv, None, None, 0.0, 0.2, "dapo", 5.0)
     assert grpo.item() == pytest.approx(-0.5)  # its mean token loss, averaged over 2 completions
     assert dapo.item() == pytest.approx(-2 / 5)  # its 2 tokens among the batch's 5
 
@@ -83,9 +94,9 @@ def test_kl_to_the_reference_is_zero_at_the_reference_and_positive_elsewhere(toy
     model, tokens, mask = toy
     adv = mx.zeros((2,))
     ref = token_logprobs(model, tokens)
-    _, (kl, _) = grpo_loss(model, tokens, mask, adv, ref, None, 0.04, 0.2, "dapo", 5.0)
+    _, (kl, _) = toy_loss(model, tokens, mask, adv, ref, None, 0.04, 0.2, "dapo", 5.0)
     assert kl.item() == pytest.approx(0.0, abs=1e-6)
-    _, (kl, _) = grpo_loss(model, tokens, mask, adv, ref + 0.3 * mx.random.normal(ref.shape), None, 0.04, 0.2,
+    _, (kl, _) = toy_loss(model, tokens, mask, adv, ref + 0.3 * mx.random.normal(ref.shape), None, 0.04, 0.2,
                            "dapo", 5.0)
     assert kl.item() > 0
 
@@ -93,7 +104,7 @@ def test_kl_to_the_reference_is_zero_at_the_reference_and_positive_elsewhere(toy
 def test_off_policy_ratios_are_clipped(toy):
     model, tokens, mask = toy
     old = token_logprobs(model, tokens) - 1.0  # the policy moved far from the rollouts' own
-    loss, (_, clipped) = grpo_loss(model, tokens, mask, mx.array([1.0, 1.0]), None, old, 0.0, 0.2, "dapo", 5.0)
+    loss, (_, clipped) = toy_loss(model, tokens, mask, mx.array([1.0, 1.0]), None, old, 0.0, 0.2, "dapo", 5.0)
     assert clipped.item() == 5  # every completion token's ratio (e ~ 2.7) is beyond 1.2
     assert loss.item() == pytest.approx(-1.2)  # min(r A, clip(r) A) with A = 1: the clipped 1.2
 
@@ -104,20 +115,105 @@ def _flat(tree):
     return tree_flatten(tree)
 
 
-def test_log_probabilities_from_a_start_skip_the_prompts_logits(tiny_model_dir):
-    """From `start` on, the body-and-head path gives the full forward's values, and the
-    loss over a mask that is zero before `start` is the same."""
-    from mathlora_daemon.training.model import body_and_head, load_base
+def _lora_model(model, seed=11):
+    """`model` with LoRA on every projection and a non-zero B (so the adapters matter)."""
+    from mlx_lm.tuner.lora import LoRALinear
 
-    model, _, _ = load_base(tiny_model_dir)
-    assert body_and_head(model) is not None  # the path under test
-    tokens = mx.array(np.random.default_rng(0).integers(3, 200, size=(3, 17)), dtype=mx.int32)
-    full = token_logprobs(model, tokens)
-    for start in (0, 5, 12):
-        assert np.allclose(np.array(token_logprobs(model, tokens, start)), np.array(full[:, start:]), atol=1e-5)
-    mask = np.zeros((3, 16), dtype=np.float32)
-    mask[:, 9:] = 1
-    adv = mx.array([1.0, -1.0, 0.5])
-    whole, _ = grpo_loss(model, tokens, mx.array(mask), adv, None, None, 0.0, 0.2, "dapo", 21.0)
-    cut, _ = grpo_loss(model, tokens, mx.array(mask[:, 9:]), adv, None, None, 0.0, 0.2, "dapo", 21.0, start=9)
-    assert cut.item() == pytest.approx(whole.item(), abs=1e-6)
+    from mathlora_daemon.config import load_config
+    from mathlora_daemon.training.model import apply_lora
+
+    apply_lora(model, load_config(None, ['lora.targets=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj",'
+                                         '"down_proj"]', "lora.dropout=0.0"]))
+    key = mx.random.key(seed)
+    for _, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            key, sub = mx.random.split(key)
+            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape, key=sub)
+    model.train()
+    return model
+
+
+def _qwen3():
+    from mlx_lm.models import qwen3
+
+    mx.random.seed(3)
+    args = qwen3.ModelArgs(model_type="qwen3", hidden_size=32, num_hidden_layers=2, intermediate_size=48,
+                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=200, num_key_value_heads=2,
+                           max_position_embeddings=256, rope_theta=10000.0, head_dim=8, tie_word_embeddings=False)
+    model = qwen3.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(params=["llama", "qwen3"])
+def arch_model(request, tiny_model_dir):
+    from mathlora_daemon.training.model import load_base
+
+    model = load_base(tiny_model_dir)[0] if request.param == "llama" else _qwen3()
+    return _lora_model(model)
+
+
+def _groups(rng, n_prompts=3, g=4):
+    """Prompts of different lengths; completions of different lengths (1 to 9 tokens)."""
+    prompts = [list(map(int, rng.integers(3, 200, size=n))) for n in (5, 11, 8)[:n_prompts]]
+    completions = [list(map(int, rng.integers(3, 200, size=int(rng.integers(1, 10))))) for _ in range(n_prompts * g)]
+    advantages = rng.standard_normal(n_prompts * g).astype(np.float32)
+    return prompts, completions, advantages
+
+
+def test_a_groups_prompt_runs_once_with_the_whole_sequences_values_and_gradients(arch_model):
+    """The shared-prompt pass (each prompt once, left-padded, its keys and values reused by
+    its G completions) gives every completion token the log-probability that sequence gets
+    alone, unpadded; the loss and the LoRA gradients equal the whole-sequence path's."""
+    from mathlora_daemon.training.group_batch import shares_prefix
+
+    model = arch_model
+    assert shares_prefix(model)  # the path under test
+    prompts, completions, advantages = _groups(np.random.default_rng(0))
+    batch = group_batches(prompts, completions, advantages, group_size=4, rows=64)[0]
+    shared = completion_logprobs(model, batch, shared=True)
+    whole = completion_logprobs(model, batch, shared=False)
+    for i, c in enumerate(completions):  # each sequence alone: no padding anywhere
+        seq = mx.array([prompts[i // 4] + c])
+        alone = token_logprobs(model, seq)[0, len(prompts[i // 4]) - 1:]
+        assert np.allclose(np.array(shared[i, :len(c)]), np.array(alone), atol=2e-5), i
+        assert np.all(np.array(shared[i, len(c):]) == 0)
+    assert np.allclose(np.array(shared), np.array(whole), atol=2e-5)
+
+    def value_and_grads(flag):
+        fn = nn.value_and_grad(model, lambda m: grpo_loss(m, batch, None, None, 0.0, 0.2, "dapo", 30.0, flag)[0])
+        return fn(model)
+
+    (v1, g1), (v2, g2) = value_and_grads(True), value_and_grads(False)
+    assert v1.item() == pytest.approx(v2.item(), abs=1e-5)
+    flat1, flat2 = dict(_flat(g1)), dict(_flat(g2))
+    assert flat1.keys() == flat2.keys() and any("lora_a" in k for k in flat1)
+    for name in flat1:
+        scale = float(np.abs(np.array(flat2[name])).max()) + 1e-6
+        assert np.allclose(np.array(flat1[name]), np.array(flat2[name]), atol=1e-4 * scale), name
+
+
+def test_micro_batches_hold_whole_groups():
+    prompts, completions, advantages = _groups(np.random.default_rng(1))
+    batches = group_batches(prompts, completions, advantages, group_size=4, rows=8)
+    assert [len(b.prompts) for b in batches] == [2, 1]  # 8 rows: two groups of 4, then the last
+    assert [c for b in batches for c in b.completions] == completions
+    assert np.array_equal(np.concatenate([b.advantages for b in batches]), advantages)
+    # A micro-batch smaller than a group still holds one whole group.
+    assert [len(b.prompts) for b in group_batches(prompts, completions, advantages, 4, rows=2)] == [1, 1, 1]
+    b = batches[0]  # prompts of 5 and 11 tokens, completions up to 9
+    assert b.positions(shared=False) == 8 * max(len(prompts[i // 4]) + len(c) for i, c in enumerate(b.completions))
+
+
+def test_completions_run_in_passes_of_similar_length():
+    """One completion that ran long does not pad the group's short ones to its length."""
+    prompt = list(range(3, 13))
+    lengths = [40, 3, 2, 2, 30, 21, 1, 2]
+    b = GroupBatch(prompts=[prompt], completions=[[5] * n for n in lengths], advantages=np.zeros(8, np.float32),
+                   group_size=8)
+    chunks = b.chunks()
+    assert sorted(i for rows in chunks for i in rows) == list(range(8))
+    widths = [[lengths[i] for i in rows] for rows in chunks]
+    assert widths == [[40, 30, 21], [3, 2, 2, 2], [1]]  # longest first, down to half the pass's widest
+    assert b.positions(shared=True) == 10 + 3 * 40 + 4 * 3 + 1
+    assert b.positions(shared=False) == 8 * 50
