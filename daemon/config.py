@@ -26,13 +26,14 @@ from mathlora_daemon.errors import InputError
 
 def key(default=None, *, help: str, allowed: str, expected: str | None = None,
         check: Callable[[Any], bool] | None = None, reload: bool = False, fingerprint: bool = False,
-        factory: Callable[[], Any] | None = None):
+        factory: Callable[[], Any] | None = None, secret: bool = False):
     """Declare a config key: its default, what it does (`help`, also README's table), what
     is allowed (`allowed` for the table, `expected` for an error message, `check` the
-    test), whether a running daemon may apply a change (`reload`), and whether a change
-    makes existing checkpoints meaningless (`fingerprint`)."""
+    test), whether a running daemon may apply a change (`reload`), whether a change
+    makes existing checkpoints meaningless (`fingerprint`), and whether its value is a
+    secret (`secret`: never echoed in an error message, a log line or status)."""
     meta = {"help": help, "allowed": allowed, "expected": expected or allowed, "check": check, "reload": reload,
-            "fingerprint": fingerprint}
+            "fingerprint": fingerprint, "secret": secret}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -92,6 +93,10 @@ class DataConfig:
     answer_field: str = key("answer", fingerprint=True, allowed="string",
                             help="field holding the final answer (GRPO's reference, eval's too); where it is empty "
                                  "the last \\boxed{} of the solution is used")
+    pack: bool = key(False, fingerprint=True, allowed="bool",
+                     help="SFT: several whole sequences per row of max_seq_len positions, each attending only to "
+                          "itself (no padding between them); `train.batch_size` then counts rows; rows are decided "
+                          "once and recorded in the token cache")
     validation_name: str = key("", fingerprint=True, allowed='`""` or a path',
                                help="a separate validation file or folder (`.jsonl`/`.parquet`); when set, every row "
                                     "of data.name is trained on and validation_fraction is not used")
@@ -201,6 +206,12 @@ class DaemonConfig:
     memory_limit_gb: float = key(0.0, reload=True, check=lambda v: 0 <= v <= 65536, allowed=">= 0",
                                  expected="a number of GB >= 0 (0 = MLX's default)",
                                  help="MLX's memory limit (0 = MLX's default)")
+    memory_plan: str = key("enforce", check=lambda v: v in ("enforce", "warn", "off"),
+                           allowed="enforce, warn, off", expected='"enforce", "warn" or "off"',
+                           help="before loading the model, `run` estimates a training step's peak memory from "
+                                "config.json and the settings (`memory.plan`) against what the machine offers; "
+                                "`enforce`: a plan that does not fit exits 78 naming the settings that would fit; "
+                                "`warn`: says so and starts; `off`: no plan")
     max_crash_restarts: int = key(3, reload=True, check=lambda v: 1 <= v <= 1000, allowed="1 to 1000",
                                   expected="an integer from 1 to 1000",
                                   help="crashed starts in a row (no step completed) before recording `failed`")
@@ -246,6 +257,41 @@ class RLConfig:
                              help="start GRPO from these (SFT) adapters; \"\" = fresh LoRA")
 
 
+NOTIFY_EVENTS = ("finished", "budget_exhausted", "failed", "stopped", "new_best")
+
+
+@dataclass
+class ReportConfig:
+    tensorboard: bool = key(False, allowed="bool",
+                            help="write TensorBoard event files to `logs/tensorboard/` (train/*, val/*, rl/*, lr, "
+                                 "memory; each step once across restarts); needs the `tensorboard` extra")
+    wandb_project: str = key("", allowed='`""` or a project name',
+                             help="log to this Weights & Biases project (offline unless you have logged in; every "
+                                  "restart continues the same W&B run); needs the `wandb` extra")
+    mlflow_uri: str = key("", allowed='`""`, `"local"` or a tracking URI',
+                          help="log to MLflow: `local` = a store in `logs/mlruns/`, or a tracking URI; every restart "
+                               "continues the same MLflow run; needs the `mlflow` extra")
+
+
+@dataclass
+class NotifyConfig:
+    urls: list[str] = key(factory=list, secret=True, check=lambda v: all(isinstance(u, str) and "://" in u for u in v),
+                          allowed="Apprise URLs",
+                          expected='a list of Apprise URLs, e.g. ["ntfy://my-topic", "pover://user@token"]',
+                          help="tell these services when a run ends (Apprise: ntfy, Pushover, Slack, Telegram, "
+                               "e-mail, webhooks ...); they hold secrets: kept in the config only, never logged; "
+                               "needs the `notify` extra")
+    command: str = key("", allowed='`""` or a command line',
+                       help="run this command at each notified event, the event as JSON on its stdin")
+    events: list[str] = key(factory=lambda: ["finished", "budget_exhausted", "failed", "stopped"],
+                            check=lambda v: all(e in NOTIFY_EVENTS for e in v), allowed=", ".join(NOTIFY_EVENTS),
+                            expected=f"a list of: {', '.join(NOTIFY_EVENTS)}",
+                            help="which ends (and `new_best`: a new best validation score) notify")
+    macos: bool = key(True, allowed="bool",
+                      help="on macOS, when no URL or command is set: one Notification Center banner at the end of a "
+                           "run")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -254,6 +300,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     @property
     def lora_scale(self) -> float:
@@ -460,22 +508,28 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
             continue
         if kind is str and where.startswith("--set") and not isinstance(value, str):
             value = raw[dotted]  # `--set model.name=2024` means the string
+        meta = KEYS[dotted].metadata
+        show = (lambda _v: "<hidden>") if meta["secret"] else _fmt  # a secret is never echoed
+        if meta["secret"] and where.startswith("--set"):
+            where = f"--set {dotted}=<hidden>"
         ok, converted = _coerce(value, kind)
         if not ok:
-            errors.append(f"{where}: {dotted} = {_fmt(value)} has the wrong type: expected {_TYPE_NAMES[kind]}")
+            errors.append(f"{where}: {dotted} = {show(value)} has the wrong type: expected {_TYPE_NAMES[kind]}")
             continue
         length = _too_long(converted)
         if length is not None:
-            errors.append(f"{where}: {dotted} = {_fmt(converted)} is not allowed: a string of {length} characters, "
+            errors.append(f"{where}: {dotted} = {show(converted)} is not allowed: a string of {length} characters, "
                           f"expected at most {MAX_STRING}")
             continue
-        meta = KEYS[dotted].metadata
         if meta["check"] and not meta["check"](converted):
-            errors.append(f"{where}: {dotted} = {_fmt(converted)} is not allowed: expected {meta['expected']}")
+            errors.append(f"{where}: {dotted} = {show(converted)} is not allowed: expected {meta['expected']}")
             continue
         setattr(getattr(cfg, section), key, converted)
 
     d = cfg.daemon
+    if not errors and cfg.data.pack and cfg.train.method != "sft":
+        errors.append(f"data.pack = true is for train.method = \"sft\" (it is {cfg.train.method!r}): GRPO trains on "
+                      "its own completions, one group per prompt; set data.pack = false")
     if not errors and cfg.train.grad_checkpoint and cfg.lora.dropout > 0:
         # The backward pass would recompute each layer with fresh dropout masks, not the
         # forward's, and the gradients would be wrong.

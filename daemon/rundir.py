@@ -81,6 +81,12 @@ class RunDir:
         """report.json: the morning report, written at every end of the run, kept by later starts."""
         return self.scratch / "report.json"
 
+    @property
+    def report_html(self) -> Path:
+        """report.html: the morning report as a page (tables and the loss plot), one file,
+        rewritten at every checkpoint and every end, and by `status --html`."""
+        return self.scratch / "report.html"
+
     # -- the runtime's files ---------------------------------------------------------------
     @property
     def log_file(self) -> Path:
@@ -88,8 +94,18 @@ class RunDir:
         return self.scratch / LOG_FILE
 
     @property
+    def logs(self) -> Path:
+        """logs/: the structured log, and the trackers' files (tensorboard/, mlruns/, wandb/)."""
+        return self.log_file.parent
+
+    @property
     def state(self) -> Path:
         return self.scratch / "state"
+
+    @property
+    def tracker_state(self) -> Path:
+        """state/trackers.json: the W&B and MLflow run ids every restart continues."""
+        return self.state / "trackers.json"
 
     @property
     def status_file(self) -> Path:

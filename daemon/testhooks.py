@@ -12,6 +12,8 @@ reached the point by creating a marker file and then blocks until it is killed:
         the same, but go on once the release file exists (a distributed test holds one
         rank there, signals it, then lets it reach the next collective)
     MATHLORA_TEST_ENOSPC="<step>"                      the save of that step fails
+    MATHLORA_TEST_OOM="<step>:<rows>"                  that step fails for memory (as MLX's allocator
+        says it) while its micro-batches hold more than <rows> rows
     MATHLORA_TEST_SLOW_COMPILE="<seconds>"             building each compiled trace takes that
         much longer (a CPU test of how a GPU's minutes of kernel compilation are accounted)
     MATHLORA_TEST_TRACE_COLLECTIVES="<file>"           append the name of every collective this
@@ -31,6 +33,7 @@ from pathlib import Path
 HOLD_VAR = "MATHLORA_TEST_HOLD"
 ENOSPC_VAR = "MATHLORA_TEST_ENOSPC"
 SLOW_COMPILE_VAR = "MATHLORA_TEST_SLOW_COMPILE"
+OOM_VAR = "MATHLORA_TEST_OOM"
 TRACE_VAR = "MATHLORA_TEST_TRACE_COLLECTIVES"
 
 
@@ -83,3 +86,14 @@ def trace_collective(name: str) -> None:
     if path:
         with open(f"{path}.{os.environ.get('MLX_RANK', '0')}", "a", encoding="utf-8") as fh:
             fh.write(name + "\n")
+
+
+def out_of_memory(step: int, rows: int) -> None:
+    """Raise MLX's allocation failure when MATHLORA_TEST_OOM names this step and the step's
+    micro-batches hold more rows than it allows."""
+    spec = os.environ.get(OOM_VAR)
+    if not spec:
+        return
+    at, _, limit = spec.partition(":")
+    if int(at) == step and rows > int(limit):
+        raise RuntimeError(f"[metal::malloc] Unable to allocate {rows} rows: Insufficient Memory (test)")

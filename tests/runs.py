@@ -21,7 +21,8 @@ from mathlora_daemon.config import Config, DaemonConfig, DataConfig, LoraConfig,
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 # XDG_STATE_HOME: where `run` records a run directory it cannot write; kept out of ~.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+# WANDB_MODE: a test's W&B run stays on this machine whatever ~/.netrc holds.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
        "XDG_STATE_HOME": tempfile.mkdtemp(prefix="mathlora-tests-state-")}
 STEPS_PER_EPOCH, EPOCHS = 8, 4  # 64 rows, 4 x 2 sequences a step
 TOTAL = STEPS_PER_EPOCH * EPOCHS

@@ -67,16 +67,19 @@ def _positive(value: int | None, option: str, minimum: int, what: str = "") -> N
 
 def run(args: Namespace) -> int:
     from mathlora_daemon.evaluation.evaluate import final_eval
+    from mathlora_daemon.evaluation.plot import page_figures
     from mathlora_daemon.runtime.signals import ignore_late_stops
     from mathlora_daemon.training.run import run_command
 
     ignore_late_stops()  # this process ends with training: a signal after the stop has nothing to stop
     testhooks.hold_point("start", 0)
-    return run_command(args.run_dir, config_path(args), args.overrides, debug=args.debug, final_eval=final_eval)
+    return run_command(args.run_dir, config_path(args), args.overrides, debug=args.debug, final_eval=final_eval,
+                       page_figures=page_figures)
 
 
 def prepare(args: Namespace) -> int:
     from mathlora_daemon.runtime.logs import close_logging, setup_logging
+    from mathlora_daemon.training.memory_plan import check_memory
     from mathlora_daemon.training.model import load_base
     from mathlora_daemon.training.prepare import prepare_tokens
 
@@ -87,6 +90,9 @@ def prepare(args: Namespace) -> int:
         model_dir = RunDir(args.run_dir).model(cfg.model.path)
         _model, tokenizer, _ = load_base(model_dir)
         cache = prepare_tokens(cfg.data, args.run_dir, model_dir, tokenizer, log)
+        # What a training step will need, on stderr: `run` decides, not prepare. After the
+        # data, whose errors come first.
+        check_memory(cfg, model_dir, log, RunDir(args.run_dir).checkpoints, enforce=False)
     finally:
         close_logging()
     m = cache.meta
@@ -111,6 +117,12 @@ def status(args: Namespace) -> int:
     from mathlora_daemon.runtime.status import status_main
     from mathlora_daemon.service.install import service_status
 
+    if args.html:  # refreshed first, so the page always exists when asked (and says what status says now)
+        from mathlora_daemon.evaluation.plot import page_figures
+        from mathlora_daemon.runtime.report_page import Page
+
+        print(Page(RunDir(args.run_dir), page_figures).write())
+        return 0
     return status_main(args.run_dir, as_json=args.json, out=sys.stdout, service_probe=service_status)
 
 

@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     # status and logs read no config, but take --config/--set like every command (README
     # says so), so a command line edited from another command's still works.
     p = command("status", "what the daemon is doing (or did last), fast, whether it runs or not")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    as_what = p.add_mutually_exclusive_group()
+    as_what.add_argument("--json", action="store_true", help="machine-readable output")
+    as_what.add_argument("--html", action="store_true",
+                         help="write the morning report's page (<run-dir>/report.html, self-contained) from the "
+                              "current status and print its path")
 
     p = command("logs", "show the structured log (last lines, follow, filter)")
     p.add_argument("-n", "--lines", type=int, default=20, help="how many of the last matching lines (default 20)")

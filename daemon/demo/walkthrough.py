@@ -44,7 +44,7 @@ MARKER = "mathlora-daemon demo run directory"
 # What a demo run directory may already hold, the outputs of every command a user may
 # try on it included (anything else: refuse, lose nothing).
 DEMO_ENTRIES = {CONFIG_FILE, LOCK_FILE, ".tmp-mlx_model", "mlx_model", "data", "cache", "checkpoints", "adapters",
-                "logs", "state", "debug", "export", "fused", "loss.png", "report.json"}
+                "logs", "state", "debug", "export", "fused", "loss.png", "report.json", RunDir(Path()).report_html.name}
 LEARNING_RATE = 3e-3
 
 
@@ -108,8 +108,8 @@ def training_outputs(run_dir: Path) -> list[Path]:
     """Given a demo run directory, return what training and the commands the demo
     suggests write there (what a second demo must not start from)."""
     run = RunDir(run_dir)
-    return [run.checkpoints, run.adapters, run.state, run.log_file.parent, run.report_file, run.debug_root,
-            run.export("peft").parent, run.fused, run.plot]
+    return [run.checkpoints, run.adapters, run.state, run.log_file.parent, run.report_file, run.report_html,
+            run.debug_root, run.export("peft").parent, run.fused, run.plot]
 
 
 def clear_previous_run(run_dir: Path) -> list[str]:

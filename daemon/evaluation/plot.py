@@ -7,7 +7,9 @@ rate, with a dashed line at every resume and a tick at every checkpoint. Steps
 trained again after a crash (between the last checkpoint and the crash) appear once, with
 the value of the run that counted (the last one logged). Lines of `--debug` runs, which
 share the log, are left out. matplotlib is an optional extra (`mathlora-daemon[plot]`)
-and is imported only here, with the Agg canvas (no display needed).
+and is imported only here, with the Agg canvas (no display needed). `page_figures` draws
+the same figure in memory for the morning report's page (runtime/report_page.py), and
+goes without it, saying why, when matplotlib is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from mathlora_checkpoints.fsio import atomic_write_via, ensure_private_dir
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime import logview
+
+INSTALL_PLOT = "pip install 'mathlora-daemon[plot]'"
 
 
 @dataclass
@@ -106,11 +110,9 @@ def plot_run(run_dir: Path, out: Path) -> dict:
     path}; raise InputError when there is no log, nothing trained yet, or matplotlib is
     not installed."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.transforms import blended_transform_factory
+        import matplotlib  # noqa: F401 - only whether it is there; draw() imports what it uses
     except ImportError:
-        raise InputError("plot needs matplotlib: pip install 'mathlora-daemon[plot]'") from None
+        raise InputError(f"plot needs matplotlib: {INSTALL_PLOT}") from None
 
     run_dir, out = Path(run_dir), Path(out)
     curve = read_curve(run_dir)
@@ -118,11 +120,23 @@ def plot_run(run_dir: Path, out: Path) -> dict:
         print(logview.damaged_note(RunDir(run_dir).log_file, curve.bad_lines), file=sys.stderr)
     if not curve.loss:
         raise InputError(f"{RunDir(run_dir).log_file}: no train.step events yet; nothing to plot")
+    fig = draw(curve, curve.run or run_dir.resolve().name)
+    ensure_private_dir(out.parent)
+    atomic_write_via(out, lambda tmp: fig.savefig(tmp, format="png"))
+    return {"points": len(curve.loss), "evals": len(curve.val), "resumes": len(curve.resumes),
+            "checkpoints": len(curve.checkpoints), "starts": curve.starts, "path": str(out)}
+
+
+def draw(curve: Curve, name: str, dpi: int = 120):
+    """Given a Curve with at least one step and the run's name, return the matplotlib
+    Figure (Agg canvas): loss and validation loss above, the learning rate below."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import blended_transform_factory
+
     steps = sorted(curve.loss)
     losses = [curve.loss[s] for s in steps]
-    name = curve.run or run_dir.resolve().name
-
-    fig = Figure(figsize=(9, 6.5), dpi=120, layout="constrained")
+    fig = Figure(figsize=(9, 6.5), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     window = max(1, min(100, len(steps) // 20))
@@ -161,8 +175,30 @@ def plot_run(run_dir: Path, out: Path) -> dict:
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(True, alpha=0.3)
+    return fig
 
-    ensure_private_dir(out.parent)
-    atomic_write_via(out, lambda tmp: fig.savefig(tmp, format="png"))
-    return {"points": len(steps), "evals": len(curve.val), "resumes": len(curve.resumes),
-            "checkpoints": len(curve.checkpoints), "starts": curve.starts, "path": str(out)}
+
+def page_figures(run_dir: Path, dpi: int = 80) -> dict:
+    """Given a run directory, return what the report page (runtime/report_page.py) takes
+    from the log: {"starts", "resumes", "png": the plot as PNG bytes or None, "note": why
+    there is no plot, or None}. Never raises for a missing or empty log or a missing
+    matplotlib: the page goes without the plot and says why."""
+    import io
+
+    try:
+        curve = read_curve(Path(run_dir))
+    except InputError:
+        return {"starts": 0, "resumes": 0, "png": None, "note": "no plot yet: the daemon has not logged here"}
+    figures = {"starts": curve.starts, "resumes": len(curve.resumes), "png": None, "note": None}
+    if not curve.loss:
+        figures["note"] = "no plot yet: no training step logged"
+        return figures
+    try:
+        fig = draw(curve, curve.run or Path(run_dir).resolve().name, dpi=dpi)
+    except ImportError:
+        figures["note"] = f"no plot: it needs matplotlib ({INSTALL_PLOT})"
+        return figures
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    figures["png"] = buffer.getvalue()
+    return figures

@@ -22,7 +22,7 @@ from mathlora_daemon.runtime.humanize import local_clock
 
 MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 5
-_LOGGER_NAME = "mathlora"
+LOGGER_NAME = "mathlora"  # the handlers hang here: the file, the console, the trackers
 # What a person scans for comes first on a console line, after the event; the JSON log
 # keeps every field in the order it was logged.
 CONSOLE_FIRST = ("step", "loss", "tok_per_s", "val_loss", "epoch", "lr", "reason", "exit_code", "error")
@@ -156,7 +156,7 @@ def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    root = logging.getLogger(_LOGGER_NAME)
+    root = logging.getLogger(LOGGER_NAME)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
@@ -181,12 +181,12 @@ def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
                                                       timestamp_key="ts")]))
         stream.addFilter(_ConsoleFilter(set(quiet_events)))
         root.addHandler(stream)
-    return structlog.get_logger(_LOGGER_NAME).bind(run=run_name)
+    return structlog.get_logger(LOGGER_NAME).bind(run=run_name)
 
 
 def close_logging() -> None:
     """Flush and close every handler (before exit, or before a test reads the file)."""
-    root = logging.getLogger(_LOGGER_NAME)
+    root = logging.getLogger(LOGGER_NAME)
     for handler in list(root.handlers):
         try:
             handler.flush()

@@ -25,6 +25,7 @@ last_checkpoint_step,  the newest checkpoint's step and when it was saved (UTC I
 last_checkpoint_at
 memory                 {mem_active_gb, mem_peak_gb, rss_gb, sys_available_gb,
                        swap_used_gb}
+batch_split            each micro-batch cut into this many after a step ran out of memory (1: never)
 log_path               the JSON log (``<run>/logs/daemon.jsonl``)
 started_at             when this daemon process started (UTC ISO)
 world_size             ranks training together (1: one process; mlx.launch: more)
@@ -400,6 +401,9 @@ def render_status(status: dict[str, Any]) -> str:
         value = json_number(memory.get(key))
         if value is not None and not (key == "swap_used_gb" and value == 0):
             mem.append(f"{label} {value:.1f} GB")
+    split = json_number(status.get("batch_split"))
+    if split is not None and split > 1:  # training/oom.py: a step ran out of memory
+        mem.append(f"micro-batches split {int(split)}x after running out of memory")
     if mem:
         rows.append(("memory", ", ".join(mem)))
 

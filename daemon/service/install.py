@@ -219,7 +219,7 @@ def plan_install(run_dir: Path, host: Host, at: str | None = None, config: Path 
     `launch` (e.g. ``["--hostfile", "/abs/hosts.json"]``) makes the service run the
     distributed job through ``mathlora-daemon launch`` with those options, this machine
     being rank 0."""
-    from mathlora_daemon.config import load_config
+    from mathlora_daemon.config import KEYS, load_config, parse_override
     from mathlora_daemon.runtime.schedule import inside, parse_window
 
     svc = service_for(run_dir, host, manager)
@@ -229,6 +229,12 @@ def plan_install(run_dir: Path, host: Host, at: str | None = None, config: Path 
         if not config.is_file():
             raise InputError(f"--config {config}: no such file")
     cfg = load_config(config if config is not None else RunDir(svc.run_dir).config, list(overrides))
+    for text in overrides:  # a --set is written into the plist or unit, readable by anyone who lists it
+        name = parse_override(text)[0]
+        if KEYS[name].metadata["secret"]:
+            raise InputError(f"--set {name}=...: {name} holds secrets (tokens in its URLs) and `install` would write "
+                             f"it into the service file; put it in the config file instead ([{name.split('.')[0]}] "
+                             "in mathlora.toml, readable by you only)")
     window = parse_window(cfg.daemon.window)
     notes: list[str] = []
     source = "--at" if start is not None else None

@@ -80,6 +80,8 @@ class Progress:
     # status and the morning report.
     recent_rewards: list[float] = field(default_factory=list)
     first_reward: float | None = None
+    # Each micro-batch is cut into this many (training/oom.py): 1 until a step ran out of memory.
+    batch_split: int = 1
 
     def record(self, loss: float, tokens: int, reward: float | None = None) -> None:
         if reward is not None:
@@ -138,6 +140,7 @@ class Progress:
                      "since_best": self.evals_since_best, "history": self.eval_history,
                      "stopped_early": self.stopped_early, "pending": self.eval_pending},
             "rl": {"recent_rewards": self.recent_rewards, "first_reward": self.first_reward},
+            "memory": {"batch_split": self.batch_split},
             # The store records this one in the manifest, for retention by validation loss.
             "eval_loss": self.eval_loss if self.eval_step == self.global_step else None,
         }
@@ -155,7 +158,8 @@ class Progress:
                    evals_since_best=int(ev.get("since_best") or 0), eval_history=list(ev.get("history") or []),
                    stopped_early=ev.get("stopped_early"), eval_pending=bool(ev.get("pending")),
                    recent_rewards=list((state.get("rl") or {}).get("recent_rewards") or []),
-                   first_reward=(state.get("rl") or {}).get("first_reward"))
+                   first_reward=(state.get("rl") or {}).get("first_reward"),
+                   batch_split=max(1, int((state.get("memory") or {}).get("batch_split") or 1)))
 
 
 def fingerprint(cfg: Config, model_dir: Path, cache_key: str) -> dict:
@@ -302,7 +306,7 @@ class Checkpointer:
     def __init__(self, root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress, schedule,
                  fp: dict, cfg: Config, budget, log, heartbeat, settings, resumed: CheckpointInfo | None,
                  world_size: int = 1, leader: bool = True, clock=time.monotonic, validate=None,
-                 on_early_stop=None, interruptible=None, reference=None):
+                 on_early_stop=None, interruptible=None, reference=None, on_saved=None):
         self.root, self.model, self.optimizer, self.progress = root, model, optimizer, progress
         self.schedule, self.fp, self.cfg, self.budget = schedule, fp, cfg, budget
         self.log, self.heartbeat, self.settings = log, heartbeat, settings
@@ -312,6 +316,7 @@ class Checkpointer:
         self.on_early_stop = on_early_stop
         self.interruptible = interruptible or nullcontext
         self.reference = reference or (lambda: None)  # GRPO's reference adapters, kept in every checkpoint
+        self.on_saved = on_saved  # after each save: the report page (runtime/report_page.py), which never raises
         self.protect = {resumed.path} if resumed else set()  # pruning never removes what we resumed from
         self.last_step = progress.global_step if resumed else -1
         self.last_time = self.clock()
@@ -399,6 +404,8 @@ class Checkpointer:
             protect.add(self.root / step_dir_name(self.progress.best_eval_step))
         prune(self.root, self.settings().keep_checkpoints, protect=protect,
               on_pruned=lambda i: self.log.info("checkpoint.pruned", step=i.step, path=str(i.path)))
+        if self.on_saved is not None:
+            self.on_saved()
 
     def best_adapters(self) -> tuple[dict | None, dict | None]:
         """(the adapters of the checkpoint with the lowest validation loss, what it was),

@@ -130,10 +130,12 @@ class PrefixCache:
 
 
 def shares_prefix(model: nn.Module) -> bool:
-    from mathlora_daemon.training.model import body_and_head
+    """Whether the model takes the shared-prompt path: a listed architecture, a separate
+    head, and no gradient checkpointing (a recomputed layer must not keep keys aside)."""
+    from mathlora_daemon.training.model import body_and_head, grad_checkpointed
 
     return getattr(model, "model_type", None) in SHARED_PREFIX_TYPES and body_and_head(model) is not None \
-        and hasattr(model.model, "layers")
+        and hasattr(model.model, "layers") and not grad_checkpointed(model)
 
 
 def _select(logits: mx.array, targets: mx.array) -> mx.array:

@@ -206,7 +206,8 @@ class GRPOStep:
         return rollouts, scores, rewards, tokens, seconds, resampled
 
     # -- 3. to 5. the update ----------------------------------------------------------------
-    def __call__(self, step: int, indices: list[int], lr: float, max_grad_norm: float) -> GRPOResult | None:
+    def __call__(self, step: int, indices: list[int], lr: float, max_grad_norm: float,
+                 rows: int | None = None) -> GRPOResult | None:
         from mathlora_daemon.runtime.signals import Interrupted
         from mathlora_daemon.training.group_batch import completion_logprobs, group_batches, shares_prefix
         from mathlora_daemon.training.model import adapters_as, adapters_off
@@ -222,7 +223,8 @@ class GRPOStep:
         advantages = group_advantages(rewards, self.rl.loss).reshape(-1)
         g = self.rl.group_size
         batch = group_batches([rollouts[p * g].prompt_ids for p in range(len(indices))],
-                              [r.completion_ids for r in rollouts], advantages, g, self.train_cfg.batch_size)
+                              [r.completion_ids for r in rollouts], advantages, g,
+                              rows or self.train_cfg.batch_size)
         completion_tokens = sum(len(r.completion_ids) for r in rollouts)
         norm = {"dapo": max(completion_tokens, 1), "grpo": len(rollouts),
                 "dr_grpo": len(rollouts) * self.rl.max_new_tokens}[self.rl.loss]

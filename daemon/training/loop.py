@@ -43,6 +43,7 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
     the runtime's Stop when training must end first, else None. The model, optimizer and
     progress are left at an optimizer-step boundary either way."""
     from mathlora_daemon.training.batches import step_micro_batches, training_order
+    from mathlora_daemon.training.oom import take_step_splitting
 
     s, train = session, session.cfg.train
     order_epoch, order = -1, None
@@ -60,7 +61,8 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
             order_epoch, order = epoch, training_order(s.order_lengths, train.seed, epoch,
                                                        s.schedule.sequences_per_step, train.group_by_length)
         started = time.monotonic()
-        result = s.take_step(step, step_micro_batches(s.schedule, order, step), lr_plan.lr(step), should_abort)
+        result = take_step_splitting(s, step, step_micro_batches(s.schedule, order, step), lr_plan.lr(step),
+                                     should_abort, reporter.log)
         if result is None:  # stopped between two micro-batches: the state is still at the last boundary
             return runtime.boundary(checkpointer.save_requested)
         # Building compiled traces (the first step, a new length bucket) is set-up, not training.
@@ -77,7 +79,7 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
 
 def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
           debug: bool = False, progress: bool | None = None, world: World = SINGLE,
-          final_eval=None) -> RunResult:
+          final_eval=None, page=None, death: dict | None = None) -> RunResult:
     """Given a locked run directory, a validated config and the runtime's pieces, train
     until done, stopped, out of budget or window; return the RunResult. Raise InputError
     (exit 78) for a bad model, dataset, target list or a checkpoint of another
@@ -85,12 +87,14 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
 
     `final_eval(model, tokenizer, problems, n, template)` (evaluation/evaluate.py, passed
     in by the CLI) answers validation problems with and without the adapters at the end
-    of a run when train.final_eval asks for it."""
+    of a run when train.final_eval asks for it. `page` (runtime/report_page.py's Page, rank
+    0 only) is refreshed after every checkpoint."""
     from mathlora_daemon.runtime import signals
     from mathlora_daemon.runtime.boundary import Runtime
     from mathlora_daemon.runtime.world import any_true, gather_ints, lost_peer, peer_lost_error
     from mathlora_daemon.training.checkpointing import Checkpointer
     from mathlora_daemon.training.lr import LRPlan
+    from mathlora_daemon.training.oom import split_after_death
     from mathlora_daemon.training.reporter import Reporter, show_progress_bar
     from mathlora_daemon.training.session import setup_session
     from mathlora_daemon.training.validation import Validator
@@ -116,6 +120,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             return _stopped_before_training(log, heartbeat, budget, flags)
         try:
             s = setup_session(run, cfg, log, heartbeat, world, show_bar)
+            split_after_death(s.progress, death, log)  # the last start was killed for memory: smaller micro-batches
             runtime = Runtime(run.root, cfg, config_path, overrides, log, flags, heartbeat, budget,
                               take_control=watcher.take_control if watcher else list,
                               poll_control=watcher.poll if watcher else None, world=world)
@@ -123,15 +128,17 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                                         cfg, budget, log, heartbeat, lambda: runtime.cfg.daemon, s.resumed,
                                         world.size, world.leader, validate=Validator.of(s, cfg.train),
                                         on_early_stop=runtime.finish_early, interruptible=flags.interruptible,
-                                        reference=lambda: s.grpo.reference if s.grpo is not None else None)
+                                        reference=lambda: s.grpo.reference if s.grpo is not None else None,
+                                        on_saved=page.refresh if page is not None else None)
             lr_plan = LRPlan(cfg.train, s.schedule.total_steps, s.progress, budget, log,
                              agree=lambda length: gather_ints(world, [length])[0][0])
             reporter = Reporter(run.root, log, heartbeat, budget, runtime, s.progress, s.optimizer,
                                 s.schedule.total_steps, s.resumed.step if s.resumed else 0, show_bar, world.leader)
             stack.callback(reporter.close)
+            _setup_trackers(stack, run, cfg, s.progress.global_step, log, world)
             _setup_sleep_inhibitor(stack, cfg, log)
             s.model.train()  # dropout active
-            log.info("train.start", sequences=len(s.cache), steps_per_epoch=s.schedule.steps_per_epoch,
+            log.info("train.start", sequences=len(s.cache), rows=len(s.items), steps_per_epoch=s.schedule.steps_per_epoch,
                      total_steps=s.schedule.total_steps, sequences_per_step=s.schedule.sequences_per_step,
                      start_step=s.progress.global_step, budget_used_s=round(budget.used_s, 1),
                      budget_total_s=budget.total_s)
@@ -181,6 +188,18 @@ def _setup_watcher(stack: ExitStack, run: RunDir, config_path: Path | None, flag
     watcher.start()
     stack.callback(watcher.stop)
     return watcher
+
+
+def _setup_trackers(stack: ExitStack, run: RunDir, cfg: Config, start_step: int, log, world: World) -> None:
+    """TensorBoard, W&B, MLflow ([report]): rank 0 mirrors the log's figures into them."""
+    r = cfg.report
+    if not world.leader or not (r.tensorboard or r.wandb_project or r.mlflow_uri):
+        return
+    from mathlora_daemon.runtime.trackers import Trackers, tracker_config
+
+    trackers = Trackers(run, r, tracker_config(cfg), start_step, log)
+    trackers.attach()
+    stack.callback(trackers.close)
 
 
 def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:

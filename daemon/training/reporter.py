@@ -53,19 +53,20 @@ class Reporter:
         self.first_loss = result.loss if self.first_loss is None else self.first_loss
         self.last_loss = result.loss
         mem = self.runtime.last_memory.as_fields() if self.runtime.last_memory else {}
+        split = {"batch_split": self.progress.batch_split} if self.progress.batch_split > 1 else {}
         budget = self.budget
         self.log.info("train.step", step=step, epoch=epoch, loss=result.loss,
                       lr=float(self.optimizer.learning_rate.item()), tokens=result.tokens,
                       tok_per_s=round(result.tokens / step_s, 1), step_s=round(step_s, 4),
                       padding=round(result.padding_share, 4), budget_used_s=round(budget.used_s + step_s, 1),
-                      budget_left_s=round(max(budget.total_s - budget.used_s - step_s, 0), 1), **mem)
+                      budget_left_s=round(max(budget.total_s - budget.used_s - step_s, 0), 1), **split, **mem)
         if hasattr(result, "rl_fields"):  # GRPO: what the rollouts found, beside the step's line
             rl = result.rl_fields()
             self.log.info("rl.step", step=step, **rl)
             self.heartbeat.update(rl=rl)
         self.heartbeat.update(step=step, epoch=epoch, loss=result.loss, step_s=round(step_s, 4),
                               recent_mean_loss=self.progress.recent_mean(), tok_per_s=round(result.tokens / step_s, 1),
-                              memory=mem)
+                              memory=mem, batch_split=self.progress.batch_split)
         if time.monotonic() - self.last_write >= HEARTBEAT_WRITE_S:
             self.heartbeat.update(budget_used_s=round(budget.used_s + step_s, 1))
             self.write_heartbeat()

@@ -15,6 +15,7 @@ all ranks (runtime/boundary.py).
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -28,7 +29,7 @@ from mathlora_daemon.config import Config, load_config
 from mathlora_daemon.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TEMPFAIL, InputError, TemporaryFailure
 from mathlora_daemon.rundir import RunDir, unwritable_error
 from mathlora_daemon.runtime import crashguard
-from mathlora_daemon.runtime.logs import close_logging, setup_logging
+from mathlora_daemon.runtime.logs import LOGGER_NAME, close_logging, setup_logging
 from mathlora_daemon.runtime.world import GO, World, init_world, start_handshake
 from mathlora_daemon.training.loop import train
 
@@ -74,11 +75,12 @@ class _StartGate:
 
 
 def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool = False,
-                progress: bool | None = None, final_eval=None) -> int:
+                progress: bool | None = None, final_eval=None, page_figures=None) -> int:
     """Given the run directory, the config file and `--set` overrides, run the daemon and
     return its exit code (docs/DESIGN.md, "Exit codes"); a second daemon on the same run
     directory gets 75 and changes nothing. Under mlx.launch, rank 0 runs this and the
-    other ranks run `_run_worker`."""
+    other ranks run `_run_worker`. `page_figures` (evaluation/plot.py, passed in by the CLI
+    like `final_eval`) draws the plot of the report page (runtime/report_page.py)."""
     if not run_dir.is_dir():
         raise InputError(f"--run-dir {run_dir}: no such directory")
     world = init_world()
@@ -87,7 +89,8 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
     gate = _StartGate(world)
     exit_code = 1
     try:
-        exit_code = _run_leader(run_dir, config_path, overrides, debug, progress, world, gate, final_eval)
+        exit_code = _run_leader(run_dir, config_path, overrides, debug, progress, world, gate, final_eval,
+                                page_figures)
         return exit_code
     except InputError:
         exit_code = EXIT_CONFIG
@@ -99,7 +102,8 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
         gate.release(exit_code)
 
 
-def _cannot_write(run_dir: Path, error: InputError | TemporaryFailure, guarded: bool) -> int:
+def _cannot_write(run_dir: Path, error: InputError | TemporaryFailure, guarded: bool, config_path: Path | None,
+                  overrides: list[str]) -> int:
     """The run directory cannot be written: a temporary cause (a full disk) is 75; any
     other (permissions, a read-only mount, a file where a directory belongs) is 78, and
     since the crash guard cannot record it in the run directory, it is recorded in the
@@ -113,7 +117,18 @@ def _cannot_write(run_dir: Path, error: InputError | TemporaryFailure, guarded: 
               f"(`mathlora-daemon run --run-dir {shlex.quote(str(run_dir))}`, or reload the service)", file=sys.stderr)
         return EXIT_OK
     crashguard.record_outside_failure(run_dir, reason, time.time())
+    if guarded:
+        _notify_failure(run_dir, config_path, overrides, reason)
     raise error
+
+
+def _notify_failure(run_dir: Path, config_path: Path | None, overrides: list[str], reason: str) -> None:
+    """Tell about a failure that ended a guarded start before its log existed."""
+    from mathlora_daemon.runtime.notify import Notifier, notify_settings
+
+    settings = notify_settings(config_path, overrides)
+    if settings is not None:
+        Notifier(settings, RunDir(run_dir)).send("failed", reason)
 
 
 def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool, world: World) -> int:
@@ -146,15 +161,20 @@ def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], d
 
 
 def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool,
-                progress: bool | None, world: World, gate: _StartGate, final_eval=None) -> int:
+                progress: bool | None, world: World, gate: _StartGate, final_eval=None,
+                page_figures=None) -> int:
     """Rank 0 (or the only process): lock, guards, then train. A `--debug` run keeps
     everything it writes (lock, status, log, crash records, budget, report) under
-    `debug/` (RunDir.scratch): the real run is never touched."""
+    `debug/` (RunDir.scratch): the real run is never touched. The report page is kept
+    (every checkpoint, every end but a crash or a second Ctrl-C) for the run, not --debug."""
     from mathlora_daemon.runtime.budget import Budget, initial_used, read_used_seconds
     from mathlora_daemon.runtime.heartbeat import Heartbeat
     from mathlora_daemon.runtime.lock import LockHeld, acquire_lock
+    from mathlora_daemon.runtime.notify import Notifier
     from mathlora_daemon.runtime.report import finished_already, pointer, training_identity, write_report
+    from mathlora_daemon.runtime.report_page import Page
     from mathlora_daemon.runtime.schedule import inside, next_start, parse_window
+    from mathlora_daemon.training.oom import died_of_memory
 
     run = RunDir(run_dir, debug=debug)
     own = run.scratch  # lock, state, log: the run directory, or debug/
@@ -165,7 +185,7 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
     guarded = not debug and not sys.stdin.isatty()
     unwritable = unwritable_error(RunDir(run_dir))
     if unwritable is not None:
-        return _cannot_write(run_dir, unwritable, guarded)
+        return _cannot_write(run_dir, unwritable, guarded, config_path, overrides)
     crashguard.clear_outside_failure(run_dir)
     if debug:
         own.mkdir(exist_ok=True)
@@ -175,7 +195,8 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
         print(f"mathlora-daemon run: {exc}; not starting a second daemon", file=sys.stderr)
         return EXIT_TEMPFAIL
     with lock:
-        crashes = crashguard.begin_start(own, os.getpid(), time.time())
+        started_unix = time.time()
+        crashes = crashguard.begin_start(own, os.getpid(), started_unix)
         if not guarded:
             crashguard.clear_failure(own)
         try:
@@ -190,6 +211,8 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
             crashguard.record_failure(own, str(exc), "config", chash, time.time())
             crashguard.record_clean_exit(own, EXIT_CONFIG)
             _quietly(write_report, run, "failed", f"configuration error: {exc}", None, None)
+            if guarded:
+                _notify_failure(run_dir, config_path, overrides, f"configuration error: {exc}")
             raise
         if debug:
             cfg = debug_config(cfg)
@@ -210,7 +233,13 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
         log = setup_logging(own, run_dir.resolve().name, quiet_events=_quiet(progress))
         if world.distributed:
             log = log.bind(rank=0, world_size=world.size)
+        # Before this start's heartbeat replaces it: did the last start die of memory?
+        death = died_of_memory(RunDir(run_dir, debug=debug), cfg.daemon.memory_warning_available_gb)
         heartbeat = Heartbeat(own, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
+        page = None if debug else Page(run, page_figures, heartbeat, log)
+        notifier = None if debug else Notifier(cfg.notify, run, log)
+        if notifier is not None:
+            logging.getLogger(LOGGER_NAME).addHandler(notifier)  # hears a new best
         exit_code = EXIT_CONFIG
         try:
             log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()),
@@ -234,12 +263,16 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
                                  reason=f"outside the training window {cfg.daemon.window}; opens {opens:%H:%M}")
                 exit_code = EXIT_OK
                 return exit_code
+            if not budget.exhausted:  # before anything heavy loads: will a step fit? (78 naming what would)
+                from mathlora_daemon.training.memory_plan import check_memory
+
+                check_memory(cfg, run.model(cfg.model.path), log, run.checkpoints, ranks=world.size)
             # A spent budget still goes on when the adapters or the final eval of the
             # last step are missing (a kill as the budget ran out): the loop stops at
             # once and the end is written.
             gate.open()
             result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world,
-                           final_eval)
+                           final_eval, page, death)
             testhooks.hold_point("exit", result.steps)
             if result.report and result.state in ("finished", "budget_exhausted"):
                 print_report(result.report, file=sys.stdout)
@@ -271,6 +304,13 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
                 _quietly(crashguard.record_clean_exit, own, exit_code)
                 heartbeat.update(pid=os.getpid())
                 heartbeat.stop()  # the final state is on disk before the lock is released
+                error = sys.exc_info()[1]  # the page after a crash would say running; a 2nd Ctrl-C is at once
+                if page is not None and (error is None or isinstance(error, (InputError, TemporaryFailure))):
+                    page.refresh(final=True)  # never raises
+                if notifier is not None:
+                    notifier.send_end(started_unix)  # the end this start wrote, if it wrote one; never raises
+            if notifier is not None:
+                logging.getLogger(LOGGER_NAME).removeHandler(notifier)
             close_logging()
 
 

@@ -45,6 +45,13 @@ class Session:
     prompt_format: PromptFormat
     problems: list | None = None  # GRPO's training rows (problem, answer, kind); None for SFT
     grpo: object = None  # training/grpo.py GRPOStep when train.method = "grpo"
+    packs: object = None  # training/packing.py PackedRows when data.pack: what a step's items index
+
+    @property
+    def items(self):
+        """What the schedule counts and a step's indices point into: packed rows, or the
+        token cache's sequences."""
+        return self.packs if self.packs is not None else self.cache
 
     @property
     def order_lengths(self):
@@ -52,7 +59,7 @@ class Session:
         or one per problem (GRPO: a problem's completions have no length yet)."""
         import numpy as np
 
-        return self.cache.lengths if self.problems is None else np.ones(len(self.problems), dtype=np.int64)
+        return self.items.lengths if self.problems is None else np.ones(len(self.problems), dtype=np.int64)
 
     def take_step(self, step: int, micro_batches, lr: float, should_abort):
         """One optimizer step of the run's method: its result, or None when a stop
@@ -62,10 +69,12 @@ class Session:
             import numpy as np
 
             indices = [int(i) for i in np.concatenate(micro_batches)]
-            return self.grpo(step, indices, lr, train.max_grad_norm)
+            # After an out-of-memory split (training/oom.py) the update takes fewer rows at a time.
+            return self.grpo(step, indices, lr, train.max_grad_norm,
+                             rows=max(1, train.batch_size // self.progress.batch_split))
         from mathlora_daemon.training.step import train_step
 
-        return train_step(self.model, self.optimizer, self.cache, micro_batches, train.seed, step,
+        return train_step(self.model, self.optimizer, self.items, micro_batches, train.seed, step,
                           should_abort=should_abort, world=self.world, lr=lr, max_grad_norm=train.max_grad_norm,
                           mask_prompt=train.mask_prompt)
 
@@ -78,7 +87,9 @@ def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_b
     model_dir, model, tokenizer, cache = _setup_model_and_data(run, cfg, log, heartbeat, world, show_bar)
     keys = _setup_lora(model, cfg, log, world)
     problems = _setup_problems(cfg, cache, world)
-    schedule, optimizer, fp = _setup_optimizer(cfg, cache, model_dir, world, problems)
+    packs = _setup_packing(cfg, model, cache, world, log)
+    schedule, optimizer, fp = _setup_optimizer(cfg, packs if packs is not None else cache, model_dir, world,
+                                               problems)
     resumed, progress = _resume(run, model, optimizer, schedule, fp, log, world)
     reference = None
     if problems is not None and resumed is not None:
@@ -87,7 +98,7 @@ def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_b
         reference = _setup_init_adapters(run, model, cfg, log)
     fmt = PromptFormat.of(cfg.data.template, tokenizer)
     session = Session(cfg, run, world, model_dir, model, tokenizer, cache, keys, schedule, optimizer, fp, progress,
-                      resumed, fmt, problems)
+                      resumed, fmt, problems, packs=packs)
     if problems is not None:
         session.grpo = _setup_grpo(session, reference)
     return session
@@ -116,6 +127,25 @@ def _setup_problems(cfg: Config, cache: TokenCache, world: World):
                          f"(a non-empty '{cfg.data.answer_field}' field, or a solution ending in \\boxed{{...}} or a "
                          "\"Final Answer\" line)")
     return problems
+
+
+def _setup_packing(cfg: Config, model, cache: TokenCache, world: World, log):
+    """data.pack: the training sequences as packed rows (None when off)."""
+    if not cfg.data.pack:
+        return None
+    from mathlora_daemon.training.packing import PACK_TYPES, PackedRows
+
+    kind = getattr(model, "model_type", None)
+    if kind not in PACK_TYPES:
+        raise InputError(f"data.pack = true: the {kind!r} architecture is not supported (its attention must take "
+                         f"the mask from its cache: {', '.join(PACK_TYPES)}); set data.pack = false")
+    if world.distributed:
+        raise InputError("data.pack = true runs in one process; data-parallel packing (mlx.launch) is not supported "
+                         "yet: set data.pack = false or start `run` without `launch`")
+    packs = PackedRows.of(cache, cfg.data.max_seq_len + 1, log)
+    log.info("data.pack", rows=len(packs), sequences=len(cache), capacity=packs.capacity,
+             padding=round(packs.padding_share, 4))
+    return packs
 
 
 def _setup_init_adapters(run: RunDir, model, cfg: Config, log) -> None:
@@ -197,18 +227,18 @@ def _setup_lora(model, cfg: Config, log, world: World) -> list[str]:
     return keys
 
 
-def _setup_optimizer(cfg: Config, cache: TokenCache, model_dir: Path, world: World, problems=None):
+def _setup_optimizer(cfg: Config, items, model_dir: Path, world: World, problems=None):
     from mathlora_daemon.runtime.world import check_agreement
     from mathlora_daemon.training.checkpointing import fingerprint
     from mathlora_daemon.training.step import make_optimizer
 
     if problems is None:
-        schedule = Schedule(len(cache), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
+        schedule = Schedule(len(items), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
                             cfg.train.max_steps)
     else:  # GRPO: a step takes rl.prompts_per_step problems (each sampled rl.group_size times)
         schedule = Schedule(len(problems), cfg.rl.prompts_per_step, 1, cfg.train.epochs, cfg.train.max_steps)
     optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.weight_decay)
-    fp = fingerprint(cfg, model_dir, cache.meta["key"])
+    fp = fingerprint(cfg, model_dir, items.meta["key"])
     check_agreement(world, "configuration fingerprint", json.dumps(fp, sort_keys=True))  # all ranks
     return schedule, optimizer, fp
 

@@ -55,6 +55,7 @@ from mathlora_daemon.training.batches import PAD_MULTIPLE, bucket_length, pad_ba
 from mathlora_daemon.training.cache import TokenCache
 from mathlora_daemon.training.distributed import shard_step, sum_tree
 from mathlora_daemon.training.model import body_and_head, grad_checkpointed
+from mathlora_daemon.training.packing import PackedRows, SegmentMask, packed_targets, segment_mask
 
 COMPILE_ENV = "MATHLORA_COMPILE"  # "0" turns the compiled step off (eager path)
 DEQUANT_ENV = "MATHLORA_DEQUANT_MATMUL"  # "1": 4-bit base layers as dequantize + matmul (opt-in)
@@ -76,9 +77,11 @@ def token_losses(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.fast.cross_entropy(logits, targets)
 
 
-def _position_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+def _position_losses(model: nn.Module, inputs: mx.array, targets: mx.array,
+                     segments: mx.array | None = None) -> mx.array:
     """Given a model, its inputs [B, T] and next-token targets [B, T], return the float32
-    cross-entropy at every position [B, T].
+    cross-entropy at every position [B, T]. With `segments` [B, T] (packed rows,
+    training/packing.py) attention stays within each position's segment.
 
     Normally the logits [B, T, vocab] are made at once. With gradient checkpointing
     (model.use_grad_checkpoint) and a model whose head can be split off, they are made a
@@ -87,11 +90,14 @@ def _position_losses(model: nn.Module, inputs: mx.array, targets: mx.array) -> m
     model's 102400-token vocabulary at T=1024, batch 1, plus their gradient). Every
     position's cross-entropy is computed exactly as before; only what stays in memory
     changes."""
+    cache = None
+    if segments is not None:
+        cache = [SegmentMask(segment_mask(segments))] * len(model.layers)
     split = body_and_head(model) if grad_checkpointed(model) else None
     if split is None:
-        return token_losses(model(inputs), targets)
+        return token_losses(model(inputs, cache=cache), targets)
     body, head = split
-    hidden = body(inputs)
+    hidden = body(inputs, cache=cache)
     width = max(PAD_MULTIPLE, HEAD_CHUNK_ROWS // max(inputs.shape[0], 1) // PAD_MULTIPLE * PAD_MULTIPLE)
 
     def piece(t):  # the targets are closed over: the checkpoint differentiates only its input
@@ -113,7 +119,12 @@ def target_mask(tokens: mx.array, lengths: mx.array, starts: mx.array | None) ->
 
 def _masked_sum(model: nn.Module, tokens: mx.array, lengths: mx.array,
                 starts: mx.array | None) -> tuple[mx.array, mx.array]:
-    """(summed cross-entropy over the trained targets, their count) for right-padded tokens."""
+    """(summed cross-entropy over the trained targets, their count) for right-padded
+    tokens; a packed micro-batch (`lengths` [B, L]: segment ids, `starts` [B, L]:
+    trained-token flags, training/packing.py) keeps every sequence to itself."""
+    if lengths.ndim == 2:
+        mask = packed_targets(lengths, starts)
+        return (_position_losses(model, tokens[:, :-1], tokens[:, 1:], lengths[:, :-1]) * mask).sum(), mask.sum()
     mask = target_mask(tokens, lengths, starts)
     return (_position_losses(model, tokens[:, :-1], tokens[:, 1:]) * mask).sum(), mask.sum()
 
@@ -122,7 +133,8 @@ def masked_loss(model: nn.Module, tokens: mx.array, lengths: mx.array,
                 starts: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Given a model, right-padded tokens [B, L], their lengths [B] and optionally their
     prompt lengths [B] (train.mask_prompt), return (mean next-token cross-entropy over the
-    trained tokens, number of those tokens)."""
+    trained tokens, number of those tokens). A packed micro-batch passes segment ids and
+    trained-token flags [B, L] in place of lengths and prompt lengths."""
     total, ntoks = _masked_sum(model, tokens, lengths, starts)
     return total / ntoks, ntoks
 
@@ -374,6 +386,20 @@ class CompiledStep:
         return time.perf_counter() - started, label
 
 
+def state_snapshot(model: nn.Module, optimizer: optim.Optimizer) -> tuple[list, list]:
+    """References to the adapters and Adam state as they are (evaluated arrays: no copy),
+    for `restore_state` after a step that failed part-way (training/oom.py)."""
+    return tree_flatten(model.trainable_parameters()), tree_flatten(optimizer.state)
+
+
+def restore_state(model: nn.Module, optimizer: optim.Optimizer, saved: tuple[list, list]) -> None:
+    """Put a state_snapshot back into the very containers a compiled step captured."""
+    params, moments = saved
+    for tree, values in ((model, params), (optimizer.state, moments)):
+        for path, value in values:
+            _assign(tree, path, value)
+
+
 def _shape_key(value):
     """The part of a compiled call's cache key that an argument contributes."""
     if value is None:
@@ -441,7 +467,13 @@ def _batch(cache: TokenCache, indices: np.ndarray, pad_id: int, bucketed: bool,
            mask_prompt: bool) -> tuple[mx.array, mx.array, mx.array]:
     """The micro-batch's tokens [B, L] (right-padded), lengths [B] and prompt lengths [B]
     (zeros unless `mask_prompt`); `bucketed` pads the model input (L - 1 positions) up to
-    its length bucket (batches.bucket_length)."""
+    its length bucket (batches.bucket_length). Packed rows (training/packing.py) give
+    tokens, segment ids and trained-token flags, each [B, L]."""
+    if isinstance(cache, PackedRows):
+        width = int(cache.lengths[np.asarray(indices)].max())
+        if bucketed:
+            width = bucket_length(width - 1, cache.capacity - 1) + 1
+        return tuple(mx.array(a) for a in cache.batch(indices, pad_id, width, mask_prompt))
     tokens, lengths = pad_batch([cache.sequence(int(i)) for i in indices], pad_id)
     if bucketed:
         target = bucket_length(tokens.shape[1] - 1, int(cache.meta.get("max_seq_len") or 0)) + 1
@@ -545,7 +577,7 @@ def _eager_step(model, optimizer, cache, micro_batches, seed, global_step, loss_
             return None
         mx.random.seed(step_seed(seed, global_step, i))
         tokens, lengths, starts = _batch(cache, indices, pad_id, False, mask_prompt)
-        (loss, n), g = loss_and_grad(model, tokens, lengths, starts) if mask_prompt else \
+        (loss, n), g = loss_and_grad(model, tokens, lengths, starts) if mask_prompt or lengths.ndim == 2 else \
             loss_and_grad(model, tokens, lengths)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         work.add(tokens, loss, n)

@@ -39,7 +39,8 @@ BROKEN_LINE = ('{"problem": "a", "solution": "b"}\n{"problem": "c", "solution": 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def snapshot(root: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json")) -> dict[str, str]:
+def snapshot(root: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json",
+                                          "report.html")) -> dict[str, str]:
     """Every file under root -> sha256 of its bytes, except the daemon's own bookkeeping
     (its log, its state files, its lock). Directories are listed too (as "<dir>"), so a
     removed or added empty directory counts as a change."""

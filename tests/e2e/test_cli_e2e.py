@@ -25,7 +25,8 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=600)
 
 
-def snapshot(run_dir: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json")) -> dict[str, str]:
+def snapshot(run_dir: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json",
+                                               "report.html")) -> dict[str, str]:
     """Every file under run_dir -> sha256 of its bytes, except the daemon's own bookkeeping
     (its log, its state files, its lock): bad input must leave everything else alone."""
     out = {}

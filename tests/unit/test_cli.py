@@ -111,3 +111,16 @@ def test_config_from_reads_the_run_directory_s_file_and_the_overrides(tmp_path):
     assert (cfg.train.seed, cfg.lora.rank) == (3, 4)
     with pytest.raises(InputError, match="--config .*nope.toml: no such file"):
         actions.config_from(arguments.parse(["prepare", "--config", str(tmp_path / "nope.toml")]))
+
+
+def test_status_html_writes_the_page_first_and_prints_its_path(tmp_path, capsys):
+    assert actions.status(arguments.parse(["status", "--html", "--run-dir", str(tmp_path)])) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == RunDir(tmp_path).report_html and "not started" in path.read_text()
+    with pytest.raises(SystemExit) as exc:  # one answer at a time
+        arguments.parse(["status", "--json", "--html"])
+    assert exc.value.code == 2
+    path.unlink()
+    path.mkdir()  # a page that cannot be written: the OSError main() turns into 78 (or 75)
+    with pytest.raises(OSError):
+        actions.status(arguments.parse(["status", "--html", "--run-dir", str(tmp_path)]))

@@ -17,7 +17,7 @@ DESIGN_DEFAULTS = {
     "data": {"name": "open-r1/OpenR1-Math-220k", "subset": "all", "split": "train", "problem_field": "problem",
              "solution_field": "solution", "max_seq_len": 1024, "limit": 0, "template": "chat",
              "solution_source": "solution", "long_rows": "chunk", "validation_fraction": 0.01, "answer_field": "answer",
-             "validation_name": ""},
+             "pack": False, "validation_name": ""},
     "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
     "train": {"epochs": 1, "batch_size": 1, "grad_accumulation_steps": 8, "learning_rate": 1e-5, "seed": 0,
               "max_steps": 0, "group_by_length": False, "mask_prompt": True, "lr_schedule": "cosine", "warmup_steps": 0,
@@ -26,11 +26,14 @@ DESIGN_DEFAULTS = {
     "daemon": {"budget_hours": 16.0, "segment_minutes": 10.0, "keep_checkpoints": 3, "checkpoint_every_steps": 0,
                "window": "", "prevent_sleep": True, "pause_on_battery": True,
                "memory_warning_available_gb": 2.0, "memory_critical_available_gb": 0.5, "memory_limit_gb": 0.0,
-               "max_crash_restarts": 3},
+               "memory_plan": "enforce", "max_crash_restarts": 3},
     # GRPO (issue 21): DeepSeekMath's beta 0.04 and TRL's defaults otherwise; DAPO's token-level loss.
     "rl": {"group_size": 8, "prompts_per_step": 4, "max_new_tokens": 512, "temperature": 1.0, "top_p": 1.0,
            "beta": 0.04, "clip_epsilon": 0.2, "updates_per_batch": 1, "loss": "dapo", "format_weight": 0.1,
            "skip_flat_groups": 0, "init_adapters": ""},
+    "report": {"tensorboard": False, "wandb_project": "", "mlflow_uri": ""},
+    "notify": {"urls": [], "command": "", "events": ["finished", "budget_exhausted", "failed", "stopped"],
+               "macos": True},
 }
 
 

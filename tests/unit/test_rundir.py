@@ -15,7 +15,7 @@ def test_every_path_has_its_documented_name(tmp_path):
         "adapters": "adapters", "log_file": "logs/daemon.jsonl", "status_file": "state/status.json",
         "control_file": "state/control.json", "starts_file": "state/starts.json",
         "failure_file": "state/failure.json", "lock_file": "daemon.lock", "fused": "fused", "plot": "loss.png",
-        "data": "data",
+        "data": "data", "report_file": "report.json", "report_html": "report.html",
     }
     for attr, rel in expected.items():
         assert getattr(run, attr) == tmp_path / rel, attr
@@ -35,7 +35,7 @@ def test_a_debug_run_keeps_everything_it_writes_apart(tmp_path):
     assert run.checkpoints == debug / "checkpoints" and run.adapters == debug / "adapters"
     # its own status, log, lock, crash records and report: the real run's stay as they are
     for name in ("log_file", "status_file", "control_file", "starts_file", "failure_file", "lock_file",
-                 "report_file"):
+                 "report_file", "report_html"):
         assert getattr(run, name).is_relative_to(debug), name
         assert not getattr(real, name).is_relative_to(debug), name
     # what it reads is the real run's

@@ -18,11 +18,12 @@ def test_a_second_demo_removes_the_previous_training_outputs_only(tmp_path):
         (run / name).mkdir(parents=True)
     (run / "loss.png").write_bytes(b"png")
     (run / "report.json").write_text("{}")
+    (run / "report.html").write_text("<!DOCTYPE html>")
     kept = {p.name for p in run.iterdir()} - {"checkpoints", "adapters", "state", "logs", "debug", "export", "fused",
-                                              "loss.png", "report.json"}
+                                              "loss.png", "report.json", "report.html"}
     cleared = walkthrough.clear_previous_run(run)
     assert set(cleared) == {"checkpoints", "adapters", "state", "logs", "debug", "export", "fused", "loss.png",
-                            "report.json"}
+                            "report.json", "report.html"}
     assert {p.name for p in run.iterdir()} == kept and {"mlx_model", "data", "cache", "mathlora.toml"} <= kept
     assert walkthrough.clear_previous_run(run) == []  # nothing left to say
 

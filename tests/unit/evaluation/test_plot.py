@@ -11,7 +11,7 @@ import pytest
 
 from mathlora_daemon.cli import actions, arguments
 from mathlora_daemon.errors import InputError
-from mathlora_daemon.evaluation.plot import plot_run, read_curve
+from mathlora_daemon.evaluation.plot import page_figures, plot_run, read_curve
 
 LR = 2e-4
 
@@ -89,3 +89,17 @@ def test_without_matplotlib_says_what_to_install(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError
     with pytest.raises(InputError, match=r"pip install 'mathlora-daemon\[plot\]'"):
         plot_run(run, run / "loss.png")
+
+
+def test_the_report_page_gets_the_figure_in_memory_or_a_note_why_not(run, tmp_path, monkeypatch):
+    figures = page_figures(run)
+    assert figures["png"][:8] == b"\x89PNG\r\n\x1a\n" and figures["note"] is None
+    assert (figures["starts"], figures["resumes"]) == (2, 1)
+    assert not (run / "loss.png").exists()  # nothing written
+    assert page_figures(tmp_path)["note"].startswith("no plot yet")  # no log: no error either
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    without = page_figures(run)
+    assert without["png"] is None and "pip install 'mathlora-daemon[plot]'" in without["note"]
+    assert without["starts"] == 2

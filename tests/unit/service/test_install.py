@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import io
+import json
 import os
 import plistlib
 import re
@@ -270,6 +271,18 @@ def test_config_and_overrides_are_validated_and_passed_to_the_daemon(home, run_d
 
     with pytest.raises(InputError, match="--config"):
         plan_install(run_dir, host, config=tmp_path / "missing.toml")
+
+
+def test_notification_urls_are_kept_out_of_the_service_file(home, run_dir, venv_python):
+    """They hold tokens: a --set would be written into the plist or unit; the config
+    file, user-only, is where they live."""
+    host = make_host("darwin", home, venv_python)
+    with pytest.raises(InputError, match="holds secrets") as caught:
+        plan_install(run_dir, host, overrides=['notify.urls=["pover://user@s3cr3t"]'])
+    assert "s3cr3t" not in str(caught.value)
+    (run_dir / "mathlora.toml").write_text('[notify]\nurls = ["pover://user@s3cr3t"]\n')
+    plist, _ = plist_of(host, run_dir)
+    assert "s3cr3t" not in json.dumps(plist)
 
 
 def test_the_window_start_is_the_default_time_and_at_wins(home, run_dir, venv_python):

@@ -42,6 +42,7 @@ class ScriptedRuntime:
 class RecordingReporter:
     def __init__(self, runtime: ScriptedRuntime, progress):
         self.runtime, self.progress, self.steps = runtime, progress, []
+        self.log = RecordingLog()  # what the loop reports besides steps (a batch split)
 
     def on_step(self, epoch, result, step_s):
         self.steps.append((self.progress.global_step, epoch, result.loss, result.compile_s))

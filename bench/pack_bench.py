@@ -1,0 +1,138 @@
+"""Packing (data.pack, issue 22): real tokens per second and padding, packed against the
+grouped unpacked run and against the fixed-length rate, on the lengths users have.
+
+Data sets (each a real `mathlora-daemon run` of the same model, the loss on every token
+(train.mask_prompt = false, so "tokens" counts every real token), `--steps` steps):
+
+  demo          the demo's training rows (short worked solutions)
+  answer-only   mathgen full-range problems with the solution "The final answer is
+                $\\boxed{X}$." (20-80 tokens: mostly prompt)
+  openr1-like   synthetic rows whose lengths follow OpenR1-Math's (log-normal, median
+                ~0.4 max_seq_len, long tail chunked), text from mathgen solutions repeated
+  fixed         rows longer than max_seq_len, chunked into full rows: the fixed-length rate
+
+Runs per data set: `grouped` (train.group_by_length, batch B sequences) and `packed`
+(data.pack, batch B_rows rows = positions per micro-batch close to the grouped run's,
+`--rows`). Each run's rate is real tokens / step seconds over the steps after the first
+two (compiled traces are built then); padding = 1 - real tokens / model positions.
+
+    .venv/bin/python bench/pack_bench.py --model-dir /tmp/grpo-demo/mlx_model --work /tmp/pack \\
+        --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --out /tmp/pack/out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from learning_bench import cli  # noqa: E402  the same CLI runner and log
+
+
+def make_sets(work: Path, n: int, max_seq_len: int) -> dict[str, Path]:
+    import numpy as np
+
+    from mathlora_daemon.demo.mathgen import generate_problems
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    demo = generate_problems(n, seed=1, easy=True)
+    full = generate_problems(n, seed=2)
+    rng = np.random.default_rng(0)
+    sets = {
+        "demo": demo,
+        "answer-only": [{**r, "solution": f"The final answer is $\\boxed{{{r['answer']}}}$."} for r in full],
+        # Repeats of a worked solution, log-normal in count: a median of about 0.4 max_seq_len
+        # tokens (some 3 characters a token) and a long tail that chunking cuts.
+        "openr1-like": [{**r, "solution": (r["solution"] + "\n") * max(1, int(rng.lognormal(
+            np.log(max(1.0, 1.2 * max_seq_len / len(r["solution"]))), 0.8)))} for r in full],
+        "fixed": [{**r, "solution": (r["solution"] + "\n") * (8 * max_seq_len // max(len(r["solution"]), 1) + 1)}
+                  for r in full[: max(8, n // 8)]],
+    }
+    out = {}
+    for name, rows in sets.items():
+        out[name] = data / f"{name}.jsonl"
+        out[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def run_one(work: Path, model_dir: Path, data: Path, name: str, sets: list[str], log: Path) -> dict:
+    run = work / "runs" / name
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "mathlora.toml").write_text(f'[model]\nname = "{model_dir}"\npath = "{model_dir}"\n'
+                                       f'[data]\nname = "{data}"\nvalidation_fraction = 0.0\n')
+    started = time.monotonic()
+    cli("run", "--run-dir", str(run), *sets, log=log)
+    wall = time.monotonic() - started
+    ev = [json.loads(line) for line in (run / "logs" / "daemon.jsonl").read_text().splitlines() if line.strip()]
+    steps = [e for e in ev if e["event"] == "train.step"]
+    pack = [e for e in ev if e["event"] == "data.pack"]
+    tail = steps[2:] or steps
+    tokens = sum(e["tokens"] for e in tail)
+    seconds = sum(e["step_s"] for e in tail)
+    positions = sum(e["tokens"] / max(1e-9, 1 - e["padding"]) for e in tail)
+    return {"steps": len(steps), "wall_s": round(wall, 1), "tokens_per_s": round(tokens / seconds, 1),
+            "padding": round(1 - tokens / positions, 4) if positions else None,
+            "step_s_median": round(statistics.median(e["step_s"] for e in tail), 4),
+            "pack": {k: pack[0][k] for k in ("rows", "sequences", "padding")} if pack else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--rows-per-set", type=int, default=400)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=16, help="sequences per micro-batch, unpacked")
+    parser.add_argument("--rows", type=int, default=4, help="packed rows per micro-batch")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--sets", default="demo,answer-only,openr1-like,fixed")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import mlx.core as mx
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = args.work / "commands.log"
+    data = make_sets(args.work, args.rows_per_set, args.max_seq_len)
+    common = ["--set", f"data.max_seq_len={args.max_seq_len}", "--set", "train.mask_prompt=false", "--set",
+              "train.grad_accumulation_steps=1", "--set", f"train.max_steps={args.steps}", "--set",
+              "train.eval_sequences=0", "--set", "train.final_eval=0", "--set", "train.epochs=100",
+              "--set", "daemon.checkpoint_every_steps=0"]
+    results = {}
+    for name in args.sets.split(","):
+        # The fixed set's rows are all full: its grouped run takes as many rows as a packed
+        # micro-batch, so it is the fixed-length rate at the same positions per micro-batch.
+        batch = args.rows if name == "fixed" else args.batch
+        grouped = run_one(args.work, args.model_dir, data[name], f"{name}-grouped",
+                          common + ["--set", "train.group_by_length=true", "--set", f"train.batch_size={batch}"],
+                          log)
+        packed = run_one(args.work, args.model_dir, data[name], f"{name}-packed",
+                         common + ["--set", "data.pack=true", "--set", f"train.batch_size={args.rows}"], log)
+        results[name] = {"grouped": grouped, "packed": packed,
+                         "packed_over_grouped": round(packed["tokens_per_s"] / grouped["tokens_per_s"], 3)}
+        print(name, json.dumps(results[name]), flush=True)
+    if "fixed" in results:
+        rate = results["fixed"]["grouped"]["tokens_per_s"]
+        for name, r in results.items():
+            r["packed_over_fixed"] = round(r["packed"]["tokens_per_s"] / rate, 3)
+    record = {"command": " ".join(sys.argv), "platform": platform.platform(), "device": str(mx.default_device()),
+              "mlx": mx.__version__, "model": str(args.model_dir), "max_seq_len": args.max_seq_len,
+              "batch": args.batch, "rows": args.rows, "steps": args.steps, "results": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
