@@ -62,7 +62,7 @@ def test_mlflow_and_wandb_continue_one_run(watched, monkeypatch):
     assert "notify.command" not in data.params  # the notifications' settings are not recorded
     offline = sorted(p.name for p in (run / "logs" / "wandb").glob("offline-run-*"))
     # The two starts that trained (the third had nothing to do), one W&B run.
-    assert len(offline) == 2 and all(name.endswith(ids["wandb"]) for name in offline)
+    assert len(offline) == 2 and all(f"-{ids['wandb']}" in name for name in offline), offline
 
 
 def test_the_end_is_told_once_with_the_report_lines(watched):
