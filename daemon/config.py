@@ -212,7 +212,9 @@ class DaemonConfig:
                                 "config.json and the settings (`memory.plan`) against what the machine offers; "
                                 "`enforce`: a plan that does not fit exits 78 naming the settings that would fit; "
                                 "`warn`: says so and starts; `off`: no plan")
-    max_crash_restarts: int = key(3, reload=True, check=lambda v: 1 <= v <= 1000, allowed="1 to 1000",
+    # Read by the crash guard as a start decides whether to train at all: a running daemon
+    # has no use for it, so a change takes effect at the next start (as the table says).
+    max_crash_restarts: int = key(3, check=lambda v: 1 <= v <= 1000, allowed="1 to 1000",
                                   expected="an integer from 1 to 1000",
                                   help="crashed starts in a row (no step completed) before recording `failed`")
 
@@ -331,13 +333,12 @@ ALL_KEYS = list(KEYS)
 # identities it computes).
 RELOADABLE = frozenset(k for k, f in KEYS.items() if f.metadata["reload"])
 FINGERPRINT_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["fingerprint"])
-# Memory guard settings added later are safe to change while running by construction.
-RELOADABLE_PREFIXES = ("daemon.memory_",)
 
 
 def is_reloadable(name: str) -> bool:
-    """Given a dotted config key, return whether a running daemon may apply a change."""
-    return name in RELOADABLE or name.startswith(RELOADABLE_PREFIXES)
+    """Given a dotted config key, return whether a running daemon applies a change (its
+    declaration says `reload=True`, and the runtime acts on it: boundary.py)."""
+    return name in RELOADABLE
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list of strings"}

@@ -33,7 +33,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from mathlora_checkpoints.fsio import atomic_write_text, ensure_private_dir
-from mathlora_daemon.config import RELOADABLE, RELOADABLE_PREFIXES, Config, config_to_dict, is_reloadable, load_config
+from mathlora_daemon.config import RELOADABLE, Config, config_to_dict, is_reloadable, load_config
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import RunDir
 
@@ -48,7 +48,6 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # math: changing them mid-run keeps the exactness promise and the config fingerprint.
 # Declared with each key in config.py.
 SAFE_FIELDS = RELOADABLE
-SAFE_PREFIXES = RELOADABLE_PREFIXES
 
 WATCHED_EVENT_TYPES = {"created", "modified", "moved", "closed"}
 
@@ -405,6 +404,6 @@ def reload_config(path: Path | None, overrides: list[str] | tuple[str, ...],
 
 
 __all__ = [
-    "COMMANDS", "SAFE_FIELDS", "SAFE_PREFIXES", "FileWatcher", "control_path", "is_safe_field",
+    "COMMANDS", "SAFE_FIELDS", "FileWatcher", "control_path", "is_safe_field",
     "parse_request", "read_ack", "read_request", "reload_config", "send_request", "write_request",
 ]

@@ -136,7 +136,8 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                                 s.schedule.total_steps, s.resumed.step if s.resumed else 0, show_bar, world.leader)
             stack.callback(reporter.close)
             _setup_trackers(stack, run, cfg, s.progress.global_step, log, world)
-            _setup_sleep_inhibitor(stack, cfg, log)
+            inhibitor = _setup_sleep_inhibitor(stack, cfg, log)
+            runtime.on_config_change = lambda new, old=cfg.daemon: _apply_reloaded(new.daemon, old, inhibitor, log)
             s.model.train()  # dropout active
             log.info("train.start", sequences=len(s.cache), rows=len(s.items), steps_per_epoch=s.schedule.steps_per_epoch,
                      total_steps=s.schedule.total_steps, sequences_per_step=s.schedule.sequences_per_step,
@@ -212,6 +213,42 @@ def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:
     if cfg.daemon.prevent_sleep:
         inhibitor.start(os.getpid())
         log.info("power.prevent_sleep", **inhibitor.describe())
+    return inhibitor
+
+
+_DEFAULT_LIMIT: dict = {}  # MLX's memory limit before the daemon set one ("bytes"), for a reload back to 0
+
+
+def _apply_reloaded(new, old, inhibitor, log) -> None:
+    """The reloaded [daemon] keys that act outside the runtime's boundary (the boundary
+    applies the budget, window, thresholds; the Checkpointer reads its cadence and
+    retention live): MLX's memory limit and the sleep inhibitor. `old` is updated in place
+    so the next reload compares against what is in force."""
+    import os
+
+    if new.memory_limit_gb != old.memory_limit_gb:
+        import mlx.core as mx
+
+        if new.memory_limit_gb > 0:
+            before = mx.set_memory_limit(int(new.memory_limit_gb * 2**30))
+            if old.memory_limit_gb == 0:  # what MLX had chosen itself: a reload back to 0 restores it
+                _DEFAULT_LIMIT["bytes"] = before
+        else:  # MLX's default; when a limit was set from the start, the machine's memory stands for it
+            import psutil
+
+            info = mx.device_info()
+            fallback = info.get("memory_size") or info.get("total_memory") or psutil.virtual_memory().total
+            before = mx.set_memory_limit(int(_DEFAULT_LIMIT.get("bytes") or fallback))
+        log.info("memory.limits", memory_limit_gb=new.memory_limit_gb, previous_memory_limit_bytes=before,
+                 reloaded=True)
+    if new.prevent_sleep != old.prevent_sleep:
+        if new.prevent_sleep:
+            inhibitor.start(os.getpid())
+            log.info("power.prevent_sleep", **inhibitor.describe(), reloaded=True)
+        else:
+            inhibitor.stop()
+            log.info("power.allow_sleep", reloaded=True)
+    old.memory_limit_gb, old.prevent_sleep = new.memory_limit_gb, new.prevent_sleep
 
 
 def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop, flags, final_eval) -> RunResult:

@@ -161,6 +161,26 @@ def test_config_edits_while_running_apply_safe_fields_and_reject_the_rest_then_t
     assert status(run)["state"] == "stopped"
 
 
+def test_the_memory_limit_and_the_sleep_inhibitor_follow_the_config_while_running(template_dir, tmp_path):
+    """Both keys are declared reloadable: an edit to the file reaches MLX's limit and the
+    inhibitor at the next step boundary, and editing them back undoes it."""
+    run = copy(template_dir, tmp_path / "run")
+    proc = start(run, *LONG)
+    wait_for(step_logged(run, 2), proc, "step 2")
+    write_config(run, memory_limit_gb=3.0, prevent_sleep=True)
+    wait_for(event_logged(run, "power.prevent_sleep"), proc, "the inhibitor started")
+    limits = [e for e in events(run, "memory.limits") if e.get("reloaded")]
+    assert limits and limits[-1]["memory_limit_gb"] == 3.0
+    reloaded = events(run, "config.reloaded")[-1]["changes"]
+    assert reloaded["daemon.memory_limit_gb"] == [0.0, 3.0] and reloaded["daemon.prevent_sleep"] == [False, True]
+    write_config(run, memory_limit_gb=0.0, prevent_sleep=False)
+    wait_for(event_logged(run, "power.allow_sleep"), proc, "the inhibitor stopped")
+    limits = [e for e in events(run, "memory.limits") if e.get("reloaded")]
+    assert limits[-1]["memory_limit_gb"] == 0.0 and limits[-1]["previous_memory_limit_bytes"] == 3 * 2**30
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, expect=0)
+
+
 def test_a_second_daemon_refuses_touching_nothing_and_a_killed_one_shows_as_crashed(template_dir, tmp_path):
     run = copy(template_dir, tmp_path / "run")
     first = hold(run, "micro@3", tmp_path, *LONG)

@@ -222,8 +222,11 @@ def test_safe_fields():
     for name in ("daemon.budget_hours", "daemon.window", "daemon.segment_minutes", "daemon.keep_checkpoints",
                  "daemon.checkpoint_every_steps", "daemon.prevent_sleep", "daemon.pause_on_battery"):
         assert name in SAFE_FIELDS and is_safe_field(name)
-    assert is_safe_field("daemon.memory_warning_available_gb")
-    assert is_safe_field("daemon.memory_some_future_key")
+    assert is_safe_field("daemon.memory_warning_available_gb") and is_safe_field("daemon.memory_limit_gb")
+    # Only a declaration makes a key reloadable: no name pattern promises it for keys
+    # read at start (the memory plan, the crash guard's count).
+    assert not is_safe_field("daemon.memory_plan") and not is_safe_field("daemon.max_crash_restarts")
+    assert not is_safe_field("daemon.memory_some_future_key")
     for name in ("lora.rank", "model.name", "data.max_seq_len", "train.learning_rate", "train.seed"):
         assert not is_safe_field(name)
 
