@@ -162,23 +162,23 @@ class Notifier(logging.Handler):
             self._busy = False
 
     def _info(self, name: str, **fields) -> None:
-        if self.log_ is not None:
-            self._busy, busy = True, self._busy
-            try:
-                self.log_.info(name, **fields)
-            finally:
-                self._busy = busy
+        self._log("info", name, fields)
 
     def _warn(self, name: str, **fields) -> None:
-        if self.log_ is not None:
-            self._busy, busy = True, self._busy
-            try:
-                self.log_.warning(name, **fields)
-            finally:
-                self._busy = busy
-        else:
-            print(f"mathlora-daemon: {name}: {fields.get('route')}: {fields.get('error')}", file=sys.stderr)
+        self._log("warning", name, fields)
 
+    def _log(self, level: str, name: str, fields: dict) -> None:
+        """Log through the run's logger (this handler ignores its own lines meanwhile), or
+        say a failure on stderr before the log exists."""
+        if self.log_ is None:
+            if level == "warning":
+                print(f"mathlora-daemon: {name}: {fields.get('route')}: {fields.get('error')}", file=sys.stderr)
+            return
+        self._busy, busy = True, self._busy
+        try:
+            getattr(self.log_, level)(name, **fields)
+        finally:
+            self._busy = busy
 
 def _scheme(url: str) -> str:
     return url.split("://", 1)[0].lower()
