@@ -86,7 +86,7 @@ class Runtime:
     mem_guard: memory.MemoryGuard = None
     power_watch: power.PowerWatch = field(default_factory=power.PowerWatch)
     last_memory: memory.MemoryReading | None = None
-    on_config_change: Callable[[Config], None] | None = None
+    on_config_change: Callable[[Config, Config], None] | None = None  # (the config before, the reloaded one)
     take_control: Callable[[], list] = list  # FileWatcher.take_control: [(request, rejection reason)]
     poll_control: Callable[[], None] | None = None  # FileWatcher.poll
     world: World = SINGLE
@@ -124,14 +124,14 @@ class Runtime:
         for fields, why in _rejection_reasons(rejected):
             self.log.warning("config.rejected", fields=fields, why=why)
         if applied:
-            self.cfg = new
+            old, self.cfg = self.cfg, new
             self.window = schedule.parse_window(new.daemon.window)
             self.budget.total_s = new.daemon.budget_hours * 3600
             self.mem_guard.thresholds = self.thresholds()
             self.heartbeat.update(budget_total_s=self.budget.total_s, window=new.daemon.window)
             self.log.info("config.reloaded", changes=applied)
             if self.on_config_change:
-                self.on_config_change(new)
+                self.on_config_change(old, new)
 
     def apply_control(self) -> None:
         """Act on new pause/resume/stop requests from the CLI (each delivered once)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -171,10 +172,16 @@ class MemoryGuard:
         return [("memory.recovered", fields)]
 
 
+# The memory limit MLX had chosen itself, per MLX module, kept when the daemon first sets
+# one: a later limit of 0 (a config reload) puts it back.
+_MLX_DEFAULT_LIMIT: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
 def apply_limits(memory_limit_gb: float, wired_limit: bool, mx_module: Any = None,
                  platform: str | None = None) -> dict:
-    """Given a memory limit in GiB (0 = leave MLX's default) and whether to wire the
-    recommended working set, apply them to MLX and return what was set (for the log).
+    """Given a memory limit in GiB (0 = MLX's default: left alone, or restored when this
+    process set another one before) and whether to wire the recommended working set,
+    apply them to MLX and return what was set (for the log).
 
     The wired limit only exists on macOS (Metal); elsewhere it is skipped with a reason.
     With the real MLX, mlx_lm's `maybe_set_recommended_wired_limit` is used when it can
@@ -187,6 +194,11 @@ def apply_limits(memory_limit_gb: float, wired_limit: bool, mx_module: Any = Non
     applied: dict = {}
     if memory_limit_gb > 0:
         nbytes = int(memory_limit_gb * GIB)
+        applied["previous_memory_limit_bytes"] = mx_module.set_memory_limit(nbytes)
+        applied["memory_limit_bytes"] = nbytes
+        _MLX_DEFAULT_LIMIT.setdefault(mx_module, applied["previous_memory_limit_bytes"])
+    elif mx_module in _MLX_DEFAULT_LIMIT:
+        nbytes = _MLX_DEFAULT_LIMIT[mx_module]
         applied["previous_memory_limit_bytes"] = mx_module.set_memory_limit(nbytes)
         applied["memory_limit_bytes"] = nbytes
     if wired_limit:

@@ -21,7 +21,7 @@ log-probability of the whole-sequence forward (float32: within rounding; a test 
 values and gradients). The head (vocabulary) runs only on the positions that predict a
 completion token.
 
-Architectures other than the ones named in `SHARED_PREFIX_TYPES` (whose attention takes
+Architectures other than training/model.py's `CACHE_ATTENTION_TYPES` (whose attention takes
 RoPE offsets and the mask from the cache exactly this way), and models without a separate
 body and head, take the whole-sequence path: the same batch, the same result, more work.
 """
@@ -34,7 +34,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-SHARED_PREFIX_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PAD_ID = 0  # any id: the mask hides padding
 
 
@@ -132,9 +131,9 @@ class PrefixCache:
 def shares_prefix(model: nn.Module) -> bool:
     """Whether the model takes the shared-prompt path: a listed architecture, a separate
     head, and no gradient checkpointing (a recomputed layer must not keep keys aside)."""
-    from mathlora_daemon.training.model import body_and_head, grad_checkpointed
+    from mathlora_daemon.training.model import CACHE_ATTENTION_TYPES, body_and_head, grad_checkpointed
 
-    return getattr(model, "model_type", None) in SHARED_PREFIX_TYPES and body_and_head(model) is not None \
+    return getattr(model, "model_type", None) in CACHE_ATTENTION_TYPES and body_and_head(model) is not None \
         and hasattr(model.model, "layers") and not grad_checkpointed(model)
 
 

@@ -137,7 +137,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             stack.callback(reporter.close)
             _setup_trackers(stack, run, cfg, s.progress.global_step, log, world)
             inhibitor = _setup_sleep_inhibitor(stack, cfg, log)
-            runtime.on_config_change = lambda new, old=cfg.daemon: _apply_reloaded(new.daemon, old, inhibitor, log)
+            runtime.on_config_change = lambda old, new: _apply_reloaded(old.daemon, new.daemon, inhibitor, log)
             s.model.train()  # dropout active
             log.info("train.start", sequences=len(s.cache), rows=len(s.items), steps_per_epoch=s.schedule.steps_per_epoch,
                      total_steps=s.schedule.total_steps, sequences_per_step=s.schedule.sequences_per_step,
@@ -216,31 +216,17 @@ def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:
     return inhibitor
 
 
-_DEFAULT_LIMIT: dict = {}  # MLX's memory limit before the daemon set one ("bytes"), for a reload back to 0
-
-
-def _apply_reloaded(new, old, inhibitor, log) -> None:
+def _apply_reloaded(old, new, inhibitor, log) -> None:
     """The reloaded [daemon] keys that act outside the runtime's boundary (the boundary
     applies the budget, window, thresholds; the Checkpointer reads its cadence and
-    retention live): MLX's memory limit and the sleep inhibitor. `old` is updated in place
-    so the next reload compares against what is in force."""
+    retention live): MLX's memory limit and the sleep inhibitor."""
     import os
 
-    if new.memory_limit_gb != old.memory_limit_gb:
-        import mlx.core as mx
+    from mathlora_daemon.runtime.memory import apply_limits
 
-        if new.memory_limit_gb > 0:
-            before = mx.set_memory_limit(int(new.memory_limit_gb * 2**30))
-            if old.memory_limit_gb == 0:  # what MLX had chosen itself: a reload back to 0 restores it
-                _DEFAULT_LIMIT["bytes"] = before
-        else:  # MLX's default; when a limit was set from the start, the machine's memory stands for it
-            import psutil
-
-            info = mx.device_info()
-            fallback = info.get("memory_size") or info.get("total_memory") or psutil.virtual_memory().total
-            before = mx.set_memory_limit(int(_DEFAULT_LIMIT.get("bytes") or fallback))
-        log.info("memory.limits", memory_limit_gb=new.memory_limit_gb, previous_memory_limit_bytes=before,
-                 reloaded=True)
+    if new.memory_limit_gb != old.memory_limit_gb:  # 0: MLX's own default comes back
+        log.info("memory.limits", memory_limit_gb=new.memory_limit_gb,
+                 **apply_limits(new.memory_limit_gb, wired_limit=False), reloaded=True)
     if new.prevent_sleep != old.prevent_sleep:
         if new.prevent_sleep:
             inhibitor.start(os.getpid())
@@ -248,7 +234,6 @@ def _apply_reloaded(new, old, inhibitor, log) -> None:
         else:
             inhibitor.stop()
             log.info("power.allow_sleep", reloaded=True)
-    old.memory_limit_gb, old.prevent_sleep = new.memory_limit_gb, new.prevent_sleep
 
 
 def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop, flags, final_eval) -> RunResult:

@@ -71,6 +71,10 @@ def apply_lora(model: nn.Module, cfg: Config) -> list[str]:
 # Models whose forward is exactly `head(model.model(inputs))` (mlx-lm's Llama family), so
 # the loss can run the output projection itself, a slice of positions at a time.
 SPLIT_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Models whose attention takes its RoPE offset, keys/values and mask from the cache object
+# it is given (mlx-lm's Llama family): a stand-in cache can hand them a packed row's
+# block-diagonal mask (training/packing.py) or a group's shared prompt (training/group_batch.py).
+CACHE_ATTENTION_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 

@@ -26,6 +26,9 @@ import numpy as np
 
 from mathlora_daemon import testhooks
 
+NOT_BIT_IDENTICAL = ("the same global batch in smaller micro-batches: from here on the run is no longer "
+                     "bit-identical to an unsplit one")
+
 # What MLX says when an allocation fails (CPU malloc, Metal, CUDA), lower-cased.
 OUT_OF_MEMORY_SIGNS = ("unable to allocate", "insufficient memory", "out of memory", "outofmemory",
                        "cudaerrormemoryallocation", "cuda_error_out_of_memory", "memory allocation failed")
@@ -71,12 +74,10 @@ def take_step_splitting(session, step: int, micro_batches, lr: float, should_abo
             gc.collect()
             mx.clear_cache()
             progress.batch_split *= 2
-            rows = max(len(p) for p in split_micro_batches(micro_batches, progress.batch_split))
-            log.warning("train.batch_split", step=step + 1, split=progress.batch_split, micro_batch_rows=rows,
-                        micro_batches=len(split_micro_batches(micro_batches, progress.batch_split)),
-                        error=message,
-                        note="the same global batch in smaller micro-batches: from here on the run is no longer "
-                             "bit-identical to an unsplit one")
+            smaller = split_micro_batches(micro_batches, progress.batch_split)
+            log.warning("train.batch_split", step=step + 1, split=progress.batch_split,
+                        micro_batch_rows=max(len(p) for p in smaller), micro_batches=len(smaller), error=message,
+                        note=NOT_BIT_IDENTICAL)
 
 
 def died_of_memory(run, warning_available_gb: float) -> dict | None:
@@ -103,6 +104,5 @@ def split_after_death(progress, death: dict | None, log) -> None:
     log.warning("train.batch_split", step=progress.global_step + 1, split=progress.batch_split,
                 reason=f"the previous start died while training step {death.get('step')} with "
                        f"{death['sys_available_gb']:.2f} GB of memory available",
-                note="the same global batch in smaller micro-batches: from here on the run is no longer "
-                     "bit-identical to an unsplit one")
+                note=NOT_BIT_IDENTICAL)
 

@@ -35,8 +35,6 @@ import numpy as np
 from mathlora_checkpoints.fsio import atomic_write_bytes
 from mathlora_daemon.training.cache import TokenCache
 
-PACK_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # attention reads the mask from the cache, as SegmentMask gives it
-
 
 def pack_lengths(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """Given sequence lengths (each <= capacity) and a row's capacity, return (members,

@@ -133,12 +133,13 @@ def _setup_packing(cfg: Config, model, cache: TokenCache, world: World, log):
     """data.pack: the training sequences as packed rows (None when off)."""
     if not cfg.data.pack:
         return None
-    from mathlora_daemon.training.packing import PACK_TYPES, PackedRows
+    from mathlora_daemon.training.model import CACHE_ATTENTION_TYPES
+    from mathlora_daemon.training.packing import PackedRows
 
     kind = getattr(model, "model_type", None)
-    if kind not in PACK_TYPES:
+    if kind not in CACHE_ATTENTION_TYPES:
         raise InputError(f"data.pack = true: the {kind!r} architecture is not supported (its attention must take "
-                         f"the mask from its cache: {', '.join(PACK_TYPES)}); set data.pack = false")
+                         f"the mask from its cache: {', '.join(CACHE_ATTENTION_TYPES)}); set data.pack = false")
     if world.distributed:
         raise InputError("data.pack = true runs in one process; data-parallel packing (mlx.launch) is not supported "
                          "yet: set data.pack = false or start `run` without `launch`")

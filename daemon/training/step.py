@@ -371,15 +371,13 @@ class CompiledStep:
             return 0.0, None
         started = time.perf_counter()
         model, optimizer = self.model_ref(), self.opt_ref()
-        params, moments = tree_flatten(model.trainable_parameters()), tree_flatten(optimizer.state)
+        saved = state_snapshot(model, optimizer)
         # Everything the call produces, the updated adapters and Adam state included, so
         # every kernel it needs is compiled here and not in the real step.
         mx.eval(getattr(self, name)(*args), self.adapters(), optimizer.state)
         testhooks.slow_compile()
         # Back into the very containers the compiled functions captured, so they stay valid.
-        for tree, saved in ((model, params), (optimizer.state, moments)):
-            for path, value in saved:
-                _assign(tree, path, value)
+        restore_state(model, optimizer, saved)
         self.traced.add(key)
         tokens = args[0]
         label = f"{name} {tokens.shape[0]}x{tokens.shape[1] - 1}" if isinstance(tokens, mx.array) else name

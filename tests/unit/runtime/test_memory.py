@@ -166,6 +166,15 @@ def test_apply_limits_records_calls():
                        "wired_limit_bytes": 48 * GIB, "previous_wired_limit_bytes": 0}
 
 
+def test_a_limit_of_0_after_another_puts_mlx_s_own_default_back():
+    mx = FakeMx()
+    apply_limits(24.0, False, mx_module=mx, platform="linux")  # MLX had 111 bytes as its own limit
+    apply_limits(8.0, False, mx_module=mx, platform="linux")
+    applied = apply_limits(0, False, mx_module=mx, platform="linux")
+    assert mx.calls == [("set_memory_limit", 24 * GIB), ("set_memory_limit", 8 * GIB), ("set_memory_limit", 111)]
+    assert applied == {"memory_limit_bytes": 111, "previous_memory_limit_bytes": 111}  # (the fake always answers 111)
+
+
 def test_apply_limits_skips_what_is_off_or_unavailable():
     mx = FakeMx(recommended=48 * GIB)
     assert apply_limits(0, False, mx_module=mx, platform="darwin") == {} and mx.calls == []
