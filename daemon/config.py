@@ -23,6 +23,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 from mathlora_daemon.errors import InputError
 
+METHODS = ("sft", "grpo", "sft+grpo")  # train.method; training/stages.py runs the last as two stages
+
 
 def key(default=None, *, help: str, allowed: str, expected: str | None = None,
         check: Callable[[Any], bool] | None = None, reload: bool = False, fingerprint: bool = False,
@@ -168,11 +170,12 @@ class TrainConfig:
                           expected="an integer >= 0 (0 = off)",
                           help="at the end of a run, answer this many validation problems with the base model and "
                                "with the adapters and compare accuracy and format (logged, and shown by `status`)")
-    method: str = key("sft", fingerprint=True, check=lambda v: v in ("sft", "grpo"), allowed="sft, grpo",
-                      expected='"sft" or "grpo"',
+    method: str = key("sft", fingerprint=True, check=lambda v: v in METHODS, allowed="sft, grpo, sft+grpo",
+                      expected='"sft", "grpo" or "sft+grpo"',
                       help="`sft`: learn the solutions (supervised LoRA); `grpo`: learn from answers, rewarding "
                            "sampled completions whose final answer is right (section [rl]); start it from SFT "
-                           "adapters with `rl.init_adapters`")
+                           "adapters with `rl.init_adapters`; `sft+grpo`: both in one run, SFT for "
+                           "`rl.sft_share` of the budget, then GRPO from the SFT stage's selected adapters")
     grad_checkpoint: bool = key(False, allowed="bool",
                                 help="recompute each layer's activations (and the logits, a slice at a time) in the "
                                      "backward pass: much less memory for about a third more compute; needs "
@@ -257,6 +260,13 @@ class RLConfig:
                                      "(DAPO's dynamic sampling; 0 = keep them, counted as zero_advantage_share)")
     init_adapters: str = key("", fingerprint=True, allowed='`""` or a path',
                              help="start GRPO from these (SFT) adapters; \"\" = fresh LoRA")
+    sft_share: float = key(0.5, check=lambda v: 0 < v < 1, allowed="(0, 1)", expected="a number > 0 and < 1",
+                           help="`train.method = \"sft+grpo\"`: the share of `daemon.budget_hours` the SFT stage "
+                                "trains before GRPO starts (sooner when its epochs end); read until the switch")
+    learning_rate: float = key(0.0, check=lambda v: 0 <= v <= 1, allowed="[0, 1] (0 = train.learning_rate)",
+                               expected="a number from 0 to 1 (0 = train.learning_rate)",
+                               help="`train.method = \"sft+grpo\"`: the GRPO stage's learning rate (GRPO wants a "
+                                    "smaller one than SFT, e.g. 3e-5 after 2e-4)")
 
 
 NOTIFY_EVENTS = ("finished", "budget_exhausted", "failed", "stopped", "new_best")
@@ -528,9 +538,9 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         setattr(getattr(cfg, section), key, converted)
 
     d = cfg.daemon
-    if not errors and cfg.data.pack and cfg.train.method != "sft":
-        errors.append(f"data.pack = true is for train.method = \"sft\" (it is {cfg.train.method!r}): GRPO trains on "
-                      "its own completions, one group per prompt; set data.pack = false")
+    if not errors and cfg.data.pack and cfg.train.method == "grpo":
+        errors.append("data.pack = true is for SFT (train.method = \"sft\", or the SFT stage of \"sft+grpo\"); it "
+                      "is \"grpo\", which trains on its own completions, one group per prompt: set data.pack = false")
     if not errors and cfg.train.grad_checkpoint and cfg.lora.dropout > 0:
         # The backward pass would recompute each layer with fresh dropout masks, not the
         # forward's, and the gradients would be wrong.

@@ -77,6 +77,12 @@ class RunDir:
         return self.scratch / "adapters"
 
     @property
+    def sft_stage(self) -> Path:
+        """stages/sft/: train.method = "sft+grpo" keeps its finished SFT stage here, its
+        `adapters/` (GRPO's start and reference) and `checkpoints/`, once GRPO began."""
+        return self.scratch / "stages" / "sft"
+
+    @property
     def report_file(self) -> Path:
         """report.json: the morning report, written at every end of the run, kept by later starts."""
         return self.scratch / "report.json"
@@ -111,6 +117,12 @@ class RunDir:
     def status_file(self) -> Path:
         """state/status.json: the live heartbeat, replaced atomically."""
         return self.state / "status.json"
+
+    @property
+    def stage_file(self) -> Path:
+        """state/stage.json: train.method = "sft+grpo": which stage the run is in, and
+        what the SFT stage left (absent: the SFT stage)."""
+        return self.state / "stage.json"
 
     @property
     def control_file(self) -> Path:

@@ -6,6 +6,7 @@ Timing a kill from outside would be a race; instead the daemon announces that it
 reached the point by creating a marker file and then blocks until it is killed:
 
     MATHLORA_TEST_HOLD="<point>@<step>:<marker path>"   point: start | micro | save | eval | final_eval | exit
+        | rollout (GRPO) | stage ("sft+grpo": the switch, between its record and the checkpoints' move)
         (a stop signal raises out of the wait inside a validation pass or the final eval,
         which are interruptible: that is what the tests of a prompt SIGTERM check)
     MATHLORA_TEST_HOLD="<point>@<step>:<marker path>:<release path>"

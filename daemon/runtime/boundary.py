@@ -89,6 +89,11 @@ class Runtime:
     on_config_change: Callable[[Config, Config], None] | None = None  # (the config before, the reloaded one)
     take_control: Callable[[], list] = list  # FileWatcher.take_control: [(request, rejection reason)]
     poll_control: Callable[[], None] | None = None  # FileWatcher.poll
+    # train.method = "sft+grpo" (training/stages.py): a reloaded file is seen as the stage
+    # trains it (its method, budget share), so a reload neither ends the SFT stage's share
+    # nor reports the stage's own settings as the user's changes.
+    view: Callable[[Config], Config] | None = None
+    budget_total: Callable[[Config], float] | None = None
     world: World = SINGLE
     gather: Callable[[World, list[int]], list[list[int]]] = gather_ints  # the collective (injected by tests)
     wait_bits: int = 0  # what the last pause_reasons() found, as WAIT_* bits
@@ -115,7 +120,7 @@ class Runtime:
         self.flags.reload.clear()
         if self.config_path is None:
             return
-        new, applied, rejected, error = control.reload_config(self.config_path, self.overrides, self.cfg)
+        new, applied, rejected, error = control.reload_config(self.config_path, self.overrides, self.cfg, self.view)
         if error:
             self.log.warning("config.rejected", why=error)
             return
@@ -126,7 +131,7 @@ class Runtime:
         if applied:
             old, self.cfg = self.cfg, new
             self.window = schedule.parse_window(new.daemon.window)
-            self.budget.total_s = new.daemon.budget_hours * 3600
+            self.budget.total_s = self.budget_total(new) if self.budget_total else new.daemon.budget_hours * 3600
             self.mem_guard.thresholds = self.thresholds()
             self.heartbeat.update(budget_total_s=self.budget.total_s, window=new.daemon.window)
             self.log.info("config.reloaded", changes=applied)

@@ -368,9 +368,10 @@ def _flatten(cfg: Config) -> dict[str, Any]:
             for section, body in config_to_dict(cfg).items() for key, value in body.items()}
 
 
-def reload_config(path: Path | None, overrides: list[str] | tuple[str, ...],
-                  current: Config) -> tuple[Config, dict, list[str], str | None]:
-    """Given the config file, the run's `--set` overrides and the config in use, load
+def reload_config(path: Path | None, overrides: list[str] | tuple[str, ...], current: Config,
+                  view: Callable[[Config], Config] | None = None) -> tuple[Config, dict, list[str], str | None]:
+    """Given the config file, the run's `--set` overrides, the config in use and how the
+    run sees a config (`view`: a stage of "sft+grpo"; None: as it is), load
     the file again and return (config to use, {field: [old, new]} applied, [unsafe
     changed fields not applied], None); on an invalid, missing or empty file return
     (current, {}, [], error message) and apply nothing (`config.rejected`).
@@ -392,6 +393,8 @@ def reload_config(path: Path | None, overrides: list[str] | tuple[str, ...],
         new = load_config(path, overrides)
     except InputError as exc:
         return current, {}, [], str(exc)
+    if view is not None:
+        new = view(new)
     old_flat, new_flat = _flatten(current), _flatten(new)
     changed = [key for key in new_flat if new_flat[key] != old_flat.get(key)]
     applied = {key: [old_flat.get(key), new_flat[key]] for key in changed if is_safe_field(key)}

@@ -337,6 +337,9 @@ def render_status(status: dict[str, Any]) -> str:
         extra += [f"base model {base_val:.4f}"] if base_val is not None else []
         rows.append(("val loss", text + (f" ({'; '.join(extra)})" if extra else "")))
 
+    if isinstance(status.get("stage"), str):  # train.method = "sft+grpo"
+        rows.append(("stage", status["stage"]))
+
     rl = status.get("rl") if isinstance(status.get("rl"), dict) else None
     if rl and json_number(rl.get("reward_mean")) is not None:
         rows.append(("grpo", f"reward {rl['reward_mean']:.3f} (std {json_number(rl.get('reward_std')) or 0:.3f}), "
@@ -431,6 +434,13 @@ def report_lines(report: dict) -> list[str]:
         rule = report.get("selected_rule") or ("lowest validation loss" if selected != steps else "the last")
         chosen = f"step {selected} of the {steps} trained, {'the last' if rule == 'last' else rule}"
         rows.append(("adapters", f"{adapters} ({chosen})"))
+    sft = (report.get("stages") or {}).get("sft") if isinstance(report.get("stages"), dict) else None
+    if isinstance(sft, dict):  # train.method = "sft+grpo": what the first stage did
+        text = f"{json_int(sft.get('steps'))} SFT steps, then GRPO from {sft.get('adapters')}"
+        sft_best, sft_base = json_number(sft.get("best_val_loss")), json_number(sft.get("base_val_loss"))
+        if sft_best is not None and sft_base is not None:
+            text += f" (SFT val loss {sft_base:.4f} -> {sft_best:.4f})"
+        rows.append(("stages", text))
     best, base = json_number(report.get("best_val_loss")), json_number(report.get("base_val_loss"))
     best_acc, base_acc = json_number(report.get("best_val_accuracy")), json_number(report.get("base_val_accuracy"))
     if best_acc is not None:  # GRPO: selected by greedy accuracy on the validation problems

@@ -191,9 +191,13 @@ class Trackers(logging.Handler):
 
     CLOSE_WAIT_S = 30.0
 
-    def __init__(self, run: RunDir, report_cfg, config: dict, start_step: int, log):
+    def __init__(self, run: RunDir, report_cfg, config: dict, start_step: int, log, step_offset: int = 0):
         super().__init__(level=logging.INFO)
         self.run, self.log_ = run, log
+        # The GRPO stage of "sft+grpo" counts its steps from 0; the trackers draw it after
+        # the SFT stage's steps (training/stages.py), on one axis.
+        self.step_offset = step_offset
+        start_step += step_offset
         self.trackers: list = []
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="mathlora-trackers", daemon=True)
@@ -231,6 +235,8 @@ class Trackers(logging.Handler):
         if event is None:
             return
         found = metrics_of(event)
+        if found and self.step_offset:
+            found = (found[0] + self.step_offset, found[1])
         summary = None
         if event.get("event") in ("train.done", "daemon.stop"):
             summary = {k: event[k] for k in SUMMARY_FIELDS if k in event}

@@ -79,7 +79,7 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
 
 def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
           debug: bool = False, progress: bool | None = None, world: World = SINGLE,
-          final_eval=None, page=None, death: dict | None = None) -> RunResult:
+          final_eval=None, page=None, death: dict | None = None, stage=None) -> RunResult:
     """Given a locked run directory, a validated config and the runtime's pieces, train
     until done, stopped, out of budget or window; return the RunResult. Raise InputError
     (exit 78) for a bad model, dataset, target list or a checkpoint of another
@@ -88,7 +88,8 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     `final_eval(model, tokenizer, problems, n, template)` (evaluation/evaluate.py, passed
     in by the CLI) answers validation problems with and without the adapters at the end
     of a run when train.final_eval asks for it. `page` (runtime/report_page.py's Page, rank
-    0 only) is refreshed after every checkpoint."""
+    0 only) is refreshed after every checkpoint. `stage` (training/stages.py's Stage) is
+    the stage of an "sft+grpo" run this call trains (None: a one-method run)."""
     from mathlora_daemon.runtime import signals
     from mathlora_daemon.runtime.boundary import Runtime
     from mathlora_daemon.runtime.world import any_true, gather_ints, lost_peer, peer_lost_error
@@ -123,7 +124,8 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             split_after_death(s.progress, death, log)  # the last start was killed for memory: smaller micro-batches
             runtime = Runtime(run.root, cfg, config_path, overrides, log, flags, heartbeat, budget,
                               take_control=watcher.take_control if watcher else list,
-                              poll_control=watcher.poll if watcher else None, world=world)
+                              poll_control=watcher.poll if watcher else None, world=world,
+                              view=stage.view if stage else None, budget_total=stage.budget_total if stage else None)
             checkpointer = Checkpointer(run.checkpoints, s.model, s.optimizer, s.progress, s.schedule, s.fingerprint,
                                         cfg, budget, log, heartbeat, lambda: runtime.cfg.daemon, s.resumed,
                                         world.size, world.leader, validate=Validator.of(s, cfg.train),
@@ -197,8 +199,9 @@ def _setup_trackers(stack: ExitStack, run: RunDir, cfg: Config, start_step: int,
     if not world.leader or not (r.tensorboard or r.wandb_project or r.mlflow_uri):
         return
     from mathlora_daemon.runtime.trackers import Trackers, tracker_config
+    from mathlora_daemon.training.stages import tracker_step_offset
 
-    trackers = Trackers(run, r, tracker_config(cfg), start_step, log)
+    trackers = Trackers(run, r, tracker_config(cfg), start_step, log, tracker_step_offset(run, cfg))
     trackers.attach()
     stack.callback(trackers.close)
 

@@ -32,6 +32,7 @@ from mathlora_daemon.runtime import crashguard
 from mathlora_daemon.runtime.logs import LOGGER_NAME, close_logging, setup_logging
 from mathlora_daemon.runtime.world import GO, World, init_world, start_handshake
 from mathlora_daemon.training.loop import train
+from mathlora_daemon.training.stages import read_stage, stage_config, staged, train_in_stages
 
 DEBUG_ROWS = 10
 DEBUG_STEPS = 4
@@ -263,16 +264,25 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
                                  reason=f"outside the training window {cfg.daemon.window}; opens {opens:%H:%M}")
                 exit_code = EXIT_OK
                 return exit_code
+            if staged(cfg) and world.distributed:
+                raise InputError('train.method = "sft+grpo" runs in one process (its GRPO stage cannot be '
+                                 'data-parallel yet): start `run` without `launch`')
             if not budget.exhausted:  # before anything heavy loads: will a step fit? (78 naming what would)
                 from mathlora_daemon.training.memory_plan import check_memory
 
-                check_memory(cfg, run.model(cfg.model.path), log, run.checkpoints, ranks=world.size)
+                check_memory(stage_config(cfg, run, read_stage(run)["stage"]), run.model(cfg.model.path), log,
+                             run.checkpoints, ranks=world.size)
             # A spent budget still goes on when the adapters or the final eval of the
             # last step are missing (a kill as the budget ran out): the loop stops at
             # once and the end is written.
             gate.open()
-            result = train(run_dir, cfg, log, heartbeat, budget, config_path, overrides, debug, progress, world,
-                           final_eval, page, death)
+
+            def train_stage(stage_cfg, stage_budget, stage=None):
+                return train(run_dir, stage_cfg, log, heartbeat, stage_budget, config_path, overrides, debug,
+                             progress, world, final_eval, page, death, stage)
+
+            result = train_in_stages(run, cfg, budget, log, heartbeat, train_stage) if staged(cfg) else \
+                train_stage(cfg, budget)
             testhooks.hold_point("exit", result.steps)
             if result.report and result.state in ("finished", "budget_exhausted"):
                 print_report(result.report, file=sys.stdout)

@@ -30,7 +30,7 @@ DESIGN_DEFAULTS = {
     # GRPO (issue 21): DeepSeekMath's beta 0.04 and TRL's defaults otherwise; DAPO's token-level loss.
     "rl": {"group_size": 8, "prompts_per_step": 4, "max_new_tokens": 512, "temperature": 1.0, "top_p": 1.0,
            "beta": 0.04, "clip_epsilon": 0.2, "updates_per_batch": 1, "loss": "dapo", "format_weight": 0.1,
-           "skip_flat_groups": 0, "init_adapters": ""},
+           "skip_flat_groups": 0, "init_adapters": "", "sft_share": 0.5, "learning_rate": 0.0},
     "report": {"tensorboard": False, "wandb_project": "", "mlflow_uri": ""},
     "notify": {"urls": [], "command": "", "events": ["finished", "budget_exhausted", "failed", "stopped"],
                "macos": True},

