@@ -29,7 +29,7 @@ METHODS = ("sft", "grpo", "sft+grpo")  # train.method; training/stages.py runs t
 def key(default=None, *, help: str, allowed: str, expected: str | None = None,
         check: Callable[[Any], bool] | None = None, reload: bool = False, fingerprint: bool = False,
         factory: Callable[[], Any] | None = None, secret: bool = False):
-    """Declare a config key: its default, what it does (`help`, also README's table), what
+    """Declare a config key: its default, what it does (`help`, also docs/reference.md's table), what
     is allowed (`allowed` for the table, `expected` for an error message, `check` the
     test), whether a running daemon may apply a change (`reload`), whether a change
     makes existing checkpoints meaningless (`fingerprint`), and whether its value is a
@@ -582,8 +582,8 @@ def to_toml(cfg: Config, comment: str = "") -> str:
 
 
 def reference_table() -> str:
-    """README's configuration table, generated from the declarations (a test keeps the
-    README in step with it). "change" says when a new value takes effect: while running
+    """The configuration table of docs/reference.md, generated from the declarations (a
+    test keeps the file in step with it). "change" says when a new value takes effect: while running
     (hot reload), at the next start, or only in a new run (it is in the fingerprint:
     checkpoints made with another value are refused)."""
     rows = ["| key | default | allowed | change | meaning |", "|---|---|---|---|---|"]

@@ -30,10 +30,10 @@ def add_shared(p: argparse.ArgumentParser, level: str, config: bool = True, run_
     Defaults are applied by `normalize`, so an option given at one level is not reset
     by the other's default."""
     p.set_defaults(**{"_run_dir_default": run_dir_default})
-    p.add_argument("--run-dir", dest=f"run_dir__{level}", type=Path, default=argparse.SUPPRESS,
+    p.add_argument("--run-dir", dest=f"run_dir__{level}", type=Path, default=argparse.SUPPRESS, metavar="DIR",
                    help=f"the run directory (default: {run_dir_default})")
     if config:
-        p.add_argument("--config", dest=f"config__{level}", type=Path, default=argparse.SUPPRESS,
+        p.add_argument("--config", dest=f"config__{level}", type=Path, default=argparse.SUPPRESS, metavar="FILE",
                        help=f"config file (default: <run-dir>/{CONFIG_FILE})")
         p.add_argument("--set", dest=f"overrides__{level}", action="append", default=argparse.SUPPRESS,
                        metavar="SECTION.KEY=VALUE",

@@ -100,7 +100,7 @@ def prepare_demo(run_dir: Path) -> Config:
     config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         config_path.write_text(to_toml(demo_config(), comment=f"{MARKER}: tiny model, synthetic math data.\n"
-                                                              "Every key is documented in README.md."))
+                                                              "Every key is documented in docs/reference.md."))
     return load_config(config_path)
 
 

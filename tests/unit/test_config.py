@@ -349,14 +349,29 @@ def test_grad_checkpoint_with_lora_dropout_is_refused(tmp_path):
 
 # --- one declaration per key -------------------------------------------------------------
 
-def test_readme_s_configuration_table_is_the_one_the_declarations_generate():
-    from mathlora_daemon.config import reference_table
+def test_the_reference_is_the_one_the_code_generates():
+    """docs/reference.md: the configuration table from the declarations, every command's
+    options from the parser (regenerate: python -m mathlora_daemon.cli.reference)."""
+    from mathlora_daemon.cli.reference import render
+    from mathlora_daemon.config import KEYS, reference_table
 
     from runs import ROOT
 
+    text = (ROOT / "docs" / "reference.md").read_text()
+    assert text == render(), "docs/reference.md drifted: `python -m mathlora_daemon.cli.reference > docs/reference.md`"
+    assert reference_table() in text and all(f"`{key}`" in text for key in KEYS)
+    for command in ("run", "status", "logs", "checkpoints list", "install", "eval", "export", "serve", "demo"):
+        assert f"### {command}\n" in text
+    assert "__" not in text  # no argparse dest leaks into a usage line
+
+
+def test_readme_is_short_and_points_to_the_guide_and_the_reference():
+    from runs import ROOT
+
     readme = (ROOT / "README.md").read_text()
-    assert reference_table() in readme, "README.md's configuration table drifted: regenerate it with " \
-        "`python -c 'from mathlora_daemon.config import reference_table; print(reference_table())'`"
+    assert len(readme.splitlines()) <= 200
+    for where in ("docs/guide.md", "docs/reference.md", "docs/DESIGN.md"):
+        assert where in readme and (ROOT / where).is_file()
 
 
 def test_each_key_declares_help_allowed_values_and_its_change_rule():
