@@ -22,10 +22,7 @@ memory() {  # issue 22.1 / 22.2: 7B 4-bit peak, what the in-flight work holds, t
   local b="python3 bench/train_bench.py --shape deepseek-7b --batch 1 --steps 5 --warmup 2 --which daemon --prep-rows 0"
   $b --quant 4 --grad-checkpoint --out "$OUT/h200-7b-q4-gc.json"
   $b --quant 4 --grad-checkpoint --memory-limit-gb 6.3 --out "$OUT/h200-7b-q4-gc-limit.json"
-  MLX_MAX_OPS_PER_BUFFER=20 MLX_MAX_MB_PER_BUFFER=100 \
-    $b --quant 4 --grad-checkpoint --out "$OUT/h200-7b-q4-gc-smallgraphs.json"
   $b --grad-checkpoint --out "$OUT/h200-7b-bf16-gc.json"
-  $b --grad-checkpoint --memory-limit-gb 17.3 --out "$OUT/h200-7b-bf16-gc-limit.json"
 }
 
 grpo_start() {  # issue 21.7: base, SFT W, SFT W/2 + GRPO W/2, then the side-by-side with mlx-lm-lora

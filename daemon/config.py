@@ -22,6 +22,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import MODEL_DIR
 
 METHODS = ("sft", "grpo", "sft+grpo")  # train.method; training/stages.py runs the last as two stages
 
@@ -51,7 +52,7 @@ class ModelConfig:
                     allowed="non-empty", expected="a non-empty HF repo id, local directory or .gguf file",
                     help="the base model this run is for (recorded in the adapters): HF repo id, local HF or MLX "
                          "directory, or a `.gguf` file")
-    path: str = key("mlx_model", check=_non_empty, allowed="non-empty", expected="a non-empty directory path",
+    path: str = key(MODEL_DIR, check=_non_empty, allowed="non-empty", expected="a non-empty directory path",
                     help="the MLX model directory, relative to the run directory")
     quantize_bits: int = key(0, fingerprint=True, check=lambda v: v in (0, 4, 8), allowed="0, 4, 8",
                              expected="one of 0, 4, 8", help="quantized base for QLoRA (0 keeps the dtype)")

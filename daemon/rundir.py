@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_FILE = "mathlora.toml"
+MODEL_DIR = "mlx_model"  # model.path's default: the MLX base model, in the run directory
 LOCK_FILE = "daemon.lock"
 LOG_FILE = Path("logs") / "daemon.jsonl"
 # An adapters directory, in mlx-lm's own format (what `mlx_lm.generate --adapter-path` reads).
@@ -46,6 +47,16 @@ class RunDir:
         """data/: the demo's train.jsonl and test.jsonl (eval's default problems)."""
         return self.root / "data"
 
+    @property
+    def demo_train(self) -> Path:
+        """data/train.jsonl: the demo's training rows."""
+        return self.data / "train.jsonl"
+
+    @property
+    def demo_test(self) -> Path:
+        """data/test.jsonl: the demo's held-out problems (eval's default problems)."""
+        return self.data / "test.jsonl"
+
     # -- what training writes --------------------------------------------------------------
     @property
     def cache(self) -> Path:
@@ -78,9 +89,19 @@ class RunDir:
 
     @property
     def sft_stage(self) -> Path:
-        """stages/sft/: train.method = "sft+grpo" keeps its finished SFT stage here, its
-        `adapters/` (GRPO's start and reference) and `checkpoints/`, once GRPO began."""
+        """stages/sft/: train.method = "sft+grpo" keeps its finished SFT stage here, once
+        GRPO began."""
         return self.scratch / "stages" / "sft"
+
+    @property
+    def sft_stage_adapters(self) -> Path:
+        """stages/sft/adapters/: the SFT stage's selected adapters (GRPO's start and reference)."""
+        return self.sft_stage / "adapters"
+
+    @property
+    def sft_stage_checkpoints(self) -> Path:
+        """stages/sft/checkpoints/: the SFT stage's checkpoints, moved there at the switch."""
+        return self.sft_stage / "checkpoints"
 
     @property
     def report_file(self) -> Path:
@@ -163,6 +184,16 @@ class RunDir:
     def plot(self) -> Path:
         """loss.png: the loss curve across every restart."""
         return self.root / "loss.png"
+
+
+def entry_names() -> set[str]:
+    """The names a run directory's top level may hold: what the user provides and what
+    every command writes (the demo refuses a directory holding anything else)."""
+    run = RunDir(Path())
+    paths = (run.config, run.model(MODEL_DIR), run.data, run.cache, run.checkpoints, run.adapters, run.logs,
+             run.state, run.debug_root, run.export(""), run.fused, run.plot, run.report_file, run.report_html,
+             run.lock_file, run.sft_stage)
+    return {path.parts[0] for path in paths if path.parts}
 
 
 def write_problem(run: RunDir) -> OSError | None:

@@ -54,10 +54,38 @@ def make_tiny_run(run: Path) -> Path:
     return run
 
 
-def cli(*args: str, run: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, run: Path | None = None, timeout: float = 120, cwd: Path | None = None,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `mathlora-daemon ARGS` (with `--run-dir RUN` when given) as a user would, in the
+    tests' environment plus `env` (a value of None removes a variable)."""
     extra = ["--run-dir", str(run)] if run is not None else []
+    full = {k: v for k, v in {**ENV, **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "mathlora_daemon", *args, *extra], capture_output=True, text=True,
-                          env=ENV, timeout=timeout, stdin=subprocess.DEVNULL)
+                          env=full, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+BOOKKEEPING = ("logs", "state", "daemon.lock", "report.json", "report.html")  # what any start may write
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = BOOKKEEPING, dirs: bool = True) -> dict[str, str]:
+    """Every file under root -> sha256 of its bytes, except the daemon's own bookkeeping
+    (`skip`: its log, state files, lock, report), whether root is the run directory or
+    holds it as `run/`. With `dirs`, directories are listed too (as "<dir>"), so a removed
+    or added empty directory counts as a change; links as "<link>"."""
+    out = {}
+    if not root.exists():
+        return out
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in skip or (len(rel.parts) > 1 and rel.parts[:2] in (("run", name) for name in skip)):
+            continue
+        if path.is_symlink():
+            out[str(rel)] = "<link>"
+        elif path.is_file():
+            out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.is_dir() and dirs:
+            out[str(rel)] = "<dir>"
+    return out
 
 
 STARTED: list[subprocess.Popen] = []  # reaped after every test (conftest), so a failed test leaves no daemon

@@ -40,6 +40,17 @@ def add_shared(p: argparse.ArgumentParser, level: str, config: bool = True, run_
                        help="override one config key; repeatable, e.g. --set train.learning_rate=2e-4")
 
 
+def add_adapters(p: argparse.ArgumentParser, optional: bool, base_alone: str | None = None) -> None:
+    """--adapter-path (and, with `base_alone`, --no-adapters), declared once for every
+    command that loads adapters. `optional`: the run's adapters are used only when they
+    exist (generate, serve); else they are required (eval, export, fuse)."""
+    default = "<run-dir>/adapters when it exists" if optional else "<run-dir>/adapters"
+    p.add_argument("--adapter-path", type=Path, default=None, metavar="DIR",
+                   help=f"adapters directory (default: {default})")
+    if base_alone:
+        p.add_argument("--no-adapters", action="store_true", help=base_alone)
+
+
 def normalize(args: argparse.Namespace) -> argparse.Namespace:
     """Merge the shared options given at any level into args.run_dir, args.config
     (None: <run-dir>/mathlora.toml) and args.overrides (all --set, outer first)."""
@@ -126,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the math problem")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--adapter-path", type=Path, default=None,
-                   help="adapters directory (default: <run-dir>/adapters when it exists)")
-    p.add_argument("--no-adapters", action="store_true", help="use the base model alone")
+    add_adapters(p, optional=True, base_alone="use the base model alone")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, for temperature > 0 (default 0)")
 
     p = command("checkpoints", "list, verify or prune the run's checkpoints")
@@ -196,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"problems to evaluate (default: {DEFAULT_LIMIT}; 0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"tokens generated per problem at most (default: {DEFAULT_MAX_NEW_TOKENS})")
-    p.add_argument("--adapter-path", type=Path, default=None, help="adapters directory (default: <run-dir>/adapters)")
+    add_adapters(p, optional=False)
     p.add_argument("--no-base", action="store_true", help="evaluate the adapters only")
     p.add_argument("--json", action="store_true", help="print the full record (summaries and every item) as JSON")
     p.add_argument("--out", type=Path, default=None, help="also write the full record as JSON to this file")
@@ -207,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="peft",
                    help="peft (Hugging Face PEFT) or gguf (a llama.cpp LoRA adapter and an Ollama Modelfile); "
                         "default: peft")
-    p.add_argument("--adapter-path", type=Path, default=None, help="adapters directory (default: <run-dir>/adapters)")
+    add_adapters(p, optional=False)
     p.add_argument("--out", type=Path, default=None, help="output directory (default: <run-dir>/export/<format>)")
     p.add_argument("--base-model", default=None,
                    help="peft: base_model_name_or_path to record (default: model.name, or the local model's path)")
@@ -218,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: the adapter tensors' type (default: f32, as llama.cpp's converter writes)")
 
     p = command("fuse", "merge the adapters into the base model (for mlx-lm and transformers; --gguf: llama.cpp)")
-    p.add_argument("--adapter-path", type=Path, default=None, help="adapters directory (default: <run-dir>/adapters)")
+    add_adapters(p, optional=False)
     p.add_argument("--out", type=Path, default=None, help="output directory (default: <run-dir>/fused)")
     p.add_argument("--dequantize", action="store_true",
                    help="write a quantized base as full-precision weights (needed for transformers)")
@@ -230,10 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "the base model with the adapters behind an OpenAI-compatible HTTP server (mlx-lm's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
-    p.add_argument("--adapter-path", type=Path, default=None,
-                   help="adapters directory (default: <run-dir>/adapters when it exists)")
-    p.add_argument("--no-adapters", action="store_true", help="serve the base model alone")
-    p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request (default: 512)")
+    add_adapters(p, optional=True, base_alone="serve the base model alone")
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_tokens", type=int, default=512, metavar="N",
+                   help="a request's max_tokens when it gives none (default: 512; --max-tokens: the old name)")
 
     p = command("plot", "draw the loss and learning-rate curves of the run as a PNG")  # reads only the log
     p.add_argument("--out", type=Path, default=None, help="the PNG to write (default: <run-dir>/loss.png)")

@@ -38,14 +38,19 @@ from mathlora_daemon.config import (
 from mathlora_daemon.demo.base_model import N_TEST
 from mathlora_daemon.demo.mathgen import write_rows
 from mathlora_daemon.errors import InputError
-from mathlora_daemon.rundir import CONFIG_FILE, LOCK_FILE, RunDir
+from mathlora_daemon.rundir import CONFIG_FILE, MODEL_DIR, RunDir, entry_names
 
 MARKER = "mathlora-daemon demo run directory"
 # What a demo run directory may already hold, the outputs of every command a user may
 # try on it included (anything else: refuse, lose nothing).
-DEMO_ENTRIES = {CONFIG_FILE, LOCK_FILE, ".tmp-mlx_model", "mlx_model", "data", "cache", "checkpoints", "adapters",
-                "logs", "state", "debug", "export", "fused", "loss.png", "report.json", RunDir(Path()).report_html.name}
+MODEL_TMP = f".tmp-{MODEL_DIR}"  # the model is written here, then renamed: whole or not at all
+DEMO_ENTRIES = entry_names() | {MODEL_TMP}
 LEARNING_RATE = 3e-3
+
+
+def _relative(path: Path) -> str:
+    """A run-directory path as the config writes it (relative to the run directory)."""
+    return path.as_posix()
 
 
 def demo_config() -> Config:
@@ -54,8 +59,9 @@ def demo_config() -> Config:
     validated and finally evaluated on the 60 held-out problems."""
     return Config(
         # The model is the directory the demo writes: a local path, nothing to download or convert.
-        model=ModelConfig(name="mlx_model", path="mlx_model"),
-        data=DataConfig(name="data/train.jsonl", max_seq_len=256, validation_name="data/test.jsonl"),
+        model=ModelConfig(name=MODEL_DIR, path=MODEL_DIR),
+        data=DataConfig(name=_relative(RunDir(Path()).demo_train), max_seq_len=256,
+                        validation_name=_relative(RunDir(Path()).demo_test)),
         lora=LoraConfig(rank=16, alpha=32.0, dropout=0.0,
                         targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         train=TrainConfig(epochs=1, batch_size=4, grad_accumulation_steps=2, learning_rate=LEARNING_RATE, seed=0,
@@ -88,15 +94,16 @@ def prepare_demo(run_dir: Path) -> Config:
 
     check_run_dir(run_dir)
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = run_dir / "data"
-    if not (data / "train.jsonl").exists() or not (data / "test.jsonl").exists():
+    run = RunDir(run_dir)
+    if not run.demo_train.exists() or not run.demo_test.exists():
         train, test = demo_splits()
-        write_rows(data, {"train.jsonl": train, "test.jsonl": test})
-    if not (run_dir / "mlx_model" / "model.safetensors").exists():
-        tmp = run_dir / ".tmp-mlx_model"
+        write_rows(run.data, {run.demo_train.name: train, run.demo_test.name: test})
+    model = run.model(MODEL_DIR)
+    if not (model / "model.safetensors").exists():
+        tmp = run_dir / MODEL_TMP
         shutil.rmtree(tmp, ignore_errors=True)
         copy_base(tmp)
-        os.rename(tmp, run_dir / "mlx_model")  # the model appears whole or not at all
+        os.rename(tmp, model)  # the model appears whole or not at all
     config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         config_path.write_text(to_toml(demo_config(), comment=f"{MARKER}: tiny model, synthetic math data.\n"
@@ -198,17 +205,18 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
     from mathlora_daemon.runtime.status import read_status, status_main
 
     prepare_demo(run_dir)
-    print(f"demo prepared in {run_dir}: model {run_dir / 'mlx_model'} (pretrained, shipped with the package), "
-          f"data {run_dir / 'data'} ({N_TEST} held-out problems), config {run_dir / CONFIG_FILE}")
+    print(f"demo prepared in {run_dir}: model {RunDir(run_dir).model(MODEL_DIR)} (pretrained, shipped with the "
+          f"package), data {RunDir(run_dir).data} ({N_TEST} held-out problems), config {run_dir / CONFIG_FILE}")
     if prepare_only:
         return 0
     cleared = clear_previous_run(run_dir)
     if cleared:
         print(f"starting from scratch: removed the previous demo's {', '.join(cleared)} in {run_dir}")
-    test = json.loads((run_dir / "data" / "test.jsonl").read_text().splitlines()[1])
+    run = RunDir(run_dir)
+    test = json.loads(run.demo_test.read_text().splitlines()[1])
     print(f"\nproblem: {test['problem']}\nexpected answer: {test['answer']}\n\nbase model, greedy, "
           "in DeepSeek-Math's chat format:")
-    generate_text(run_dir / "mlx_model", test["problem"], None, max_new_tokens=80, temperature=0.0, out=sys.stdout)
+    generate_text(run.model(MODEL_DIR), test["problem"], None, max_new_tokens=80, temperature=0.0, out=sys.stdout)
 
     print(f"\ntraining (mathlora-daemon run); it gets SIGTERM at step {INTERRUPT_AT}, as launchd would send at "
           "logout ...")
@@ -231,7 +239,7 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
         for kind, base in final["base"]["by_kind"].items():
             print(f"  {kind:<20} {base['correct']:>2} -> {final['adapters']['by_kind'][kind]['correct']:>2}")
     print("\nwith adapters, greedy:")
-    generate_text(run_dir / "mlx_model", test["problem"], run_dir / "adapters", max_new_tokens=80, temperature=0.0,
+    generate_text(run.model(MODEL_DIR), test["problem"], run.adapters, max_new_tokens=80, temperature=0.0,
                   out=sys.stdout)
     print(f"\n{HONEST}\n\nnext, one at a time:")
     for line in next_commands(run_dir):

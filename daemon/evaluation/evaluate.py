@@ -254,7 +254,7 @@ def load_problems(data: str | None, run_dir: Path, data_cfg, split: str = DEFAUL
             raise InputError(f"--data {data}: expected hub:<dataset id>, e.g. hub:HuggingFaceH4/MATH-500")
         return f"{data} ({split})", _hub_problems(dataset_id, subset, split, fields, limit)
     if data is None:
-        path = RunDir(run_dir).data / "test.jsonl"
+        path = RunDir(run_dir).demo_test
         if not path.is_file():
             raise InputError(f"no held-out problems: {path} does not exist (the demo writes it); "
                              f"pass --data FILE or --data {HUB_PREFIX}<dataset id>")

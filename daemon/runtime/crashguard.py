@@ -245,7 +245,8 @@ def outside_failure_path(run_dir: Path, environ: dict | None = None) -> Path:
     import os
 
     env = os.environ if environ is None else environ
-    base = Path(env.get("XDG_STATE_HOME") or Path(env.get("HOME") or Path.home()) / ".local" / "state")
+    home = Path(env.get("HOME") or Path.home())
+    base = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state")  # not a run directory
     key = hashlib.sha256(str(Path(run_dir).resolve()).encode("utf-8")).hexdigest()[:16]
     return base / "mathlora-daemon" / f"unwritable-{key}.json"
 

@@ -478,7 +478,7 @@ def report_lines(report: dict) -> list[str]:
     if adapters:
         run_dir = report.get("run_dir") or str(Path(adapters).parent)
         where = f"--run-dir {shlex.quote(run_dir)}"
-        if Path(adapters) != Path(run_dir) / "adapters":  # a --debug run's adapters
+        if Path(adapters) != RunDir(run_dir).adapters:  # a --debug run's adapters
             where += f" --adapter-path {shlex.quote(str(adapters))}"
         rows.append(("try", f"mathlora-daemon generate {where} --prompt \"...\"  "
                             f"(or: mathlora-daemon eval {where})"))

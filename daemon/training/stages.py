@@ -62,7 +62,7 @@ def stage_config(cfg: Config, run: RunDir, stage: str) -> Config:
         return replace(cfg, train=replace(cfg.train, method=SFT, final_eval=0))
     return replace(cfg, train=replace(cfg.train, method=GRPO, learning_rate=cfg.rl.learning_rate or
                                       cfg.train.learning_rate),
-                   data=replace(cfg.data, pack=False), rl=replace(cfg.rl, init_adapters=str(run.sft_stage / "adapters")))
+                   data=replace(cfg.data, pack=False), rl=replace(cfg.rl, init_adapters=str(run.sft_stage_adapters)))
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def ends_stage(state: str) -> bool:
 def switch_to_grpo(run: RunDir, result, budget: Budget, log) -> dict:
     """Given the SFT stage's RunResult (finished or its share spent) and the budget, keep
     its adapters, record the switch and move its checkpoints aside; return the record."""
-    kept = run.sft_stage / "adapters"
+    kept = run.sft_stage_adapters
     ensure_private_dir(run.sft_stage)
     staging = run.sft_stage / "adapters.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -118,7 +118,7 @@ def switch_to_grpo(run: RunDir, result, budget: Budget, log) -> dict:
 def finish_switch(run: RunDir) -> None:
     """Move the SFT stage's checkpoints out of `checkpoints/` (a kill may have come
     between the stage record and the move): the GRPO stage starts its own series there."""
-    moved = run.sft_stage / "checkpoints"
+    moved = run.sft_stage_checkpoints
     if run.checkpoints.is_dir() and not moved.exists():
         ensure_private_dir(run.sft_stage)
         os.replace(run.checkpoints, moved)
@@ -131,7 +131,7 @@ def tracker_step_offset(run: RunDir, cfg: Config) -> int:
         return 0
     record = read_json_object(run.stage_file) or {}
     steps = (record.get("sft") or {}).get("steps") if record.get("stage") == GRPO else None
-    return steps if isinstance(steps, int) and steps > 0 and cfg.rl.init_adapters == str(run.sft_stage / "adapters") \
+    return steps if isinstance(steps, int) and steps > 0 and cfg.rl.init_adapters == str(run.sft_stage_adapters) \
         else 0
 
 

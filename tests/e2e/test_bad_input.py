@@ -17,7 +17,6 @@ The last tests pin messages the issue calls out, as the fixed behaviour reads.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from runs import cli
+from runs import cli, snapshot
 
 CONTRACT = {0, 2, 75, 78}
 NOT_FOUND = r"(?i)(no such|does not exist|not found|missing|not a directory)"
@@ -38,27 +37,6 @@ BROKEN_LINE = ('{"problem": "a", "solution": "b"}\n{"problem": "c", "solution": 
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def snapshot(root: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json",
-                                          "report.html")) -> dict[str, str]:
-    """Every file under root -> sha256 of its bytes, except the daemon's own bookkeeping
-    (its log, its state files, its lock). Directories are listed too (as "<dir>"), so a
-    removed or added empty directory counts as a change."""
-    out = {}
-    if not root.exists():
-        return out
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if rel.parts[0] in skip or (len(rel.parts) > 1 and rel.parts[:2] in (("run", name) for name in skip)):
-            continue  # the run directory's bookkeeping, whether root is the run directory or holds it
-        if path.is_symlink():
-            out[str(rel)] = "<link>"
-        elif path.is_file():
-            out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.is_dir():
-            out[str(rel)] = "<dir>"
-    return out
-
 
 def write(rel: str, content: str | bytes) -> Callable[[Path], None]:
     def setup(run: Path) -> None:

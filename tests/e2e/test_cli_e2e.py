@@ -6,9 +6,7 @@ and the files left in the run directory are what a user or launchd would see.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import stat
 import subprocess
@@ -17,24 +15,18 @@ from pathlib import Path
 
 import pytest
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from runs import ENV
+from runs import cli as run_cli
+from runs import snapshot as run_snapshot
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mathlora_daemon", *args], capture_output=True, text=True, env=ENV,
-                          cwd=cwd, timeout=600)
+    return run_cli(*args, cwd=cwd, timeout=600)
 
 
-def snapshot(run_dir: Path, skip: tuple[str, ...] = ("logs", "state", "daemon.lock", "report.json",
-                                               "report.html")) -> dict[str, str]:
-    """Every file under run_dir -> sha256 of its bytes, except the daemon's own bookkeeping
-    (its log, its state files, its lock): bad input must leave everything else alone."""
-    out = {}
-    for path in sorted(run_dir.rglob("*")):
-        rel = path.relative_to(run_dir)
-        if path.is_file() and rel.parts[0] not in skip:
-            out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
+def snapshot(run_dir: Path) -> dict[str, str]:
+    """Every file under run_dir (not the daemon's bookkeeping): bad input must leave them alone."""
+    return run_snapshot(run_dir, dirs=False)
 
 
 def log_events(run_dir: Path) -> list[dict]:

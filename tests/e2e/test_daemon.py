@@ -181,6 +181,39 @@ def test_the_memory_limit_and_the_sleep_inhibitor_follow_the_config_while_runnin
     finish(proc, expect=0)
 
 
+def saved_after_reload(run: Path) -> list[int]:
+    """The steps of the checkpoints saved after the last config.reloaded, in log order."""
+    log = events(run)
+    last = max(i for i, e in enumerate(log) if e["event"] == "config.reloaded")
+    return [e["step"] for e in log[last:] if e["event"] == "checkpoint.saved"]
+
+
+def test_the_checkpoint_cadence_retention_segment_and_budget_follow_the_config_while_running(template_dir, tmp_path):
+    """The other reloadable keys, each seen acting on the running daemon: a checkpoint
+    every step, more of them kept, a checkpoint at every (tiny) segment's end with the
+    step cadence off, then a budget lowered below what was used ends the run."""
+    run = copy(template_dir, tmp_path / "run")
+    proc = start(run, *LONG)
+    wait_for(step_logged(run, 2), proc, "step 2")
+    write_config(run, checkpoint_every_steps=1, keep_checkpoints=6)
+    wait_for(event_logged(run, "config.reloaded"), proc, "the first reload")
+    wait_for(lambda: len(saved_after_reload(run)) >= 8, proc, "eight checkpoints after the reload")
+    saved = saved_after_reload(run)
+    assert saved[:8] == list(range(saved[0], saved[0] + 8))  # one at every step
+    assert 6 <= len(list_checkpoints(run / "checkpoints")) <= 7  # the newest six (and the best), not two
+    write_config(run, checkpoint_every_steps=0, keep_checkpoints=6, segment_minutes=0.0005)
+    wait_for(lambda: len(events(run, "config.reloaded")) >= 2, proc, "the second reload")
+    changes = events(run, "config.reloaded")[-1]["changes"]
+    assert changes["daemon.segment_minutes"] == [10.0, 0.0005] and changes["daemon.checkpoint_every_steps"] == [1, 0]
+    wait_for(lambda: len(saved_after_reload(run)) >= 3, proc, "checkpoints at the ends of 0.03 s segments")
+    used = json.loads((run / "state" / "status.json").read_text())["budget_used_s"]
+    write_config(run, checkpoint_every_steps=0, keep_checkpoints=6, segment_minutes=0.0005,
+                 budget_hours=used / 2 / 3600)
+    finish(proc, expect=0)
+    assert events(run, "config.reloaded")[-1]["changes"]["daemon.budget_hours"][1] == used / 2 / 3600
+    assert events(run, "budget.exhausted") and status(run)["state"] == "budget_exhausted"
+
+
 def test_a_second_daemon_refuses_touching_nothing_and_a_killed_one_shows_as_crashed(template_dir, tmp_path):
     run = copy(template_dir, tmp_path / "run")
     first = hold(run, "micro@3", tmp_path, *LONG)

@@ -35,6 +35,7 @@ from runs import (
     track,
     wait_for,
 )
+from runs import snapshot as run_snapshot
 
 
 def set_keys(run: Path, **sections) -> None:
@@ -54,8 +55,7 @@ def set_keys(run: Path, **sections) -> None:
 
 def snapshot(run: Path) -> dict[str, str]:
     """Every file of the run (the log excepted) -> its hash: what a start must not change."""
-    return {str(p.relative_to(run)): sha(p) for p in sorted(run.rglob("*"))
-            if p.is_file() and "logs" not in p.relative_to(run).parts and p.name != "daemon.lock"}
+    return run_snapshot(run, skip=("logs", "daemon.lock"), dirs=False)
 
 
 def without_starts(files: dict[str, str]) -> dict[str, str]:

@@ -41,3 +41,26 @@ def test_a_debug_run_keeps_everything_it_writes_apart(tmp_path):
     # what it reads is the real run's
     assert run.config == real.config and run.model("mlx_model") == real.model("mlx_model")
     assert run.cache == real.cache and run.data == real.data
+
+
+def test_no_module_but_rundir_spells_a_run_directory_name():
+    """Every path inside a run directory comes from RunDir (docs/DESIGN.md, "Run
+    directory"): a name joined onto a path, or a path-like string starting with one,
+    anywhere else in the package would be a second truth."""
+    import re
+
+    from mathlora_daemon.rundir import entry_names
+
+    from runs import ROOT
+
+    names = sorted(entry_names() | {"train.jsonl", "test.jsonl", "status.json", "stage.json", "control.json"})
+    alternatives = "|".join(re.escape(n) for n in names)
+    joined = re.compile(rf"""/\s*["']({alternatives})["']|["']({alternatives})/[\w.{{-]""")
+    found = []
+    for path in sorted((ROOT / "daemon").rglob("*.py")):
+        if path.name == "rundir.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if joined.search(line) and "not a run directory" not in line:
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "run-directory names spelled outside rundir.py:\n" + "\n".join(found)

@@ -71,20 +71,21 @@ def mlx_logits(run) -> np.ndarray:
     return with_lora
 
 
-def cli(*argv: str) -> int:
+def in_process(*argv: str) -> int:
+    """A command run in this process (its exit code), through the CLI's own parser and actions."""
     args = arguments.parse(list(argv))
     return actions.COMMANDS[args.command](args)
 
 
 @pytest.fixture(scope="module")
 def exported(run):
-    assert cli("export", "--run-dir", str(run), "--format", "peft") == 0
+    assert in_process("export", "--run-dir", str(run), "--format", "peft") == 0
     return run / "export" / "peft"
 
 
 @pytest.fixture(scope="module")
 def fused(run):
-    assert cli("fuse", "--run-dir", str(run)) == 0
+    assert in_process("fuse", "--run-dir", str(run)) == 0
     return run / "fused"
 
 

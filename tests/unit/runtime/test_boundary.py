@@ -120,3 +120,29 @@ def test_a_rejected_edit_says_per_key_whether_a_restart_can_apply_it(tmp_path):
     assert "next start" in model_path and "same base model" in model_path
     assert runtime.cfg.daemon.budget_hours == 2.0 and runtime.cfg.train.learning_rate != edited.train.learning_rate
     assert [event for _, event, _ in log.events][-1] == "config.reloaded"
+
+
+def test_pause_on_battery_turned_on_by_a_reload_pauses_at_the_next_boundary(tmp_path):
+    """The one reloadable key the end-to-end tests cannot drive (no battery to unplug
+    there): on battery, off by config; the file turns it on; the next boundary waits."""
+    from mathlora_daemon.config import to_toml
+
+    power = [PowerState(on_battery=True, percent=60.0)]
+    runtime, log = make_runtime(power, pause_on_battery=False)
+    assert runtime.boundary(lambda: None) is None  # on battery, allowed: training goes on
+    edited = Config()
+    edited.daemon.pause_on_battery = True
+    runtime.config_path = tmp_path / "mathlora.toml"
+    runtime.config_path.write_text(to_toml(edited))
+    runtime.flags.request_reload()
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("stop", runtime.boundary(lambda: None)))
+    worker.start()
+    log.wait_for("daemon.paused")
+    assert runtime.heartbeat.fields["state"] == "waiting" and "battery" in runtime.heartbeat.fields["reason"]
+    power.append(PowerState(on_battery=False, percent=61.0))
+    runtime.flags.wake.set()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and result["stop"] is None
+    assert [f["changes"] for _, e, f in log.events if e == "config.reloaded"] == [
+        {"daemon.pause_on_battery": [False, True]}]

@@ -48,6 +48,7 @@ from mathlora_daemon.service.install import (
 )
 
 from runs import ROOT
+from runs import cli as run_cli
 
 SECRET = "hf_THIS_MUST_NEVER_BE_WRITTEN_0123456789"
 REQUIRED_PLIST_KEYS = set(PLIST_KEYS) - {"StartCalendarInterval"}
@@ -743,10 +744,7 @@ def test_default_runner_reports_missing_programs_and_timeouts():
 
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(home), "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "1"}
-    env.pop("XDG_CONFIG_HOME", None)
-    return subprocess.run([sys.executable, "-m", "mathlora_daemon", *args], capture_output=True, text=True, env=env,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    return run_cli(*args, env={"HOME": str(home), "HF_TOKEN": SECRET, "XDG_CONFIG_HOME": None})
 
 
 def test_cli_install_print_end_to_end(home, run_dir):
