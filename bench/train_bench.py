@@ -272,8 +272,7 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
                grad_checkpoint: bool = False) -> dict:
     """Run `daemon.run.train()` on the in-memory model and data for warmup + steps + 1
     optimizer steps; time each loop iteration from one train_step call to the next."""
-    import mathlora_daemon.training.model as dmodel
-    import mathlora_daemon.training.prepare as dprepare
+    import mathlora_daemon.training.session as dsession  # where the loop's set-up and steps look these up
     import mathlora_daemon.training.step as dtrainer
     from mathlora_daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig
     from mathlora_daemon.runtime.budget import Budget
@@ -298,7 +297,7 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
                  daemon=DaemonConfig(prevent_sleep=False, pause_on_battery=False, memory_limit_gb=memory_limit_gb))
 
     calls: list[tuple[float, float, object]] = []
-    real_step, real_load, real_prepare = dtrainer.train_step, dmodel.load_base, dprepare.prepare_tokens
+    real_step, real_load, real_prepare = dsession.train_step, dsession.load_base, dsession.prepare_tokens
 
     def timed_step(*args, **kwargs):
         start = time.perf_counter()
@@ -329,11 +328,11 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
             beat_s.append(time.perf_counter() - start)
 
     Runtime.boundary, Reporter.write_heartbeat = timed_boundary, timed_write
-    dtrainer.train_step = timed_step
+    dsession.train_step = timed_step
     previous_dequant = os.environ.get(dtrainer.DEQUANT_ENV)
     os.environ[dtrainer.DEQUANT_ENV] = "1" if dequant else "0"
-    dmodel.load_base = lambda path: (model, None, model_cfg)
-    dprepare.prepare_tokens = lambda *args, **kwargs: cache
+    dsession.load_base = lambda path: (model, None, model_cfg)
+    dsession.prepare_tokens = lambda *args, **kwargs: cache
     log = setup_logging(run_dir, run_dir.name, console=False)
     heartbeat = Heartbeat(run_dir, run_dir.name, os.getpid(), cfg.daemon.budget_hours * 3600)
     clear_memory()
@@ -343,7 +342,7 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
                        debug=False, progress=False)
         peak = mx.get_peak_memory()
     finally:
-        dtrainer.train_step, dmodel.load_base, dprepare.prepare_tokens = real_step, real_load, real_prepare
+        dsession.train_step, dsession.load_base, dsession.prepare_tokens = real_step, real_load, real_prepare
         Runtime.boundary, Reporter.write_heartbeat = real_boundary, real_write
         if previous_dequant is None:
             os.environ.pop(dtrainer.DEQUANT_ENV, None)

@@ -14,6 +14,8 @@ session's set-up), and only rank 0 writes into the run directory.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,7 +26,24 @@ from mathlora_daemon import __version__, testhooks
 from mathlora_daemon.config import Config
 from mathlora_daemon.errors import EXIT_INTERRUPTED, EXIT_OK, InputError, TemporaryFailure
 from mathlora_daemon.rundir import RunDir
-from mathlora_daemon.runtime.world import SINGLE, World
+from mathlora_daemon.runtime import signals
+from mathlora_daemon.runtime.boundary import Runtime
+from mathlora_daemon.runtime.control import FileWatcher
+from mathlora_daemon.runtime.memory import apply_limits
+from mathlora_daemon.runtime.power import SleepInhibitor
+from mathlora_daemon.runtime.report import training_identity, write_report
+from mathlora_daemon.runtime.signals import Interrupted
+from mathlora_daemon.runtime.trackers import Trackers, tracker_config
+from mathlora_daemon.runtime.world import SINGLE, World, any_true, gather_ints, lost_peer, peer_lost_error
+from mathlora_daemon.training.batches import step_micro_batches, training_order
+from mathlora_daemon.training.checkpointing import Checkpointer
+from mathlora_daemon.training.lr import LRPlan
+from mathlora_daemon.training.model import adapter_config, save_adapters
+from mathlora_daemon.training.oom import split_after_death, take_step_splitting
+from mathlora_daemon.training.reporter import Reporter, show_progress_bar
+from mathlora_daemon.training.session import setup_session
+from mathlora_daemon.training.stages import tracker_step_offset
+from mathlora_daemon.training.validation import Validator
 
 
 @dataclass
@@ -42,8 +61,6 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
     """Take optimizer steps from the session's progress to the schedule's end; return
     the runtime's Stop when training must end first, else None. The model, optimizer and
     progress are left at an optimizer-step boundary either way."""
-    from mathlora_daemon.training.batches import step_micro_batches, training_order
-    from mathlora_daemon.training.oom import take_step_splitting
 
     s, train = session, session.cfg.train
     order_epoch, order = -1, None
@@ -90,19 +107,9 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     of a run when train.final_eval asks for it. `page` (runtime/report_page.py's Page, rank
     0 only) is refreshed after every checkpoint. `stage` (training/stages.py's Stage) is
     the stage of an "sft+grpo" run this call trains (None: a one-method run)."""
-    from mathlora_daemon.runtime import signals
-    from mathlora_daemon.runtime.boundary import Runtime
-    from mathlora_daemon.runtime.world import any_true, gather_ints, lost_peer, peer_lost_error
-    from mathlora_daemon.training.checkpointing import Checkpointer
-    from mathlora_daemon.training.lr import LRPlan
-    from mathlora_daemon.training.oom import split_after_death
-    from mathlora_daemon.training.reporter import Reporter, show_progress_bar
-    from mathlora_daemon.training.session import setup_session
-    from mathlora_daemon.training.validation import Validator
 
     run = RunDir(run_dir, debug=debug)
     if debug and world.leader:
-        import shutil
 
         for folder in (run.checkpoints, run.adapters):  # a debug run always starts from scratch
             shutil.rmtree(folder, ignore_errors=True)
@@ -184,7 +191,6 @@ def _stopped_before_training(log, heartbeat, budget, flags) -> RunResult:
 
 def _setup_watcher(stack: ExitStack, run: RunDir, config_path: Path | None, flags):
     """Rank 0 watches the control file and the config; it passes stops and pauses on."""
-    from mathlora_daemon.runtime.control import FileWatcher
 
     watcher = FileWatcher(run.scratch, config_path, on_control=flags.request_control, on_config=flags.request_reload)
     watcher.prime()
@@ -198,8 +204,6 @@ def _setup_trackers(stack: ExitStack, run: RunDir, cfg: Config, start_step: int,
     r = cfg.report
     if not world.leader or not (r.tensorboard or r.wandb_project or r.mlflow_uri):
         return
-    from mathlora_daemon.runtime.trackers import Trackers, tracker_config
-    from mathlora_daemon.training.stages import tracker_step_offset
 
     trackers = Trackers(run, r, tracker_config(cfg), start_step, log, tracker_step_offset(run, cfg))
     trackers.attach()
@@ -207,9 +211,7 @@ def _setup_trackers(stack: ExitStack, run: RunDir, cfg: Config, start_step: int,
 
 
 def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:
-    import os
 
-    from mathlora_daemon.runtime.power import SleepInhibitor
 
     inhibitor = SleepInhibitor()
     stack.callback(inhibitor.stop)
@@ -223,9 +225,7 @@ def _apply_reloaded(old, new, inhibitor, log) -> None:
     """The reloaded [daemon] keys that act outside the runtime's boundary (the boundary
     applies the budget, window, thresholds; the Checkpointer reads its cadence and
     retention live): MLX's memory limit and the sleep inhibitor."""
-    import os
 
-    from mathlora_daemon.runtime.memory import apply_limits
 
     if new.memory_limit_gb != old.memory_limit_gb:  # 0: MLX's own default comes back
         log.info("memory.limits", memory_limit_gb=new.memory_limit_gb,
@@ -244,9 +244,6 @@ def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop
     the run's end (finished, or its budget spent: train.final_eval, its time not charged
     to the budget), and tell how training ended: the log, the status and the morning
     report (report.json, which later starts keep)."""
-    from mathlora_daemon.runtime.report import training_identity, write_report
-    from mathlora_daemon.runtime.signals import Interrupted
-    from mathlora_daemon.training.model import adapter_config, save_adapters
 
     step, p, cfg = s.progress.global_step, s.progress, s.cfg
     final_state = stop.state if stop else "finished"

@@ -14,14 +14,35 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mathlora_checkpoints.store import CheckpointInfo
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mathlora_checkpoints.fsio import remove_dead_temporaries
+from mathlora_checkpoints.store import CheckpointInfo, cleanup_temporaries, find_latest_valid, load_checkpoint
 from mathlora_daemon.config import Config
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.modelio.convert import ensure_model
+from mathlora_daemon.modelio.loading import check_adapter_dir
 from mathlora_daemon.rundir import RunDir
-from mathlora_daemon.runtime.world import World
+from mathlora_daemon.runtime.memory import apply_limits
+from mathlora_daemon.runtime.signals import Flags
+from mathlora_daemon.runtime.world import World, barrier, broadcast_arrays, check_agreement, gather_ints
 from mathlora_daemon.training.batches import Schedule
 from mathlora_daemon.training.cache import TokenCache
-from mathlora_daemon.training.checkpointing import Progress
+from mathlora_daemon.training.checkpointing import Progress, fingerprint, restore_training_checkpoint
+from mathlora_daemon.training.grpo import GRPOStep
+from mathlora_daemon.training.model import (
+    CACHE_ATTENTION_TYPES,
+    apply_lora,
+    load_base,
+    total_count,
+    trainable_count,
+    use_grad_checkpoint,
+)
+from mathlora_daemon.training.packing import PackedRows
+from mathlora_daemon.training.prepare import prepare_tokens
+from mathlora_daemon.training.step import _update, make_optimizer, train_step, use_kernel_cache
 from mathlora_daemon.training.template import PromptFormat
 
 
@@ -57,7 +78,6 @@ class Session:
     def order_lengths(self):
         """What a step's items are ordered and grouped by: the sequences' lengths (SFT),
         or one per problem (GRPO: a problem's completions have no length yet)."""
-        import numpy as np
 
         return self.items.lengths if self.problems is None else np.ones(len(self.problems), dtype=np.int64)
 
@@ -66,13 +86,11 @@ class Session:
         abandoned it (the state is still at the last boundary)."""
         train = self.cfg.train
         if self.grpo is not None:
-            import numpy as np
 
             indices = [int(i) for i in np.concatenate(micro_batches)]
             # After an out-of-memory split (training/oom.py) the update takes fewer rows at a time.
             return self.grpo(step, indices, lr, train.max_grad_norm,
                              rows=max(1, train.batch_size // self.progress.batch_split))
-        from mathlora_daemon.training.step import train_step
 
         return train_step(self.model, self.optimizer, self.items, micro_batches, train.seed, step,
                           should_abort=should_abort, world=self.world, lr=lr, max_grad_norm=train.max_grad_norm,
@@ -106,9 +124,7 @@ def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_b
 
 def _saved_reference(resumed: CheckpointInfo) -> dict | None:
     """GRPO's reference adapters as the checkpoint keeps them (None: the base model)."""
-    import mlx.core as mx
 
-    from mathlora_checkpoints.store import load_checkpoint
 
     _state, files = load_checkpoint(resumed.path)
     return dict(mx.load(str(files["reference"]))) if "reference" in files else None
@@ -133,8 +149,6 @@ def _setup_packing(cfg: Config, model, cache: TokenCache, world: World, log):
     """data.pack: the training sequences as packed rows (None when off)."""
     if not cfg.data.pack:
         return None
-    from mathlora_daemon.training.model import CACHE_ATTENTION_TYPES
-    from mathlora_daemon.training.packing import PackedRows
 
     kind = getattr(model, "model_type", None)
     if kind not in CACHE_ATTENTION_TYPES:
@@ -151,10 +165,7 @@ def _setup_packing(cfg: Config, model, cache: TokenCache, world: World, log):
 
 def _setup_init_adapters(run: RunDir, model, cfg: Config, log) -> None:
     """Start GRPO from trained (SFT) adapters: rl.init_adapters, relative to the run dir."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
 
-    from mathlora_daemon.modelio.loading import check_adapter_dir
 
     path = run.model(cfg.rl.init_adapters)  # the same rule: relative to the run directory unless absolute
     check_adapter_dir(path, option="rl.init_adapters")
@@ -172,9 +183,6 @@ def _setup_init_adapters(run: RunDir, model, cfg: Config, log) -> None:
 
 
 def _setup_grpo(s: Session, reference: dict | None):
-    from mathlora_daemon.runtime.signals import Flags
-    from mathlora_daemon.training.grpo import GRPOStep
-    from mathlora_daemon.training.step import _update
 
     # The loop replaces these two with the runtime's (a stop raises out of the rollouts).
     idle = Flags()
@@ -184,8 +192,6 @@ def _setup_grpo(s: Session, reference: dict | None):
 
 
 def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
-    from mathlora_daemon.runtime.memory import apply_limits
-    from mathlora_daemon.training.step import use_kernel_cache
 
     log.info("memory.limits", **apply_limits(cfg.daemon.memory_limit_gb, wired_limit=True))
     kernels = use_kernel_cache(run.kernel_cache) if world.leader else None  # the other ranks write nothing here
@@ -194,10 +200,6 @@ def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
 
 
 def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World, show_bar: bool):
-    from mathlora_daemon.modelio.convert import ensure_model
-    from mathlora_daemon.runtime.world import barrier
-    from mathlora_daemon.training.model import load_base
-    from mathlora_daemon.training.prepare import prepare_tokens
 
     if not world.leader:
         barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
@@ -213,7 +215,6 @@ def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World
 
 
 def _setup_lora(model, cfg: Config, log, world: World) -> list[str]:
-    from mathlora_daemon.training.model import apply_lora, total_count, trainable_count, use_grad_checkpoint
 
     keys = apply_lora(model, cfg)
     if cfg.train.grad_checkpoint:
@@ -229,9 +230,6 @@ def _setup_lora(model, cfg: Config, log, world: World) -> list[str]:
 
 
 def _setup_optimizer(cfg: Config, items, model_dir: Path, world: World, problems=None):
-    from mathlora_daemon.runtime.world import check_agreement
-    from mathlora_daemon.training.checkpointing import fingerprint
-    from mathlora_daemon.training.step import make_optimizer
 
     if problems is None:
         schedule = Schedule(len(items), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
@@ -249,12 +247,7 @@ def _resume(run: RunDir, model, optimizer, schedule: Schedule, fp: dict, log,
     """Rank 0 resumes from the newest checkpoint that verifies (torn ones are logged and
     skipped); in a distributed job every rank then takes rank 0's step, adapters and Adam
     state, a fresh start too, so no rank depends on its own initialisation."""
-    from mlx.utils import tree_flatten, tree_unflatten
 
-    from mathlora_checkpoints.fsio import remove_dead_temporaries
-    from mathlora_checkpoints.store import cleanup_temporaries, find_latest_valid
-    from mathlora_daemon.runtime.world import broadcast_arrays, gather_ints
-    from mathlora_daemon.training.checkpointing import restore_training_checkpoint
 
     resumed, progress = None, Progress()
     if world.leader:
