@@ -303,22 +303,27 @@ class Checkpointer:
     change.
     """
 
-    def __init__(self, root: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress, schedule,
-                 fp: dict, cfg: Config, budget, log, heartbeat, settings, resumed: CheckpointInfo | None,
-                 world_size: int = 1, leader: bool = True, clock=time.monotonic, validate=None,
-                 on_early_stop=None, interruptible=None, reference=None, on_saved=None):
-        self.root, self.model, self.optimizer, self.progress = root, model, optimizer, progress
-        self.schedule, self.fp, self.cfg, self.budget = schedule, fp, cfg, budget
-        self.log, self.heartbeat, self.settings = log, heartbeat, settings
-        self.world_size, self.leader = world_size, leader
+    def __init__(self, session, runtime, validate=None, interruptible=None, on_saved=None, clock=time.monotonic):
+        """Given the Session (training/session.py: the run's checkpoints directory, model,
+        optimizer, progress, schedule, fingerprint, config, where it resumed, its World),
+        the Runtime (runtime/boundary.py: the budget, log, heartbeat, the live [daemon]
+        settings and early stopping), the validation pass, the stop-aware context for it
+        and what to refresh after each save."""
+        s = session
+        self.root, self.model, self.optimizer, self.progress = s.run.checkpoints, s.model, s.optimizer, s.progress
+        self.schedule, self.fp, self.cfg, self.budget = s.schedule, s.fingerprint, s.cfg, runtime.budget
+        self.log, self.heartbeat = runtime.log, runtime.heartbeat
+        self.settings = lambda: runtime.cfg.daemon  # a config reload may change retention and cadence
+        self.world_size, self.leader = s.world.size, s.world.leader
         self.clock = clock
-        self.validate = validate if leader else None
-        self.on_early_stop = on_early_stop
+        self.validate = validate if self.leader else None
+        self.on_early_stop = runtime.finish_early
         self.interruptible = interruptible or nullcontext
-        self.reference = reference or (lambda: None)  # GRPO's reference adapters, kept in every checkpoint
+        # GRPO's reference adapters, kept in every checkpoint (None: SFT, or GRPO from the base).
+        self.reference = lambda: s.grpo.reference if s.grpo is not None else None
         self.on_saved = on_saved  # after each save: the report page (runtime/report_page.py), which never raises
-        self.protect = {resumed.path} if resumed else set()  # pruning never removes what we resumed from
-        self.last_step = progress.global_step if resumed else -1
+        self.protect = {s.resumed.path} if s.resumed else set()  # pruning never removes what we resumed from
+        self.last_step = s.progress.global_step if s.resumed else -1
         self.last_time = self.clock()
 
     def due(self) -> bool:

@@ -133,16 +133,12 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                               take_control=watcher.take_control if watcher else list,
                               poll_control=watcher.poll if watcher else None, world=world,
                               view=stage.view if stage else None, budget_total=stage.budget_total if stage else None)
-            checkpointer = Checkpointer(run.checkpoints, s.model, s.optimizer, s.progress, s.schedule, s.fingerprint,
-                                        cfg, budget, log, heartbeat, lambda: runtime.cfg.daemon, s.resumed,
-                                        world.size, world.leader, validate=Validator.of(s, cfg.train),
-                                        on_early_stop=runtime.finish_early, interruptible=flags.interruptible,
-                                        reference=lambda: s.grpo.reference if s.grpo is not None else None,
+            checkpointer = Checkpointer(s, runtime, validate=Validator.of(s, cfg.train),
+                                        interruptible=flags.interruptible,
                                         on_saved=page.refresh if page is not None else None)
             lr_plan = LRPlan(cfg.train, s.schedule.total_steps, s.progress, budget, log,
                              agree=lambda length: gather_ints(world, [length])[0][0])
-            reporter = Reporter(run.root, log, heartbeat, budget, runtime, s.progress, s.optimizer,
-                                s.schedule.total_steps, s.resumed.step if s.resumed else 0, show_bar, world.leader)
+            reporter = Reporter(s, runtime, show_bar)
             stack.callback(reporter.close)
             _setup_trackers(stack, run, cfg, s.progress.global_step, log, world)
             inhibitor = _setup_sleep_inhibitor(stack, cfg, log)

@@ -18,12 +18,18 @@ HEARTBEAT_WRITE_S = 1.0  # status stays current, and a crash refunds less than t
 
 
 class Reporter:
-    def __init__(self, run_dir, log, heartbeat, budget, runtime, progress, optimizer, total_steps: int,
-                 resumed_step: int, show_bar: bool, leader: bool = True):
+    """Given the Session (training/session.py: the run, its progress, optimizer, schedule
+    and where it resumed), the Runtime (runtime/boundary.py: the log, heartbeat, budget
+    and window) and whether to draw the bar, report every step."""
+
+    def __init__(self, session, runtime, show_bar: bool):
         from tqdm import tqdm
 
-        self.run_dir, self.log, self.heartbeat, self.budget, self.runtime = run_dir, log, heartbeat, budget, runtime
-        self.progress, self.optimizer, self.leader = progress, optimizer, leader
+        resumed_step = session.resumed.step if session.resumed else 0
+        total_steps = session.schedule.total_steps
+        self.run_dir, self.runtime = session.run.root, runtime
+        self.log, self.heartbeat, self.budget = runtime.log, runtime.heartbeat, runtime.budget
+        self.progress, self.optimizer, self.leader = session.progress, session.optimizer, session.world.leader
         self.first_step = resumed_step + 1  # the crash guard counts a start as progress after this one
         self.first_loss = self.last_loss = None
         self.traces = 0
@@ -31,7 +37,7 @@ class Reporter:
         self.tokens = self.positions = 0
         self.last_write = time.monotonic()
         self.mean_step_s: float | None = None  # smoothed, for the expected end of training
-        self.bar = tqdm(total=total_steps, initial=resumed_step, unit="step", disable=not (show_bar and leader),
+        self.bar = tqdm(total=total_steps, initial=resumed_step, unit="step", disable=not (show_bar and self.leader),
                         dynamic_ncols=True)
 
     def on_step(self, epoch: int, result, step_s: float) -> None:
