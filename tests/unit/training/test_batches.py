@@ -8,7 +8,6 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.lora import LoRALinear
 
 from mathlora_daemon.config import load_config
 from mathlora_daemon.training.batches import (
@@ -24,6 +23,7 @@ from mathlora_daemon.training.model import ADAPTER_WEIGHTS, adapter_config, appl
 from mathlora_daemon.training.step import make_optimizer, masked_loss, train_step
 
 # --- schedule -----------------------------------------------------------------------------
+from models import live_b
 
 
 def test_schedule_with_partial_last_step():
@@ -162,14 +162,8 @@ def lora_model(model_dir, *overrides, lora_b_seed: int | None = None):
     model, tokenizer, _ = load_base(model_dir)
     cfg = load_config(None, list(overrides))
     keys = apply_lora(model, cfg)
-    if lora_b_seed is not None:
-        # A fresh LoRA has B = 0, so A gets no gradient; start from a non-zero B so every
-        # LoRA weight takes part in the comparison.
-        key = mx.random.key(lora_b_seed)
-        for _, module in model.named_modules():
-            if isinstance(module, LoRALinear):
-                key, sub = mx.random.split(key)
-                module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape, key=sub)
+    if lora_b_seed is not None:  # every LoRA weight takes part in the comparison (tests/models.py)
+        live_b(model, lora_b_seed)
     model.train()
     return model, tokenizer, cfg, keys
 
