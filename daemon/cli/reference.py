@@ -8,8 +8,10 @@ one thing while the code does another. A test keeps the file in step:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from functools import partial
+
+WIDTH = 98  # what argparse makes of a 100-column terminal
 
 HEADER = """# Reference
 
@@ -72,17 +74,11 @@ def render() -> str:
 
     parser = build_parser()
     parts = [HEADER, reference_table(), "\n", CLI_INTRO]
-    previous = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: the file must not depend on it
-    try:
-        for name, sub in _commands(parser):
-            sub.prog = f"mathlora-daemon {name}"
-            parts.append(f"\n### {name}\n\n```\n{sub.format_help().rstrip()}\n```\n")
-    finally:
-        if previous is None:
-            os.environ.pop("COLUMNS", None)
-        else:
-            os.environ["COLUMNS"] = previous
+    for name, sub in _commands(parser):
+        sub.prog = f"mathlora-daemon {name}"
+        # argparse wraps to the terminal's width; the file must not depend on the terminal.
+        sub.formatter_class = partial(argparse.HelpFormatter, width=WIDTH)
+        parts.append(f"\n### {name}\n\n```\n{sub.format_help().rstrip()}\n```\n")
     parts.append("\n" + EXIT_CODES)
     return "".join(parts)
 

@@ -48,11 +48,6 @@ DEMO_ENTRIES = entry_names() | {MODEL_TMP}
 LEARNING_RATE = 3e-3
 
 
-def _relative(path: Path) -> str:
-    """A run-directory path as the config writes it (relative to the run directory)."""
-    return path.as_posix()
-
-
 def demo_config() -> Config:
     """Return the demo's config: the shipped tiny base model and the synthetic data in
     DeepSeek-Math's chat format, one epoch sized to a couple of minutes on two CPU cores,
@@ -60,8 +55,9 @@ def demo_config() -> Config:
     return Config(
         # The model is the directory the demo writes: a local path, nothing to download or convert.
         model=ModelConfig(name=MODEL_DIR, path=MODEL_DIR),
-        data=DataConfig(name=_relative(RunDir(Path()).demo_train), max_seq_len=256,
-                        validation_name=_relative(RunDir(Path()).demo_test)),
+        # Paths relative to the run directory, as the config file writes them.
+        data=DataConfig(name=RunDir(Path()).demo_train.as_posix(), max_seq_len=256,
+                        validation_name=RunDir(Path()).demo_test.as_posix()),
         lora=LoraConfig(rank=16, alpha=32.0, dropout=0.0,
                         targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         train=TrainConfig(epochs=1, batch_size=4, grad_accumulation_steps=2, learning_rate=LEARNING_RATE, seed=0,

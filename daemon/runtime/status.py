@@ -434,7 +434,8 @@ def report_lines(report: dict) -> list[str]:
         rule = report.get("selected_rule") or ("lowest validation loss" if selected != steps else "the last")
         chosen = f"step {selected} of the {steps} trained, {'the last' if rule == 'last' else rule}"
         rows.append(("adapters", f"{adapters} ({chosen})"))
-    sft = (report.get("stages") or {}).get("sft") if isinstance(report.get("stages"), dict) else None
+    stages = report.get("stages")
+    sft = stages.get("sft") if isinstance(stages, dict) else None
     if isinstance(sft, dict):  # train.method = "sft+grpo": what the first stage did
         text = f"{json_int(sft.get('steps'))} SFT steps, then GRPO from {sft.get('adapters')}"
         sft_best, sft_base = json_number(sft.get("best_val_loss")), json_number(sft.get("base_val_loss"))

@@ -42,7 +42,6 @@ from mathlora_daemon.training.model import adapter_config, save_adapters
 from mathlora_daemon.training.oom import split_after_death, take_step_splitting
 from mathlora_daemon.training.reporter import Reporter, show_progress_bar
 from mathlora_daemon.training.session import setup_session
-from mathlora_daemon.training.stages import tracker_step_offset
 from mathlora_daemon.training.validation import Validator
 
 
@@ -110,7 +109,6 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
 
     run = RunDir(run_dir, debug=debug)
     if debug and world.leader:
-
         for folder in (run.checkpoints, run.adapters):  # a debug run always starts from scratch
             shutil.rmtree(folder, ignore_errors=True)
     show_bar = show_progress_bar(progress)
@@ -140,7 +138,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                              agree=lambda length: gather_ints(world, [length])[0][0])
             reporter = Reporter(s, runtime, show_bar)
             stack.callback(reporter.close)
-            _setup_trackers(stack, run, cfg, s.progress.global_step, log, world)
+            _setup_trackers(stack, run, cfg, s.progress.global_step, log, world, stage.step_offset if stage else 0)
             inhibitor = _setup_sleep_inhibitor(stack, cfg, log)
             runtime.on_config_change = lambda old, new: _apply_reloaded(old.daemon, new.daemon, inhibitor, log)
             s.model.train()  # dropout active
@@ -195,20 +193,20 @@ def _setup_watcher(stack: ExitStack, run: RunDir, config_path: Path | None, flag
     return watcher
 
 
-def _setup_trackers(stack: ExitStack, run: RunDir, cfg: Config, start_step: int, log, world: World) -> None:
-    """TensorBoard, W&B, MLflow ([report]): rank 0 mirrors the log's figures into them."""
+def _setup_trackers(stack: ExitStack, run: RunDir, cfg: Config, start_step: int, log, world: World,
+                    step_offset: int = 0) -> None:
+    """TensorBoard, W&B, MLflow ([report]): rank 0 mirrors the log's figures into them,
+    `step_offset` steps along (the GRPO stage of "sft+grpo": after the SFT steps)."""
     r = cfg.report
     if not world.leader or not (r.tensorboard or r.wandb_project or r.mlflow_uri):
         return
 
-    trackers = Trackers(run, r, tracker_config(cfg), start_step, log, tracker_step_offset(run, cfg))
+    trackers = Trackers(run, r, tracker_config(cfg), start_step, log, step_offset)
     trackers.attach()
     stack.callback(trackers.close)
 
 
 def _setup_sleep_inhibitor(stack: ExitStack, cfg: Config, log) -> None:
-
-
     inhibitor = SleepInhibitor()
     stack.callback(inhibitor.stop)
     if cfg.daemon.prevent_sleep:
@@ -221,7 +219,6 @@ def _apply_reloaded(old, new, inhibitor, log) -> None:
     """The reloaded [daemon] keys that act outside the runtime's boundary (the boundary
     applies the budget, window, thresholds; the Checkpointer reads its cadence and
     retention live): MLX's memory limit and the sleep inhibitor."""
-
 
     if new.memory_limit_gb != old.memory_limit_gb:  # 0: MLX's own default comes back
         log.info("memory.limits", memory_limit_gb=new.memory_limit_gb,

@@ -86,7 +86,6 @@ class Session:
         abandoned it (the state is still at the last boundary)."""
         train = self.cfg.train
         if self.grpo is not None:
-
             indices = [int(i) for i in np.concatenate(micro_batches)]
             # After an out-of-memory split (training/oom.py) the update takes fewer rows at a time.
             return self.grpo(step, indices, lr, train.max_grad_norm,
@@ -124,7 +123,6 @@ def setup_session(run: RunDir, cfg: Config, log, heartbeat, world: World, show_b
 
 def _saved_reference(resumed: CheckpointInfo) -> dict | None:
     """GRPO's reference adapters as the checkpoint keeps them (None: the base model)."""
-
 
     _state, files = load_checkpoint(resumed.path)
     return dict(mx.load(str(files["reference"]))) if "reference" in files else None
@@ -166,7 +164,6 @@ def _setup_packing(cfg: Config, model, cache: TokenCache, world: World, log):
 def _setup_init_adapters(run: RunDir, model, cfg: Config, log) -> None:
     """Start GRPO from trained (SFT) adapters: rl.init_adapters, relative to the run dir."""
 
-
     path = run.model(cfg.rl.init_adapters)  # the same rule: relative to the run directory unless absolute
     check_adapter_dir(path, option="rl.init_adapters")
     weights = mx.load(str(path / "adapters.safetensors"))
@@ -183,7 +180,6 @@ def _setup_init_adapters(run: RunDir, model, cfg: Config, log) -> None:
 
 
 def _setup_grpo(s: Session, reference: dict | None):
-
     # The loop replaces these two with the runtime's (a stop raises out of the rollouts).
     idle = Flags()
     return GRPOStep(s.model, s.optimizer, s.tokenizer, s.prompt_format, s.problems, s.cfg.rl, s.cfg.train,
@@ -192,7 +188,6 @@ def _setup_grpo(s: Session, reference: dict | None):
 
 
 def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
-
     log.info("memory.limits", **apply_limits(cfg.daemon.memory_limit_gb, wired_limit=True))
     kernels = use_kernel_cache(run.kernel_cache) if world.leader else None  # the other ranks write nothing here
     if kernels:
@@ -200,7 +195,6 @@ def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
 
 
 def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World, show_bar: bool):
-
     if not world.leader:
         barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
     model_dir = ensure_model(cfg, run.root, log)  # converts model.name into model.path when it is missing
@@ -215,7 +209,6 @@ def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World
 
 
 def _setup_lora(model, cfg: Config, log, world: World) -> list[str]:
-
     keys = apply_lora(model, cfg)
     if cfg.train.grad_checkpoint:
         use_grad_checkpoint(model)
@@ -230,7 +223,6 @@ def _setup_lora(model, cfg: Config, log, world: World) -> list[str]:
 
 
 def _setup_optimizer(cfg: Config, items, model_dir: Path, world: World, problems=None):
-
     if problems is None:
         schedule = Schedule(len(items), cfg.train.batch_size, cfg.train.grad_accumulation_steps, cfg.train.epochs,
                             cfg.train.max_steps)
@@ -247,7 +239,6 @@ def _resume(run: RunDir, model, optimizer, schedule: Schedule, fp: dict, log,
     """Rank 0 resumes from the newest checkpoint that verifies (torn ones are logged and
     skipped); in a distributed job every rank then takes rank 0's step, adapters and Adam
     state, a fresh start too, so no rank depends on its own initialisation."""
-
 
     resumed, progress = None, Progress()
     if world.leader:

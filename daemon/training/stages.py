@@ -34,6 +34,7 @@ from mathlora_daemon import testhooks
 from mathlora_daemon.config import Config
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.budget import Budget
+from mathlora_daemon.runtime.report import read_report, training_identity, write_report
 
 STAGED = "sft+grpo"
 SFT, GRPO = "sft", "grpo"
@@ -68,10 +69,12 @@ def stage_config(cfg: Config, run: RunDir, stage: str) -> Config:
 @dataclass(frozen=True)
 class Stage:
     """The stage a start trains: how it sees the run's config and its budget's total
-    (training/loop.py hands both to the runtime, for config reloads)."""
+    (training/loop.py hands both to the runtime, for config reloads), and where its steps
+    stand on the trackers' axis (the GRPO stage's after the SFT stage's)."""
 
     run: RunDir
     name: str
+    step_offset: int = 0
 
     def view(self, cfg: Config) -> Config:
         return stage_config(cfg, self.run, self.name)
@@ -96,7 +99,7 @@ def switch_to_grpo(run: RunDir, result, budget: Budget, log) -> dict:
     its adapters, record the switch and move its checkpoints aside; return the record."""
     kept = run.sft_stage_adapters
     ensure_private_dir(run.sft_stage)
-    staging = run.sft_stage / "adapters.tmp"
+    staging = kept.with_name(kept.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(run.adapters, staging)
     shutil.rmtree(kept, ignore_errors=True)
@@ -124,17 +127,6 @@ def finish_switch(run: RunDir) -> None:
         os.replace(run.checkpoints, moved)
 
 
-def tracker_step_offset(run: RunDir, cfg: Config) -> int:
-    """The GRPO stage's first step on the trackers' axis: after the SFT stage's steps
-    (0 for any other run)."""
-    if cfg.train.method != GRPO:
-        return 0
-    record = read_json_object(run.stage_file) or {}
-    steps = (record.get("sft") or {}).get("steps") if record.get("stage") == GRPO else None
-    return steps if isinstance(steps, int) and steps > 0 and cfg.rl.init_adapters == str(run.sft_stage_adapters) \
-        else 0
-
-
 def train_in_stages(run: RunDir, cfg: Config, budget: Budget, log, heartbeat, train_stage):
     """Given the run, its config (method "sft+grpo"), the run's budget, the log, the
     heartbeat and `train_stage(stage_cfg, stage_budget, stage)` (training/loop.py's train),
@@ -156,7 +148,9 @@ def train_in_stages(run: RunDir, cfg: Config, budget: Budget, log, heartbeat, tr
         finish_switch(run)
         budget.used_s = max(budget.used_s, float(record.get("sft", {}).get("budget_used_s") or 0.0))
     heartbeat.update(stage="grpo (2 of 2, from the SFT stage's adapters)")
-    result = train_stage(stage_config(cfg, run, GRPO), budget, Stage(run, GRPO))
+    sft_steps = record.get("sft", {}).get("steps")
+    result = train_stage(stage_config(cfg, run, GRPO), budget,
+                         Stage(run, GRPO, step_offset=sft_steps if isinstance(sft_steps, int) else 0))
     if result.report:
         result.report["stages"] = {"sft": record.get("sft", {}), "grpo": {"steps": result.steps}}
         _amend_report(run, cfg, result.report)
@@ -166,8 +160,6 @@ def train_in_stages(run: RunDir, cfg: Config, budget: Budget, log, heartbeat, tr
 def _amend_report(run: RunDir, cfg: Config, report: dict) -> None:
     """The GRPO stage wrote the run's end as its own: give it both stages' figures and
     the run's identity (what tells a later start that the run is finished)."""
-    from mathlora_daemon.runtime.report import read_report, training_identity, write_report
-
     body = read_report(run)
     if body is None:
         return

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import cli, events, finish, hold, sha, start, step_logged, wait_for
+from runs import cli, events, finish, hold, kill_at, sha, start, step_logged, wait_for
 
 STEPS = 6
 GRPO = ("--set", 'train.method="grpo"', "--set", 'rl.init_adapters="sft/adapters"', "--set", "rl.group_size=4",
@@ -89,9 +89,7 @@ def test_grpo_steps_report_rewards_and_select_by_accuracy(grpo_reference):
 @pytest.mark.parametrize("point", ["rollout@3", "micro@4", "save@4"])
 def test_sigkill_at_any_point_resumes_to_the_same_adapters(grpo_template, grpo_reference, tmp_path, point):
     run = copy_run(grpo_template, tmp_path / "run")
-    proc = hold(run, point, tmp_path, *GRPO)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_at(run, point, tmp_path, *GRPO)
     finish(start(run, *GRPO))
     assert events(run, "resume")
     assert_matches(run, grpo_reference)

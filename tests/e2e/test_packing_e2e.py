@@ -3,13 +3,12 @@ and are recorded in the token cache."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from runs import cli, copy, events, finish, hold, make_tiny_run, sha, start
+from runs import cli, copy, events, finish, kill_at, make_tiny_run, sha, start
 
 PACK = ("--set", "data.pack=true", "--set", "data.max_seq_len=1024", "--set", "train.batch_size=2",
         "--set", "train.grad_accumulation_steps=1", "--set", "train.epochs=2", "--set", "train.max_steps=0",
@@ -52,9 +51,7 @@ def test_packed_rows_hold_several_sequences_with_little_padding(packed_reference
 @pytest.mark.parametrize("point", ["micro@3", "save@4"])
 def test_sigkill_resumes_a_packed_run_bit_exactly(packed_template, packed_reference, tmp_path, point):
     run = copy(packed_template, tmp_path / "run")
-    proc = hold(run, point, tmp_path, *PACK)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_at(run, point, tmp_path, *PACK)
     finish(start(run, *PACK))
     assert events(run, "resume")
     assert sha(run / "adapters" / "adapters.safetensors") == packed_reference["adapters"]

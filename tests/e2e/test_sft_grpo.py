@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 
-from runs import cli, events, finish, hold, sha, start
+from runs import cli, events, finish, kill_at, sha, start
 
 STEPS = 4
 STAGED = ("--set", 'train.method="sft+grpo"', "--set", "rl.group_size=4", "--set", "rl.prompts_per_step=2",
@@ -82,9 +81,7 @@ def test_one_run_trains_sft_then_grpo_from_its_adapters(staged_reference):
 def test_sigkill_across_the_switch_resumes_to_the_same_adapters(staged_template, staged_reference, tmp_path,
                                                                 point):
     run = copy_run(staged_template, tmp_path / "run")
-    proc = hold(run, point, tmp_path, *STAGED)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_at(run, point, tmp_path, *STAGED)
     finish(start(run, *STAGED))
     assert sha(run / "adapters" / "adapters.safetensors") == staged_reference["adapters"]
     assert sha(run / "stages" / "sft" / "adapters" / "adapters.safetensors") == staged_reference["sft_adapters"]

@@ -22,10 +22,10 @@ from mathlora_daemon.training.stages import (
     sft_budget,
     stage_config,
     switch_to_grpo,
-    tracker_step_offset,
+    train_in_stages,
 )
 
-from fakes import RecordingLog
+from fakes import RecordingHeartbeat, RecordingLog
 
 
 def staged_file(path: Path, budget_hours: float = 2.0) -> Path:
@@ -93,14 +93,24 @@ def test_a_kill_before_the_move_is_finished_by_the_next_start(tmp_path):
     assert (run.sft_stage / "checkpoints" / "step-00000004").is_dir() and not run.checkpoints.exists()
 
 
-@pytest.mark.parametrize("record, expected", [({"stage": GRPO, "sft": {"steps": 30}}, 30), ({"stage": SFT}, 0),
-                                              (None, 0)])
-def test_trackers_draw_the_grpo_stage_after_the_sft_steps(tmp_path, record, expected):
-    run = RunDir(tmp_path)
-    if record is not None:
+@pytest.mark.parametrize("resumed_in_grpo", [False, True])
+def test_trackers_draw_the_grpo_stage_after_the_sft_steps(tmp_path, resumed_in_grpo):
+    """train_in_stages with a stand-in for the loop's train: the SFT stage is drawn from
+    step 0, the GRPO stage after the SFT stage's 30 steps, whether the switch happened in
+    this start or an earlier one."""
+    run, cfg = RunDir(tmp_path), load_config(staged_file(tmp_path / "mathlora.toml"))
+    calls = []
+
+    def train_stage(stage_cfg, stage_budget, stage):
+        calls.append((stage_cfg.train.method, stage.step_offset))
+        if stage.name == SFT:
+            run.adapters.mkdir()
+            (run.adapters / "adapters.safetensors").write_bytes(b"sft weights")
+            return RunResult(0, 30, 1.0, 0.5, run.adapters, "finished", {})
+        return RunResult(0, 5, 1.0, 0.5, run.adapters, "stopped", None)
+
+    if resumed_in_grpo:
         run.state.mkdir()
-        run.stage_file.write_text(json.dumps(record))
-    cfg = stage_config(load_config(staged_file(tmp_path / "mathlora.toml")), run, GRPO)
-    assert tracker_step_offset(run, cfg) == expected
-    plain = load_config(None, ['train.method="grpo"'])
-    assert tracker_step_offset(run, plain) == 0
+        run.stage_file.write_text(json.dumps({"stage": GRPO, "sft": {"steps": 30}}))
+    train_in_stages(run, cfg, Budget(3600.0), RecordingLog(), RecordingHeartbeat(), train_stage)
+    assert calls == ([] if resumed_in_grpo else [("sft", 0)]) + [("grpo", 30)]
