@@ -20,9 +20,9 @@ env_setup() {
 memory() {  # issue 22.1 / 22.2: 7B 4-bit peak, what the in-flight work holds, the plan's accuracy
   env_setup
   local b="python3 bench/train_bench.py --shape deepseek-7b --batch 1 --steps 5 --warmup 2 --which daemon --prep-rows 0"
-  $b --quant 4 --grad-checkpoint --out "$OUT/h200-7b-q4-gc.json"
-  $b --quant 4 --grad-checkpoint --memory-limit-gb 6.3 --out "$OUT/h200-7b-q4-gc-limit.json"
-  $b --grad-checkpoint --out "$OUT/h200-7b-bf16-gc.json"
+  timeout 300 $b --quant 4 --grad-checkpoint --out "$OUT/h200-7b-q4-gc.json" 2>&1 | tail -n 25
+  timeout 150 $b --quant 4 --grad-checkpoint --memory-limit-gb 6.3 --out "$OUT/h200-7b-q4-gc-limit.json" 2>&1 | tail -n 25
+  timeout 100 $b --grad-checkpoint --out "$OUT/h200-7b-bf16-gc.json" 2>&1 | tail -n 15
 }
 
 grpo_start() {  # issue 21.7: base, SFT W, SFT W/2 + GRPO W/2, then the side-by-side with mlx-lm-lora

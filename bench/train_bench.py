@@ -275,6 +275,7 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
     import mathlora_daemon.training.session as dsession  # where the loop's set-up and steps look these up
     import mathlora_daemon.training.step as dtrainer
     from mathlora_daemon.config import Config, DaemonConfig, DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from mathlora_daemon.rundir import RunDir
     from mathlora_daemon.runtime.budget import Budget
     from mathlora_daemon.runtime.heartbeat import Heartbeat
     from mathlora_daemon.runtime.logs import close_logging, setup_logging
@@ -333,13 +334,13 @@ def run_daemon(model, model_cfg: dict, label: str, quant: int, cache, batch: int
     os.environ[dtrainer.DEQUANT_ENV] = "1" if dequant else "0"
     dsession.load_base = lambda path: (model, None, model_cfg)
     dsession.prepare_tokens = lambda *args, **kwargs: cache
-    log = setup_logging(run_dir, run_dir.name, console=False)
-    heartbeat = Heartbeat(run_dir, run_dir.name, os.getpid(), cfg.daemon.budget_hours * 3600)
+    run = RunDir(run_dir)
+    log = setup_logging(run, run_dir.name, console=False)
+    heartbeat = Heartbeat(run, run_dir.name, os.getpid(), cfg.daemon.budget_hours * 3600)
     clear_memory()
     mx.reset_peak_memory()
     try:
-        result = train(run_dir, cfg, log, heartbeat, Budget(cfg.daemon.budget_hours * 3600), None, [],
-                       debug=False, progress=False)
+        result = train(run, cfg, log, heartbeat, Budget(cfg.daemon.budget_hours * 3600), None, [], progress=False)
         peak = mx.get_peak_memory()
     finally:
         dsession.train_step, dsession.load_base, dsession.prepare_tokens = real_step, real_load, real_prepare
@@ -556,6 +557,7 @@ def data_prep(rows: int, seq: int, workdir: Path) -> dict:
     from mathlora_daemon.config import DataConfig
     from mathlora_daemon.demo.assets import build_demo_model_dir
     from mathlora_daemon.demo.mathgen import generate_problems
+    from mathlora_daemon.rundir import RunDir
     from mathlora_daemon.training.cache import load_cache
     from mathlora_daemon.training.model import load_base
     from mathlora_daemon.training.prepare import prepare_tokens
@@ -579,7 +581,7 @@ def data_prep(rows: int, seq: int, workdir: Path) -> dict:
     _, tokenizer, _ = load_base(model_dir)
     cfg = DataConfig(name=str(path), max_seq_len=seq)
     t0 = time.perf_counter()
-    cache = prepare_tokens(cfg, workdir / "prep", model_dir, tokenizer, NullLog(), progress=False)
+    cache = prepare_tokens(cfg, RunDir(workdir / "prep"), model_dir, tokenizer, NullLog(), progress=False)
     prep_s = time.perf_counter() - t0
     loads, reads = [], []
     for _ in range(5):

@@ -27,7 +27,11 @@ _PATH_OPTIONS = {"out": "--out", "adapter_path": "--adapter-path", "data": "--da
 
 
 def _path_options(args) -> dict[str, object]:
-    return {flag: getattr(args, name) for name, flag in _PATH_OPTIONS.items() if getattr(args, name, None) is not None}
+    values = {flag: getattr(args, name) for name, flag in _PATH_OPTIONS.items()
+              if getattr(args, name, None) is not None}
+    if "--run-dir" in values:
+        values["--run-dir"] = values["--run-dir"].root  # a RunDir (cli/arguments.py): the path it was given
+    return values
 
 
 def _tolerant_streams() -> None:

@@ -22,24 +22,24 @@ from mathlora_daemon.rundir import RunDir
 MAY_CREATE_RUN_DIR = frozenset({"demo", "convert", "uninstall"})
 
 
-def check_run_dir(command: str, run_dir: Path) -> None:
+def check_run_dir(command: str, run: RunDir) -> None:
     """Raise InputError when --run-dir names no directory (a typo, usually) for a command
     that needs one; nothing is created there."""
     if command in MAY_CREATE_RUN_DIR:
         return
-    if not run_dir.exists():
-        raise InputError(f"--run-dir {run_dir}: no such directory (check the path; `mathlora-daemon demo` or "
+    if not run.root.exists():
+        raise InputError(f"--run-dir {run.root}: no such directory (check the path; `mathlora-daemon demo` or "
                          "`convert` create a run directory)")
-    if not run_dir.is_dir():
-        raise InputError(f"--run-dir {run_dir}: not a directory")
+    if not run.root.is_dir():
+        raise InputError(f"--run-dir {run.root}: not a directory")
 
 
-def require_writable(run_dir: Path) -> None:
+def require_writable(run: RunDir) -> None:
     """Raise the contract error (78; 75 for a full disk) when the run directory or a
     directory in it that the command writes cannot be written."""
     from mathlora_daemon.rundir import unwritable_error
 
-    error = unwritable_error(RunDir(run_dir))
+    error = unwritable_error(run)
     if error is not None:
         raise error
 
@@ -50,7 +50,7 @@ def config_path(args: Namespace) -> Path:
         if not check_config_file(args.config, "--config"):  # a directory, FIFO, device: said what it is
             raise InputError(f"--config {args.config}: no such file")
         return args.config
-    return RunDir(args.run_dir).config
+    return args.run_dir.config
 
 
 def config_from(args: Namespace) -> Config:
@@ -73,7 +73,8 @@ def run(args: Namespace) -> int:
 
     ignore_late_stops()  # this process ends with training: a signal after the stop has nothing to stop
     testhooks.hold_point("start", 0)
-    return run_command(args.run_dir, config_path(args), args.overrides, debug=args.debug, final_eval=final_eval,
+    # With --debug, args.run_dir is already its debug variant (cli/arguments.py).
+    return run_command(args.run_dir, config_path(args), args.overrides, final_eval=final_eval,
                        page_figures=page_figures)
 
 
@@ -84,15 +85,16 @@ def prepare(args: Namespace) -> int:
     from mathlora_daemon.training.prepare import prepare_tokens
 
     cfg = config_from(args)
-    require_writable(args.run_dir)
-    log = setup_logging(args.run_dir, args.run_dir.resolve().name)
+    run = args.run_dir
+    require_writable(run)
+    log = setup_logging(run, run.root.resolve().name)
     try:
-        model_dir = RunDir(args.run_dir).model(cfg.model.path)
+        model_dir = run.model(cfg.model.path)
         _model, tokenizer, _ = load_base(model_dir)
-        cache = prepare_tokens(cfg.data, args.run_dir, model_dir, tokenizer, log)
+        cache = prepare_tokens(cfg.data, run, model_dir, tokenizer, log)
         # What a training step will need, on stderr: `run` decides, not prepare. After the
         # data, whose errors come first.
-        check_memory(cfg, model_dir, log, RunDir(args.run_dir).checkpoints, enforce=False)
+        check_memory(cfg, model_dir, log, run.checkpoints, enforce=False)
     finally:
         close_logging()
     m = cache.meta
@@ -121,7 +123,7 @@ def status(args: Namespace) -> int:
         from mathlora_daemon.evaluation.plot import page_figures
         from mathlora_daemon.runtime.report_page import Page
 
-        print(Page(RunDir(args.run_dir), page_figures).write())
+        print(Page(args.run_dir, page_figures).write())
         return 0
     return status_main(args.run_dir, as_json=args.json, out=sys.stdout, service_probe=service_status)
 
@@ -144,7 +146,7 @@ def control(args: Namespace) -> int:
     outcome, request, pid = send_request(args.run_dir, args.command, probe_lock)
     if outcome == "no_daemon":
         gone = f" (daemon pid {pid} exited before reading the request)" if pid else ""
-        print(f"no daemon is running in {args.run_dir}{gone}; nothing to {args.command}", file=sys.stderr)
+        print(f"no daemon is running in {args.run_dir.root}{gone}; nothing to {args.command}", file=sys.stderr)
         return 1
     if outcome == "unacknowledged":
         print(f"{args.command} requested (id {request['id'][:8]}) but daemon pid {pid} has not acknowledged it "
@@ -165,7 +167,7 @@ def checkpoints(args: Namespace) -> int:
     cfg = config_from(args)
     _positive(getattr(args, "keep", None), "--keep", 1)
     keep = getattr(args, "keep", None) or cfg.daemon.keep_checkpoints
-    root = RunDir(args.run_dir).checkpoints
+    root = args.run_dir.checkpoints
     if args.action != "prune":
         return checkpoints_command(args.action, root, keep, as_json=args.json, out=sys.stdout)
     # A daemon may be resuming from the very checkpoint prune would remove: prune only
@@ -173,10 +175,10 @@ def checkpoints(args: Namespace) -> int:
     try:
         lock = acquire_lock(args.run_dir, retries=0.2)
     except LockHeld as exc:
-        stop = shlex.join(["mathlora-daemon", "stop", "--run-dir", str(args.run_dir)])  # quoted: it pastes
+        stop = shlex.join(["mathlora-daemon", "stop", "--run-dir", str(args.run_dir.root)])  # quoted: it pastes
         raise TemporaryFailure(f"{exc}; stop it first (`{stop}`): it prunes its own checkpoints as it trains") from None
     except FileNotFoundError:
-        raise InputError(f"--run-dir {args.run_dir}: no such directory") from None
+        raise InputError(f"--run-dir {args.run_dir.root}: no such directory") from None
     with lock:
         return checkpoints_command("prune", root, keep, as_json=args.json, out=sys.stdout)
 
@@ -219,12 +221,12 @@ def export(args: Namespace) -> int:
     from mathlora_daemon.modelio.export import default_base_model, export_peft
 
     cfg = config_from(args)
-    run = RunDir(args.run_dir)
+    run = args.run_dir
     adapter_dir = args.adapter_path or run.adapters
     out = args.out or run.export(args.format)
     if args.format == "gguf":
         return _export_gguf(args, cfg, run, adapter_dir, out)
-    base = args.base_model or default_base_model(cfg, args.run_dir)
+    base = args.base_model or default_base_model(cfg, run)
     info = export_peft(adapter_dir, out, base)
     print(f"exported {info['tensors']} tensors (rank {info['rank']}, lora_alpha {info['lora_alpha']}, "
           f"scale {info['scale']:g}, {', '.join(info['target_modules'])}) for {base} -> {out}")
@@ -277,7 +279,7 @@ def fuse(args: Namespace) -> int:
     from mathlora_daemon.modelio.fuse import fuse_model
 
     cfg = config_from(args)
-    run = RunDir(args.run_dir)
+    run = args.run_dir
     out = args.out or run.fused
     base_gguf = args.base_gguf or (_recorded_base_gguf(cfg, run) if args.gguf else None)
     if args.gguf and base_gguf is None:
@@ -306,7 +308,7 @@ def serve(args: Namespace) -> int:
     _positive(args.max_tokens, "--max-tokens", 1)
     adapters = None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
     template = recorded_template(adapters, cfg.data.template)
-    model_dir = RunDir(args.run_dir).model(cfg.model.path)
+    model_dir = args.run_dir.model(cfg.model.path)
     banner = (f"serving {model_dir}" + (f" with adapters {adapters}" if adapters else " (no adapters)")
               + f", {template} prompt format, on http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, "
               "/v1/completions, /v1/models); Ctrl-C stops")
@@ -322,7 +324,7 @@ def generate(args: Namespace) -> int:
     adapters = None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
     which = f"adapters {adapters}" if adapters else "base model, no adapters"
     print(f"[{which}]", file=sys.stderr)
-    generate_text(RunDir(args.run_dir).model(cfg.model.path), args.prompt, adapters, args.max_new_tokens,
+    generate_text(args.run_dir.model(cfg.model.path), args.prompt, adapters, args.max_new_tokens,
                   args.temperature, args.seed, out=sys.stdout, template=cfg.data.template)
     return 0
 
@@ -340,7 +342,7 @@ def evaluate(args: Namespace, generate_fn=None) -> int:
 def plot(args: Namespace) -> int:
     from mathlora_daemon.evaluation.plot import plot_run
 
-    out = args.out or RunDir(args.run_dir).plot
+    out = args.out or args.run_dir.plot
     info = plot_run(args.run_dir, out)
     print(f"plotted {info['points']} steps, {info['evals']} validation point(s), {info['resumes']} resume(s), "
           f"{info['checkpoints']} checkpoint(s) -> {out}")

@@ -6,6 +6,10 @@ wherever a user puts them (`checkpoints --run-dir D list` and `checkpoints list
 --run-dir D`). `normalize` then merges them into `args.run_dir`, `args.config` and
 `args.overrides`; `config_from` (cli/actions.py) is the one place that turns them
 into a Config.
+
+`args.run_dir` is a RunDir (rundir.py), built here and nowhere else: every layer below
+receives it (`run --debug` gets its debug variant), never a bare path to rebuild one
+from.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from mathlora_daemon import __version__
-from mathlora_daemon.rundir import CONFIG_FILE
+from mathlora_daemon.rundir import CONFIG_FILE, RunDir
 
 DEMO_DIR = "mathlora-demo"
 DESCRIPTION = ("Resumable LoRA fine-tuning daemon for MLX: trains overnight in checkpointed segments "
@@ -25,12 +30,17 @@ SHARED = ("run_dir", "config", "overrides")
 _LEVELS = ("command", "action")  # where a shared option may stand: after the command, after its action
 
 
+def run_dir(value: str) -> RunDir:
+    """argparse's `type` for --run-dir: the RunDir every command receives."""
+    return RunDir(Path(value))
+
+
 def add_shared(p: argparse.ArgumentParser, level: str, config: bool = True, run_dir_default: str = ".") -> None:
     """Add the shared options to a command (level "command") or an action ("action").
     Defaults are applied by `normalize`, so an option given at one level is not reset
     by the other's default."""
     p.set_defaults(**{"_run_dir_default": run_dir_default})
-    p.add_argument("--run-dir", dest=f"run_dir__{level}", type=Path, default=argparse.SUPPRESS, metavar="DIR",
+    p.add_argument("--run-dir", dest=f"run_dir__{level}", type=run_dir, default=argparse.SUPPRESS, metavar="DIR",
                    help=f"the run directory (default: {run_dir_default})")
     if config:
         p.add_argument("--config", dest=f"config__{level}", type=Path, default=argparse.SUPPRESS, metavar="FILE",
@@ -52,17 +62,19 @@ def add_adapters(p: argparse.ArgumentParser, optional: bool, base_alone: str | N
 
 
 def normalize(args: argparse.Namespace) -> argparse.Namespace:
-    """Merge the shared options given at any level into args.run_dir, args.config
-    (None: <run-dir>/mathlora.toml) and args.overrides (all --set, outer first)."""
+    """Merge the shared options given at any level into args.run_dir (a RunDir; with
+    `run --debug`, its debug variant), args.config (None: <run-dir>/mathlora.toml) and
+    args.overrides (all --set, outer first)."""
     values = vars(args)
-    run_dir = config = None
+    run = config = None
     overrides: list[str] = []
     for level in _LEVELS:
-        run_dir = values.pop(f"run_dir__{level}", None) or run_dir
+        run = values.pop(f"run_dir__{level}", None) or run
         config = values.pop(f"config__{level}", None) or config
         overrides += values.pop(f"overrides__{level}", None) or []
-    args.run_dir = run_dir or Path(values.pop("_run_dir_default", "."))
+    run = run or RunDir(Path(values.pop("_run_dir_default", ".")))
     values.pop("_run_dir_default", None)
+    args.run_dir = replace(run, debug=True) if getattr(args, "debug", False) else run
     args.config, args.overrides = config, overrides
     return args
 
@@ -82,7 +94,7 @@ class Parser(argparse.ArgumentParser):
                 value = _dash_value(Parser.argv, option)
                 if value is not None:
                     long = max(action.option_strings, key=len)  # `-n=-3` would not parse; `--lines=-3` does
-                    path = f", or ./{value} for a path" if action.type is Path else ""
+                    path = f", or ./{value} for a path" if action.type in (Path, run_dir) else ""
                     message += f" ({value!r} starts with '-', so it reads as an option: write {long}={value}{path})"
                     break
         super().error(message)

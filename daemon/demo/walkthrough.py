@@ -66,67 +66,65 @@ def demo_config() -> Config:
     )
 
 
-def check_run_dir(run_dir: Path) -> None:
+def check_run_dir(run: RunDir) -> None:
     """Given a directory, raise InputError unless it is absent, empty or a demo run
     directory (so the demo never writes over a user's files)."""
-    if not run_dir.exists():
+    if not run.root.exists():
         return
-    if not run_dir.is_dir():
-        raise InputError(f"--run-dir {run_dir}: exists and is not a directory")
-    config = run_dir / CONFIG_FILE
+    if not run.root.is_dir():
+        raise InputError(f"--run-dir {run.root}: exists and is not a directory")
+    config = run.config
     if config.exists() and MARKER not in config.read_text(errors="replace").splitlines()[0]:
-        raise InputError(f"--run-dir {run_dir}: holds a {CONFIG_FILE} that is not the demo's; "
+        raise InputError(f"--run-dir {run.root}: holds a {CONFIG_FILE} that is not the demo's; "
                          "choose another directory for the demo")
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in DEMO_ENTRIES)
+    foreign = sorted(p.name for p in run.root.iterdir() if p.name not in DEMO_ENTRIES)
     if foreign:
-        raise InputError(f"--run-dir {run_dir}: not empty ({', '.join(foreign[:5])}); choose an empty or new "
+        raise InputError(f"--run-dir {run.root}: not empty ({', '.join(foreign[:5])}); choose an empty or new "
                          "directory for the demo")
 
 
-def prepare_demo(run_dir: Path) -> Config:
+def prepare_demo(run: RunDir) -> Config:
     """Given a run directory, write the demo model (the shipped pretrained base), data
     and config there (reusing any already written) and return the config."""
     from mathlora_daemon.demo.base_model import copy_base, demo_splits
 
-    check_run_dir(run_dir)
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    run = RunDir(run_dir)
+    check_run_dir(run)
+    run.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not run.demo_train.exists() or not run.demo_test.exists():
         train, test = demo_splits()
         write_rows(run.data, {run.demo_train.name: train, run.demo_test.name: test})
     model = run.model(MODEL_DIR)
     if not (model / "model.safetensors").exists():
-        tmp = run_dir / MODEL_TMP
+        tmp = run.root / MODEL_TMP
         shutil.rmtree(tmp, ignore_errors=True)
         copy_base(tmp)
         os.rename(tmp, model)  # the model appears whole or not at all
-    config_path = run_dir / CONFIG_FILE
+    config_path = run.config
     if not config_path.exists():
         config_path.write_text(to_toml(demo_config(), comment=f"{MARKER}: tiny model, synthetic math data.\n"
                                                               "Every key is documented in docs/reference.md."))
     return load_config(config_path)
 
 
-def training_outputs(run_dir: Path) -> list[Path]:
+def training_outputs(run: RunDir) -> list[Path]:
     """Given a demo run directory, return what training and the commands the demo
     suggests write there (what a second demo must not start from)."""
-    run = RunDir(run_dir)
     return [run.checkpoints, run.adapters, run.state, run.log_file.parent, run.report_file, run.report_html,
             run.debug_root, run.export("peft").parent, run.fused, run.plot]
 
 
-def clear_previous_run(run_dir: Path) -> list[str]:
+def clear_previous_run(run: RunDir) -> list[str]:
     """Given a demo run directory (check_run_dir passed), remove the previous demo's
     training outputs and return their names; raise InputError while a daemon trains
     there (its files are not ours to remove then)."""
     from mathlora_daemon.runtime.lock import probe_lock
 
-    running, pid = probe_lock(run_dir)
+    running, pid = probe_lock(run)
     if running:
-        raise InputError(f"--run-dir {run_dir}: a daemon (pid {pid}) is training there; stop it first "
-                         f"({_command('stop', run_dir)}) or choose another directory for the demo")
+        raise InputError(f"--run-dir {run.root}: a daemon (pid {pid}) is training there; stop it first "
+                         f"({_command('stop', run)}) or choose another directory for the demo")
     cleared = []
-    for path in training_outputs(run_dir):
+    for path in training_outputs(run):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
@@ -147,27 +145,27 @@ def console_script() -> list[str]:
     return [str(Path(sys.executable).absolute()), "-m", "mathlora_daemon"]
 
 
-def _command(command: str, run_dir: Path, *args: str) -> str:
+def _command(command: str, run: RunDir, *args: str) -> str:
     """One command line to paste: the console script, the command, --run-dir and the
     arguments, every word shell-quoted."""
-    return shlex.join([*console_script(), command, "--run-dir", str(run_dir), *args])
+    return shlex.join([*console_script(), command, "--run-dir", str(run.root), *args])
 
 
-def _steps_logged(run_dir: Path) -> list[dict]:
-    path = RunDir(run_dir).log_file
+def _steps_logged(run: RunDir) -> list[dict]:
+    path = run.log_file
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if '"train.step"' in line]
 
 
-def _train(run_dir: Path, interrupt_at: int | None) -> int:
+def _train(run: RunDir, interrupt_at: int | None) -> int:
     """Run `mathlora-daemon run` as its own process, as launchd would; with interrupt_at,
     send it SIGTERM once that step is logged. Return its exit code."""
-    before = len(_steps_logged(run_dir))  # only steps this daemon logs count
-    proc = subprocess.Popen([sys.executable, "-m", "mathlora_daemon", "run", "--run-dir", str(run_dir)])
+    before = len(_steps_logged(run))  # only steps this daemon logs count
+    proc = subprocess.Popen([sys.executable, "-m", "mathlora_daemon", "run", "--run-dir", str(run.root)])
     try:
         while interrupt_at is not None and proc.poll() is None:
-            steps = _steps_logged(run_dir)[before:]
+            steps = _steps_logged(run)[before:]
             if steps and steps[-1]["step"] >= interrupt_at:
                 proc.send_signal(signal.SIGTERM)
                 break
@@ -191,7 +189,7 @@ only part of it into the new format (tuned accuracy stays below that 75%). On a 
 pretrained model the same daemon and settings are measured in bench/LEARNING.md."""
 
 
-def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
+def run_demo(run: RunDir, prepare_only: bool = False) -> int:
     """Given a run directory, prepare the demo and, unless prepare_only, train it the way
     the daemon trains overnight: interrupted once by SIGTERM (checkpoint, exit 0), started
     again (resume), then show `status` with the base model against the adapters on the
@@ -200,15 +198,14 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
     from mathlora_daemon.evaluation.generate import generate_text
     from mathlora_daemon.runtime.status import read_status, status_main
 
-    prepare_demo(run_dir)
-    print(f"demo prepared in {run_dir}: model {RunDir(run_dir).model(MODEL_DIR)} (pretrained, shipped with the "
-          f"package), data {RunDir(run_dir).data} ({N_TEST} held-out problems), config {run_dir / CONFIG_FILE}")
+    prepare_demo(run)
+    print(f"demo prepared in {run.root}: model {run.model(MODEL_DIR)} (pretrained, shipped with the "
+          f"package), data {run.data} ({N_TEST} held-out problems), config {run.config}")
     if prepare_only:
         return 0
-    cleared = clear_previous_run(run_dir)
+    cleared = clear_previous_run(run)
     if cleared:
-        print(f"starting from scratch: removed the previous demo's {', '.join(cleared)} in {run_dir}")
-    run = RunDir(run_dir)
+        print(f"starting from scratch: removed the previous demo's {', '.join(cleared)} in {run.root}")
     test = json.loads(run.demo_test.read_text().splitlines()[1])
     print(f"\nproblem: {test['problem']}\nexpected answer: {test['answer']}\n\nbase model, greedy, "
           "in DeepSeek-Math's chat format:")
@@ -216,20 +213,20 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
 
     print(f"\ntraining (mathlora-daemon run); it gets SIGTERM at step {INTERRUPT_AT}, as launchd would send at "
           "logout ...")
-    code = _train(run_dir, interrupt_at=INTERRUPT_AT)
-    stopped = _steps_logged(run_dir)[-1]["step"] if _steps_logged(run_dir) else 0
+    code = _train(run, interrupt_at=INTERRUPT_AT)
+    stopped = _steps_logged(run)[-1]["step"] if _steps_logged(run) else 0
     print(f"\nthe daemon exited with {code} after checkpointing step {stopped}; status now:\n")
-    status_main(run_dir, as_json=False, out=sys.stdout)
+    status_main(run, as_json=False, out=sys.stdout)
     if code != 0:
         return code
     print("\nstarting it again: it resumes from the checkpoint, exactly where it stopped, and at the end "
           f"answers the {N_TEST} held-out problems with and without the adapters ...")
-    code = _train(run_dir, interrupt_at=None)
+    code = _train(run, interrupt_at=None)
     if code != 0:
         return code
-    print(f"\nthe morning report, as `{_command('status', run_dir)}` gives it at any time:\n")
-    status_main(run_dir, as_json=False, out=sys.stdout)
-    final = (read_status(run_dir).get("report") or {}).get("final_eval") or {}
+    print(f"\nthe morning report, as `{_command('status', run)}` gives it at any time:\n")
+    status_main(run, as_json=False, out=sys.stdout)
+    final = (read_status(run).get("report") or {}).get("final_eval") or {}
     if final.get("base") and final.get("adapters"):
         print("\nper kind, correct of 10 (base -> adapters):")
         for kind, base in final["base"]["by_kind"].items():
@@ -238,20 +235,20 @@ def run_demo(run_dir: Path, prepare_only: bool = False) -> int:
     generate_text(run.model(MODEL_DIR), test["problem"], run.adapters, max_new_tokens=80, temperature=0.0,
                   out=sys.stdout)
     print(f"\n{HONEST}\n\nnext, one at a time:")
-    for line in next_commands(run_dir):
+    for line in next_commands(run):
         print(f"  {line}")
     return 0
 
 
-def next_commands(run_dir: Path) -> list[str]:
+def next_commands(run: RunDir) -> list[str]:
     """The commands the demo suggests, each a line that works pasted into a shell. `plot`
     needs matplotlib, which the demo's install (`.[cpu]`) does not bring: when it is
     missing, the line that installs it comes first."""
     import importlib.util
 
-    lines = [_command("eval", run_dir), _command("generate", run_dir, "--prompt", "Solve for x: 3x + 7 = 22"),
-             _command("logs", run_dir, "--event", "train.eval")]
+    lines = [_command("eval", run), _command("generate", run, "--prompt", "Solve for x: 3x + 7 = 22"),
+             _command("logs", run, "--event", "train.eval")]
     if importlib.util.find_spec("matplotlib") is None:
         lines.append(shlex.join([str(Path(sys.executable).absolute()), "-m", "pip", "install", "matplotlib"]))
-    lines.append(_command("plot", run_dir))
+    lines.append(_command("plot", run))
     return lines

@@ -234,7 +234,7 @@ def _problem_record(row: dict, fields: dict[str, str], label: str) -> dict:
     return {"label": label, **{ours: row.get(theirs) for ours, theirs in fields.items()}, "kind": kind}
 
 
-def load_problems(data: str | None, run_dir: Path, data_cfg, split: str = DEFAULT_SPLIT, subset: str | None = None,
+def load_problems(data: str | None, run: RunDir, data_cfg, split: str = DEFAULT_SPLIT, subset: str | None = None,
                   answer_field: str = ANSWER_FIELD, limit: int = 0) -> tuple[str, list[dict]]:
     """Given `--data` (None, a local file or folder, or `hub:ID`), the run directory and
     the data config (for the problem and solution field names), return (a description
@@ -254,18 +254,18 @@ def load_problems(data: str | None, run_dir: Path, data_cfg, split: str = DEFAUL
             raise InputError(f"--data {data}: expected hub:<dataset id>, e.g. hub:HuggingFaceH4/MATH-500")
         return f"{data} ({split})", _hub_problems(dataset_id, subset, split, fields, limit)
     if data is None:
-        path = RunDir(run_dir).demo_test
+        path = run.demo_test
         if not path.is_file():
             raise InputError(f"no held-out problems: {path} does not exist (the demo writes it); "
                              f"pass --data FILE or --data {HUB_PREFIX}<dataset id>")
         data = str(path)
     cfg = replace(data_cfg, name=data, split=split, subset=subset or data_cfg.subset, limit=0)
     try:
-        source = resolve_source(cfg, run_dir)
+        source = resolve_source(cfg, run.root)
     except InputError as exc:  # it names the config key; the user gave --data
         raise InputError(str(exc).replace(f"data.name = {data!r}", f"--data {data}")) from None
     if not source.is_local:
-        raise InputError(f"--data {data}: no such file or folder (looked in {run_dir} and {Path.cwd()}); "
+        raise InputError(f"--data {data}: no such file or folder (looked in {run.root} and {Path.cwd()}); "
                          f"a hub dataset is named {HUB_PREFIX}{data}")
     columns = list(dict.fromkeys([*fields.values(), *KIND_FIELDS]))
     try:
@@ -305,7 +305,7 @@ def format_table(record: dict) -> str:
 
 # --- the command ---------------------------------------------------------------------------
 
-def eval_main(cfg, run_dir: Path, data: str | None, split: str, subset: str | None, answer_field: str, limit: int,
+def eval_main(cfg, run: RunDir, data: str | None, split: str, subset: str | None, answer_field: str, limit: int,
               max_new_tokens: int, adapter_path: Path | None, no_base: bool, as_json: bool, out: Path | None,
               generate_fn: GenerateFn | None = None) -> int:
     """The `eval` command: evaluate the base model and the adapters (default: the run's
@@ -313,7 +313,6 @@ def eval_main(cfg, run_dir: Path, data: str | None, split: str, subset: str | No
     return 0; raise InputError for a missing model, adapters or problems."""
     from mathlora_checkpoints.fsio import atomic_write_text
 
-    run = RunDir(run_dir)
     adapters = adapter_path
     if adapters is not None:  # before the problems are read: a bad --adapter-path fails at once
         from mathlora_daemon.modelio.loading import check_adapter_dir
@@ -327,7 +326,7 @@ def eval_main(cfg, run_dir: Path, data: str | None, split: str, subset: str | No
                              "(train first, or pass --adapter-path)")
         else:
             print(f"no adapters in {run.adapters}: evaluating the base model only", file=sys.stderr)
-    described, problems = load_problems(data, run.root, cfg.data, split, subset, answer_field, limit)
+    described, problems = load_problems(data, run, cfg.data, split, subset, answer_field, limit)
     note = _limit_note(problems, limit, hub=bool(data and data.startswith(HUB_PREFIX)))
     if note and as_json:
         print(f"eval: {note}", file=sys.stderr)

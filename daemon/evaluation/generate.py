@@ -83,7 +83,7 @@ def context_length(config: dict, tokenizer) -> tuple[int | None, str]:
     return None, ""
 
 
-def default_adapter_path(run_dir: Path) -> Path | None:
+def default_adapter_path(run: RunDir) -> Path | None:
     """The run's own adapters, when training has written them."""
-    path = RunDir(run_dir).adapters
+    path = run.adapters
     return path if (path / ADAPTER_WEIGHTS).is_file() else None

@@ -41,22 +41,22 @@ class Curve:
     bad_lines: int = 0
 
 
-def log_files(run_dir: Path) -> list[Path]:
+def log_files(run: RunDir) -> list[Path]:
     """Given a run directory, return its log files oldest first (daemon.jsonl.5 ...
     daemon.jsonl.1, daemon.jsonl); raise InputError when there is none."""
-    current, rotated = logview.log_files(run_dir)
+    current, rotated = logview.log_files(run)
     files = rotated + ([current] if current.is_file() else [])
     if not files:
-        raise InputError(f"--run-dir {run_dir}: no log at {current} (has the daemon run here?)")
+        raise InputError(f"--run-dir {run.root}: no log at {current} (has the daemon run here?)")
     return files
 
 
-def read_curve(run_dir: Path) -> Curve:
+def read_curve(run: RunDir) -> Curve:
     """Given a run directory, return its Curve from every log file; unreadable lines are
     counted and skipped; raise InputError when there is no log."""
     curve = Curve()
     debug = False
-    for path in log_files(run_dir):
+    for path in log_files(run):
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
@@ -104,7 +104,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_run(run_dir: Path, out: Path) -> dict:
+def plot_run(run: RunDir, out: Path) -> dict:
     """Given a run directory and a PNG path, draw the run's loss and learning-rate curves
     there (replaced atomically, 0600) and return {points, resumes, checkpoints, starts,
     path}; raise InputError when there is no log, nothing trained yet, or matplotlib is
@@ -114,13 +114,13 @@ def plot_run(run_dir: Path, out: Path) -> dict:
     except ImportError:
         raise InputError(f"plot needs matplotlib: {INSTALL_PLOT}") from None
 
-    run_dir, out = Path(run_dir), Path(out)
-    curve = read_curve(run_dir)
+    out = Path(out)
+    curve = read_curve(run)
     if curve.bad_lines:  # said, not dropped silently: the curve has a gap there
-        print(logview.damaged_note(RunDir(run_dir).log_file, curve.bad_lines), file=sys.stderr)
+        print(logview.damaged_note(run.log_file, curve.bad_lines), file=sys.stderr)
     if not curve.loss:
-        raise InputError(f"{RunDir(run_dir).log_file}: no train.step events yet; nothing to plot")
-    fig = draw(curve, curve.run or run_dir.resolve().name)
+        raise InputError(f"{run.log_file}: no train.step events yet; nothing to plot")
+    fig = draw(curve, curve.run or run.root.resolve().name)
     ensure_private_dir(out.parent)
     atomic_write_via(out, lambda tmp: fig.savefig(tmp, format="png"))
     return {"points": len(curve.loss), "evals": len(curve.val), "resumes": len(curve.resumes),
@@ -178,7 +178,7 @@ def draw(curve: Curve, name: str, dpi: int = 120):
     return fig
 
 
-def page_figures(run_dir: Path, dpi: int = 80) -> dict:
+def page_figures(run: RunDir, dpi: int = 80) -> dict:
     """Given a run directory, return what the report page (runtime/report_page.py) takes
     from the log: {"starts", "resumes", "png": the plot as PNG bytes or None, "note": why
     there is no plot, or None}. Never raises for a missing or empty log or a missing
@@ -186,7 +186,7 @@ def page_figures(run_dir: Path, dpi: int = 80) -> dict:
     import io
 
     try:
-        curve = read_curve(Path(run_dir))
+        curve = read_curve(run)
     except InputError:
         return {"starts": 0, "resumes": 0, "png": None, "note": "no plot yet: the daemon has not logged here"}
     figures = {"starts": curve.starts, "resumes": len(curve.resumes), "png": None, "note": None}
@@ -194,7 +194,7 @@ def page_figures(run_dir: Path, dpi: int = 80) -> dict:
         figures["note"] = "no plot yet: no training step logged"
         return figures
     try:
-        fig = draw(curve, curve.run or Path(run_dir).resolve().name, dpi=dpi)
+        fig = draw(curve, curve.run or run.root.resolve().name, dpi=dpi)
     except ImportError:
         figures["note"] = f"no plot: it needs matplotlib ({INSTALL_PLOT})"
         return figures

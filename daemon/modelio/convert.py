@@ -479,12 +479,12 @@ def convert_model(source: str, out_dir: Path, quantize_bits: int = 0, log=None, 
 
 
 
-def ensure_model(cfg: Config, run_dir: Path, log) -> Path:
+def ensure_model(cfg: Config, run: RunDir, log) -> Path:
     """Given the config, the run directory and the logger, return the MLX model
     directory, converting `model.name` into it first (with `model.quantize_bits`) when it
     has no config.json; raise InputError when the source cannot be converted or the
     model path exists but holds something else (it is never overwritten)."""
-    mdir = RunDir(run_dir).model(cfg.model.path)
+    mdir = run.model(cfg.model.path)
     cleanup_stale(mdir)  # may put back a model a killed `convert --force` had set aside
     if (mdir / "config.json").is_file():
         return mdir
@@ -493,11 +493,11 @@ def ensure_model(cfg: Config, run_dir: Path, log) -> Path:
     elif mdir.exists():
         raise InputError(f"model.path: {mdir} exists but is not a model directory (no config.json: "
                          f"{_listing(mdir) if mdir.is_dir() else 'a file'}); move it away or set model.path")
-    convert_model(cfg.model.name, mdir, cfg.model.quantize_bits, log, search_dirs=(run_dir,))
+    convert_model(cfg.model.name, mdir, cfg.model.quantize_bits, log, search_dirs=(run.root,))
     return mdir
 
 
-def convert_main(cfg: Config, run_dir: Path, source: str | None, quantize: int | None, dtype: str | None,
+def convert_main(cfg: Config, run: RunDir, source: str | None, quantize: int | None, dtype: str | None,
                  force: bool) -> int:
     """The `convert` command: convert `source` (default: model.name, looked up in the run
     directory) into the run's model directory, print what was made and return 0; raise
@@ -507,21 +507,21 @@ def convert_main(cfg: Config, run_dir: Path, source: str | None, quantize: int |
     from mathlora_daemon.runtime.logs import close_logging, setup_logging
 
     bits = cfg.model.quantize_bits if quantize is None else quantize
-    out = RunDir(run_dir).model(cfg.model.path)
+    out = run.model(cfg.model.path)
     if out.exists() and not force:
         raise InputError(f"{out} already exists; pass --force to replace it (the old model stays until the new "
                          "one is complete)")
     if source is not None:
         search = ()  # a path typed on the command line means the current directory
     else:
-        source, search = cfg.model.name, (run_dir,)
+        source, search = cfg.model.name, (run.root,)
     resolve_source(source, search)  # a bad source fails before the run directory is touched
-    ensure_private_dir(run_dir)
+    ensure_private_dir(run.root)
     try:
-        lock = acquire_lock(run_dir, retries=0.5)
+        lock = acquire_lock(run, retries=0.5)
     except LockHeld as exc:
         raise TemporaryFailure(f"{exc}: stop the daemon before converting its model") from None
-    log = setup_logging(run_dir, run_dir.resolve().name)
+    log = setup_logging(run, run.root.resolve().name)
     try:
         summary = convert_model(source, out, bits, log, dtype, replace=force, search_dirs=search)
     finally:

@@ -248,11 +248,10 @@ def peft_config(mlx_config: dict, rank: int, leaves: list[str], layers: list[int
     return config
 
 
-def default_base_model(cfg, run_dir: Path) -> str:
+def default_base_model(cfg, run: RunDir) -> str:
     """Given the run's config and directory, return what PEFT should name as the base
     model: the config's Hugging Face repo id, or the absolute path of a local model
     (a local HF directory as given, the run's MLX model for a .gguf source or the demo)."""
-    run = RunDir(run_dir)
     name = cfg.model.name
     local = Path(name).expanduser()
     if not local.is_absolute():

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from mathlora_daemon.config import FINGERPRINT_KEYS, Config
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime import control, memory, power, schedule
 from mathlora_daemon.runtime.budget import AwakeClock, Budget
 from mathlora_daemon.runtime.signals import Flags
@@ -70,7 +71,7 @@ class Stop:
 
 @dataclass
 class Runtime:
-    run_dir: Path
+    run: RunDir
     cfg: Config
     config_path: Path | None
     overrides: list[str]

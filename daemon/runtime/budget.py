@@ -18,7 +18,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mathlora_checkpoints.store import STATE_NAME, manifested_newest_first, read_json_object
 from mathlora_daemon.rundir import RunDir
@@ -89,7 +88,7 @@ def initial_used(heartbeat_used: float | None, checkpoint_used: float | None) ->
     return max(known, default=0.0)
 
 
-def read_used_seconds(run_dir: Path) -> tuple[float | None, float | None]:
+def read_used_seconds(run: RunDir) -> tuple[float | None, float | None]:
     """Given a run directory, return (heartbeat ``budget_used_s`` from
     ``state/status.json``, ``train_seconds`` of the newest checkpoint), each None when
     absent or unreadable; never raises for a damaged run directory.
@@ -99,7 +98,6 @@ def read_used_seconds(run_dir: Path) -> tuple[float | None, float | None]:
     The manifest's hashes are not checked: this is the cheap read for ``status`` and a
     lower bound for the budget; restore verifies properly.
     """
-    run = RunDir(run_dir)
     heartbeat = read_json_object(run.status_file)
     heartbeat_used = _seconds(heartbeat.get(HEARTBEAT_KEY)) if heartbeat else None
     for path in manifested_newest_first(run.checkpoints):

@@ -52,12 +52,12 @@ SAFE_FIELDS = RELOADABLE
 WATCHED_EVENT_TYPES = {"created", "modified", "moved", "closed"}
 
 
-def control_path(run_dir: Path) -> Path:
+def control_path(run: RunDir) -> Path:
     """Given a run directory, return the path of its control file."""
-    return RunDir(run_dir).control_file
+    return run.control_file
 
 
-def write_request(run_dir: Path, command: str, to_pid: int | None = None, request_id: str | None = None) -> dict:
+def write_request(run: RunDir, command: str, to_pid: int | None = None, request_id: str | None = None) -> dict:
     """Given a run directory, a command and the pid of the daemon it is for, write a
     request atomically (state dir 0700, file 0600) and return it; raise InputError naming
     the command and the allowed ones when it is not known."""
@@ -71,22 +71,22 @@ def write_request(run_dir: Path, command: str, to_pid: int | None = None, reques
     }
     if to_pid is not None:
         request["to_pid"] = int(to_pid)
-    path = control_path(run_dir)
+    path = control_path(run)
     ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps(request) + "\n")
     return request
 
 
-def read_ack(run_dir: Path) -> dict | None:
+def read_ack(run: RunDir) -> dict | None:
     """The daemon's last acknowledgement {"id", "command", "pid", "at"}, or None."""
     try:
-        data = json.loads(RunDir(run_dir).control_ack_file.read_text(encoding="utf-8"))
+        data = json.loads(run.control_ack_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("id"), str) else None
 
 
-def send_request(run_dir: Path, command: str, probe, timeout_s: float = ACK_TIMEOUT_S,
+def send_request(run: RunDir, command: str, probe, timeout_s: float = ACK_TIMEOUT_S,
                  clock=time.monotonic, pause=time.sleep) -> tuple[str, dict, int | None]:
     """Given a run directory, a command and the lock probe (runtime/lock.py probe_lock),
     write the request for the daemon holding the lock and wait for its acknowledgement.
@@ -95,24 +95,24 @@ def send_request(run_dir: Path, command: str, probe, timeout_s: float = ACK_TIME
     (no answer within `timeout_s`: suspended or hung; the request stays and is acted on
     when the daemon reads it). A daemon that is replaced meanwhile (a restart) gets the
     request re-addressed, with the same id."""
-    running, pid = probe(run_dir)
+    running, pid = probe(run)
     if not running:
         return "no_daemon", {"command": command, "id": ""}, None
-    request = write_request(run_dir, command, to_pid=pid)
+    request = write_request(run, command, to_pid=pid)
     deadline = clock() + timeout_s
     while True:
-        ack = read_ack(run_dir)
+        ack = read_ack(run)
         if ack is not None and ack.get("id") == request["id"]:
             return "accepted", request, ack.get("pid", pid)
-        running, holder = probe(run_dir)
+        running, holder = probe(run)
         if not running:
-            ack = read_ack(run_dir)  # it may have acknowledged, then exited at once (a stop)
+            ack = read_ack(run)  # it may have acknowledged, then exited at once (a stop)
             if ack is not None and ack.get("id") == request["id"]:
                 return "accepted", request, ack.get("pid", pid)
             return "no_daemon", request, pid
         if holder is not None and holder != pid:
             pid = holder
-            request = write_request(run_dir, command, to_pid=pid, request_id=request["id"])
+            request = write_request(run, command, to_pid=pid, request_id=request["id"])
         if clock() >= deadline:
             return "unacknowledged", request, pid
         pause(0.02)
@@ -148,11 +148,11 @@ def parse_request(raw: bytes) -> tuple[dict | None, str | None]:
     return data, None
 
 
-def read_request(run_dir: Path) -> tuple[dict | None, str | None]:
+def read_request(run: RunDir) -> tuple[dict | None, str | None]:
     """Given a run directory, return (request, None) for a valid control request,
     (None, None) when there is no control file, or (None, reason) when the file is
     rejected (the daemon logs `control.rejected` and ignores it)."""
-    path = control_path(run_dir)
+    path = control_path(run)
     try:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_CONTROL_BYTES + 1)
@@ -199,13 +199,13 @@ class FileWatcher:
     the daemon calls it at step boundaries, so no request depends on one file event.
     """
 
-    def __init__(self, run_dir: Path, config_path: Path | None,
+    def __init__(self, run: RunDir, config_path: Path | None,
                  on_control: Callable[..., Any], on_config: Callable[[], Any],
                  observer_factory: Callable[[], Any] = Observer, pid: int | None = None) -> None:
-        self.run_dir = Path(run_dir)
+        self.run = run
         self.pid = os.getpid() if pid is None else pid
-        self.ack_file = RunDir(self.run_dir).control_ack_file
-        self.control_file = RunDir(self.run_dir).control_file.resolve()
+        self.ack_file = run.control_ack_file
+        self.control_file = run.control_file.resolve()
         self.state_dir = self.control_file.parent
         self.config_file = Path(config_path).resolve() if config_path is not None else None
         self.on_control = on_control
@@ -223,7 +223,7 @@ class FileWatcher:
         """Record the config content and a stale control request (valid or not, not
         addressed to this daemon) as already seen; deliver a request addressed to this
         daemon. Return the current request."""
-        request, reason = read_request(self.run_dir)
+        request, reason = read_request(self.run)
         with self._lock:
             if self.config_file is not None:
                 self._config_hash = _content_hash(self.config_file)
@@ -291,7 +291,7 @@ class FileWatcher:
             self._config_changed()
 
     def _control_changed(self) -> None:
-        request, reason = read_request(self.run_dir)
+        request, reason = read_request(self.run)
         with self._lock:
             if request is not None:
                 if request["id"] == self._last_id:

@@ -14,16 +14,16 @@ configuration would fail the same way. The caller holds ``daemon.lock`` (one wri
 
 Sequence in the daemon::
 
-    crashes = begin_start(run_dir, os.getpid(), time.time(), step_at_start=step)
-    reason = decide(run_dir, crashes, cfg.daemon.max_crash_restarts, hash_)
+    crashes = begin_start(run, os.getpid(), time.time(), step_at_start=step)
+    reason = decide(run, crashes, cfg.daemon.max_crash_restarts, hash_)
     if reason:
-        if read_failure(run_dir) is None:  # a new crash loop; a repeated failure is on file
-            record_failure(run_dir, reason, "crash_loop", hash_, time.time())
-        record_clean_exit(run_dir, 0); exit 0
+        if read_failure(run) is None:  # a new crash loop; a repeated failure is on file
+            record_failure(run, reason, "crash_loop", hash_, time.time())
+        record_clean_exit(run, 0); exit 0
     ... a configuration error (InputError) -> record_failure(..., "config", hash_, ...),
-        record_clean_exit(run_dir, 78); exit 78
-    ... first optimizer step done -> record_progress(run_dir)
-    ... before exiting with 0, 75 or 78 -> record_clean_exit(run_dir, code)
+        record_clean_exit(run, 78); exit 78
+    ... first optimizer step done -> record_progress(run)
+    ... before exiting with 0, 75 or 78 -> record_clean_exit(run, code)
 
 No MLX import here: ``status`` imports this module and must be fast.
 """
@@ -72,18 +72,18 @@ class StartRecord:
         return not self.clean_exit or self.exit_code == TEMPFAIL_EXIT_CODE
 
 
-def starts_path(run_dir: Path) -> Path:
-    return RunDir(run_dir).starts_file
+def starts_path(run: RunDir) -> Path:
+    return run.starts_file
 
 
-def failure_path(run_dir: Path) -> Path:
-    return RunDir(run_dir).failure_file
+def failure_path(run: RunDir) -> Path:
+    return run.failure_file
 
 
-def read_start_record(run_dir: Path) -> StartRecord | None:
+def read_start_record(run: RunDir) -> StartRecord | None:
     """Given a run directory, return the last start's record; None when there is none or
     it is unreadable (a damaged record counts as no history, never as a crash)."""
-    data = read_json_object(starts_path(run_dir))
+    data = read_json_object(starts_path(run))
     if data is None:
         return None
     try:
@@ -101,7 +101,7 @@ def read_start_record(run_dir: Path) -> StartRecord | None:
     return record if record.crashes_in_a_row >= 0 else None
 
 
-def begin_start(run_dir: Path, pid: int, now: float, step_at_start: int | None = None) -> int:
+def begin_start(run: RunDir, pid: int, now: float, step_at_start: int | None = None) -> int:
     """Given the run directory, this process's pid, the wall time and (when known) the
     step it resumes from, record this start (not yet exited, no progress) and return the
     number of crashed starts in a row before it; raise OSError when the record cannot
@@ -110,53 +110,53 @@ def begin_start(run_dir: Path, pid: int, now: float, step_at_start: int | None =
     The previous start counts as a crash when it made no progress and did not exit
     cleanly, or exited 75 (see ``StartRecord.counts_as_crash``).
     """
-    previous = read_start_record(run_dir)
+    previous = read_start_record(run)
     crashes = previous.crashes_in_a_row + 1 if previous is not None and previous.counts_as_crash() else 0
-    _write_record(run_dir, StartRecord(crashes_in_a_row=crashes, step_at_start=step_at_start,
+    _write_record(run, StartRecord(crashes_in_a_row=crashes, step_at_start=step_at_start,
                                        clean_exit=False, pid=pid, started_at=now))
     return crashes
 
 
-def record_progress(run_dir: Path) -> None:
+def record_progress(run: RunDir) -> None:
     """Given the run directory, mark the current start as having completed an optimizer
     step (the crash count goes back to 0); no-op without a current record."""
-    _update_record(run_dir, progressed=True, crashes_in_a_row=0)
+    _update_record(run, progressed=True, crashes_in_a_row=0)
 
 
-def record_clean_exit(run_dir: Path, exit_code: int) -> None:
+def record_clean_exit(run: RunDir, exit_code: int) -> None:
     """Given the run directory and the code the daemon is about to exit with, record it;
     no-op without a current record.
 
     0, 75 and 78 mark the start as ended cleanly (75 without progress still counts
     towards the crash loop); any other code is recorded but stays a crash.
     """
-    _update_record(run_dir, clean_exit=exit_code in CLEAN_EXIT_CODES, exit_code=int(exit_code))
+    _update_record(run, clean_exit=exit_code in CLEAN_EXIT_CODES, exit_code=int(exit_code))
 
 
-def record_failure(run_dir: Path, reason: str, kind: str, config_hash: str | None, now: float) -> None:
+def record_failure(run: RunDir, reason: str, kind: str, config_hash: str | None, now: float) -> None:
     """Given the run directory, a user-facing reason, the kind ("crash_loop" or "config"),
     the config hash it happened under and the wall time, write ``state/failure.json``
     atomically; raise ValueError for an unknown kind."""
     if kind not in FAILURE_KINDS:
         raise ValueError(f"failure kind must be one of {FAILURE_KINDS}, got {kind!r}")
     payload = {"reason": reason, "kind": kind, "config_hash": config_hash, "at": now}
-    path = failure_path(run_dir)
+    path = failure_path(run)
     ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def read_failure(run_dir: Path) -> dict | None:
+def read_failure(run: RunDir) -> dict | None:
     """Given the run directory, return the recorded failure {"reason", "kind",
     "config_hash", "at"}, or None when there is none or it is unreadable."""
-    data = read_json_object(failure_path(run_dir))
+    data = read_json_object(failure_path(run))
     if data is None or data.get("kind") not in FAILURE_KINDS or not isinstance(data.get("reason"), str):
         return None
     return data
 
 
-def clear_failure(run_dir: Path) -> None:
+def clear_failure(run: RunDir) -> None:
     """Given the run directory, remove the recorded failure (no error when there is none)."""
-    failure_path(run_dir).unlink(missing_ok=True)
+    failure_path(run).unlink(missing_ok=True)
 
 
 def config_hash(config_text: str | None, overrides: list[str]) -> str:
@@ -168,7 +168,7 @@ def config_hash(config_text: str | None, overrides: list[str]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def decide(run_dir: Path, crashes_before: int, limit: int, config_hash: str) -> str | None:
+def decide(run: RunDir, crashes_before: int, limit: int, config_hash: str) -> str | None:
     """Given the run directory, ``begin_start``'s crash count, the configured limit and
     this start's config hash, return the reason this start must record ``failed`` and
     exit 0 at once, or None to go on.
@@ -181,32 +181,32 @@ def decide(run_dir: Path, crashes_before: int, limit: int, config_hash: str) -> 
     When a failure is already recorded the returned reason quotes it: record a new
     failure only when ``read_failure`` gives None (see the module docstring).
     """
-    failure = read_failure(run_dir)
+    failure = read_failure(run)
     if failure is not None:
         if failure.get("config_hash") == config_hash:
             when = _local_time(failure.get("at"))
             if failure["kind"] == "config":
                 return f"the configuration error recorded at {when} is unchanged: {failure['reason']}"
             return f"the crash loop recorded at {when} has an unchanged configuration: {failure['reason']}"
-        clear_failure(run_dir)
-        _update_record(run_dir, crashes_in_a_row=0)
+        clear_failure(run)
+        _update_record(run, crashes_in_a_row=0)
         return None
     if crashes_before >= limit:
         return f"crashed {crashes_before} times in a row without completing a step"
     return None
 
 
-def _update_record(run_dir: Path, **changes) -> None:
-    record = read_start_record(run_dir)
+def _update_record(run: RunDir, **changes) -> None:
+    record = read_start_record(run)
     if record is None:
         return  # no begin_start in this run dir: nothing to mark, and nothing to invent
     for name, value in changes.items():
         setattr(record, name, value)
-    _write_record(run_dir, record)
+    _write_record(run, record)
 
 
-def _write_record(run_dir: Path, record: StartRecord) -> None:
-    path = starts_path(run_dir)
+def _write_record(run: RunDir, record: StartRecord) -> None:
+    path = starts_path(run)
     ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
 
@@ -239,7 +239,7 @@ def _local_time(at) -> str:
 # directory instead, keyed by the run directory's path, so launchd's next start can see
 # it and end the loop with exit 0 like any other terminal failure.
 
-def outside_failure_path(run_dir: Path, environ: dict | None = None) -> Path:
+def outside_failure_path(run: RunDir, environ: dict | None = None) -> Path:
     """Given the run directory, return where its unwritable-run-dir failure is recorded:
     $XDG_STATE_HOME (else ~/.local/state)/mathlora-daemon/unwritable-<path hash>.json."""
     import os
@@ -247,43 +247,43 @@ def outside_failure_path(run_dir: Path, environ: dict | None = None) -> Path:
     env = os.environ if environ is None else environ
     home = Path(env.get("HOME") or Path.home())
     base = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state")  # not a run directory
-    key = hashlib.sha256(str(Path(run_dir).resolve()).encode("utf-8")).hexdigest()[:16]
+    key = hashlib.sha256(str(run.root.resolve()).encode("utf-8")).hexdigest()[:16]
     return base / "mathlora-daemon" / f"unwritable-{key}.json"
 
 
-def record_outside_failure(run_dir: Path, reason: str, now: float) -> Path | None:
+def record_outside_failure(run: RunDir, reason: str, now: float) -> Path | None:
     """Record that the run directory cannot be written; return where, or None when even
     the state directory cannot be written (nothing more can be done)."""
-    path = outside_failure_path(run_dir)
+    path = outside_failure_path(run)
     try:
         ensure_private_dir(path.parent)
-        atomic_write_text(path, json.dumps({"run_dir": str(Path(run_dir).resolve()), "reason": reason, "at": now},
+        atomic_write_text(path, json.dumps({"run_dir": str(run.root.resolve()), "reason": reason, "at": now},
                                            indent=2) + "\n")
     except OSError:
         return None
     return path
 
 
-def read_outside_failure(run_dir: Path) -> dict | None:
+def read_outside_failure(run: RunDir) -> dict | None:
     """Return the recorded unwritable-run-dir failure {"run_dir", "reason", "at"}, or None."""
     try:
-        data = json.loads(outside_failure_path(run_dir).read_text())
+        data = json.loads(outside_failure_path(run).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("reason"), str) else None
 
 
-def clear_outside_failure(run_dir: Path) -> None:
+def clear_outside_failure(run: RunDir) -> None:
     try:
-        outside_failure_path(run_dir).unlink(missing_ok=True)
+        outside_failure_path(run).unlink(missing_ok=True)
     except OSError:
         pass
 
 
-def repeated_outside_failure(run_dir: Path, reason: str) -> str | None:
+def repeated_outside_failure(run: RunDir, reason: str) -> str | None:
     """Given the run directory and this start's unwritable reason, return a message when
     the same failure is already on record (launchd's restart: exit 0), else None."""
-    failure = read_outside_failure(run_dir)
+    failure = read_outside_failure(run)
     if failure is None or failure["reason"] != reason:
         return None
     return f"the same error was recorded at {_local_time(failure.get('at'))}: {reason}"

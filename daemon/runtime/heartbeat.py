@@ -34,11 +34,11 @@ class Heartbeat:
     ``start``: the thread keeps the error in ``last_error`` and tries again next time.
     """
 
-    def __init__(self, run_dir: Path, run_name: str, pid: int, total_budget_s: float,
+    def __init__(self, run: RunDir, run_name: str, pid: int, total_budget_s: float,
                  clock: Callable[[], float] = time.time,
                  writer: Callable[[Path, str], None] = atomic_write_text):
-        self.run_dir = Path(run_dir)
-        self.path = RunDir(run_dir).status_file
+        self.run = run
+        self.path = run.status_file
         self.clock = clock
         self.writer = writer
         self.last_error: BaseException | None = None
@@ -50,7 +50,7 @@ class Heartbeat:
             "state": "running",
             "phase": "loading",
             "budget_total_s": float(total_budget_s),
-            "log_path": str(RunDir(run_dir).log_file),
+            "log_path": str(run.log_file),
             "started_at": utc_iso(clock()),
             "world_size": 1,
         }

@@ -46,7 +46,7 @@ class LockHeld(Exception):
 class RunLock:
     """An acquired lock: the open file descriptor carrying the flock, and its path.
 
-    Use ``release()`` or ``with acquire_lock(run_dir) as lock:``. Releasing twice is fine.
+    Use ``release()`` or ``with acquire_lock(run) as lock:``. Releasing twice is fine.
     """
 
     fd: int | None
@@ -73,12 +73,12 @@ class RunLock:
         self.release()
 
 
-def lock_path(run_dir: Path) -> Path:
+def lock_path(run: RunDir) -> Path:
     """Given a run directory, return the path of its lock file."""
-    return RunDir(run_dir).lock_file
+    return run.lock_file
 
 
-def acquire_lock(run_dir: Path, retries: float = 2.0, *,
+def acquire_lock(run: RunDir, retries: float = 2.0, *,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> RunLock:
     """Given an existing run directory, take its exclusive lock, write our pid into the
@@ -89,7 +89,7 @@ def acquire_lock(run_dir: Path, retries: float = 2.0, *,
     Only ``daemon.lock`` is created or written, and only once the lock is ours: a held
     lock's file (and the holder's pid in it) is left untouched.
     """
-    path = lock_path(run_dir)
+    path = lock_path(run)
     # O_NOFOLLOW: a symlink planted at daemon.lock must not make us truncate its target.
     fd = os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, LOCK_MODE)
     try:
@@ -108,14 +108,14 @@ def acquire_lock(run_dir: Path, retries: float = 2.0, *,
     return RunLock(fd=fd, path=path)
 
 
-def probe_lock(run_dir: Path) -> tuple[bool, int | None]:
+def probe_lock(run: RunDir) -> tuple[bool, int | None]:
     """Given a run directory, return (held by a live process, pid written in the lock
     file or None); a missing lock file gives (False, None) and is never created.
 
     When not held, the pid is the last daemon's (now gone). When held, the pid may be
     None for the instant between the holder's flock and its pid write.
     """
-    path = lock_path(run_dir)
+    path = lock_path(run)
     try:
         fd = os.open(str(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:

@@ -12,7 +12,6 @@ import logging
 import logging.handlers
 import os
 import sys
-from pathlib import Path
 
 import structlog
 
@@ -141,7 +140,7 @@ class _LogFile(logging.handlers.RotatingFileHandler):
             self.handleError(None)  # type: ignore[arg-type]
 
 
-def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
+def setup_logging(run: RunDir | None, run_name: str, console: bool = True,
                   quiet_events: set[str] = frozenset()) -> structlog.stdlib.BoundLogger:
     """Given the run directory (None: console only) and the run's name, configure
     logging and return a logger bound to `run`. Safe to call again (tests, demo)."""
@@ -163,8 +162,8 @@ def setup_logging(run_dir: Path | None, run_name: str, console: bool = True,
     root.setLevel(logging.DEBUG)
     root.propagate = False
 
-    if run_dir is not None:
-        path = RunDir(run_dir).log_file
+    if run is not None:
+        path = run.log_file
         ensure_private_dir(path.parent)
         file_handler = _LogFile(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
         file_handler.setFormatter(structlog.stdlib.ProcessorFormatter(

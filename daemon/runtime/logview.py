@@ -111,10 +111,10 @@ def render_line(text: str, record: dict | None) -> str:
     return " ".join(parts)
 
 
-def log_files(run_dir: Path) -> tuple[Path, list[Path]]:
+def log_files(run: RunDir) -> tuple[Path, list[Path]]:
     """Given a run directory, return (the current log path, the rotated files that exist,
     oldest first: ``daemon.jsonl.5`` ... ``daemon.jsonl.1``)."""
-    current = RunDir(run_dir).log_file
+    current = run.log_file
     rotated = []
     try:
         for entry in os.scandir(current.parent):
@@ -126,7 +126,7 @@ def log_files(run_dir: Path) -> tuple[Path, list[Path]]:
     return current, [path for _, path in sorted(rotated, reverse=True)]
 
 
-def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str | None = None,
+def logs_main(run: RunDir, lines: int = 20, follow: bool = False, level: str | None = None,
               event: str | None = None, as_json: bool = False, out: TextIO | None = None,
               stop: Callable[[], bool] | None = None, poll_s: float = 0.2,
               err: TextIO | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
@@ -169,12 +169,12 @@ def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str |
             err.write(damaged_note(path, count) + "\n")
         err.flush()
 
-    current, _ = log_files(run_dir)
+    current, _ = log_files(run)
     follower = _Follower(current)
     try:
         follower.open_current()
         skipped: dict[Path, int] = {}
-        tail = _last_matching(run_dir, follower, max(0, lines), line_filter, skipped)
+        tail = _last_matching(run, follower, max(0, lines), line_filter, skipped)
         if tail is None:
             err.write(f"no log yet at {current}\n")
             err.flush()
@@ -200,13 +200,13 @@ def logs_main(run_dir: Path, lines: int = 20, follow: bool = False, level: str |
 # --------------------------------------------------------------------------- reading
 
 
-def _last_matching(run_dir: Path, follower: _Follower, want: int, line_filter: LineFilter,
+def _last_matching(run: RunDir, follower: _Follower, want: int, line_filter: LineFilter,
                    skipped: dict[Path, int] | None = None) -> list[bytes] | None:
     """Given the follower (its open current file, positioned after the last complete
     line), return the last ``want`` lines that match, oldest first; None when there is no
     log file at all. Damaged lines (not JSON objects) that the filter left out among
     those read are counted per file into ``skipped``."""
-    _, rotated = log_files(run_dir)
+    _, rotated = log_files(run)
     # A rotation between opening the current file and listing makes it also appear as
     # daemon.jsonl.1: skip rotated files that are the very file we hold open.
     rotated = [p for p in rotated if not follower.is_same_file(p)]

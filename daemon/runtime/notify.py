@@ -34,11 +34,11 @@ TITLES = {"finished": "finished", "budget_exhausted": "used its training budget"
           "failed": "FAILED", "new_best": "new best"}
 
 
-def message(event: str, run_dir: Path, reason: str | None, report: dict | None, step: int | None = None,
+def message(event: str, run: RunDir, reason: str | None, report: dict | None, step: int | None = None,
             html: Path | None = None) -> dict:
     """The notification: {event, run_dir, title, body (the report's key lines), report}."""
     report = report or {}
-    name = Path(run_dir).name
+    name = run.root.name
     lines = []
     if reason and event != "finished":
         lines.append(f"why: {reason}")
@@ -56,9 +56,9 @@ def message(event: str, run_dir: Path, reason: str | None, report: dict | None, 
     if tuned.get("accuracy") is not None:
         lines.append(f"final eval: {100 * tuned['accuracy']:.1f}% correct"
                      + (f" (base {100 * base_run['accuracy']:.1f}%)" if base_run.get("accuracy") is not None else ""))
-    lines.append(f"details: mathlora-daemon status --run-dir {run_dir}" + (f", {html}" if html else ""))
+    lines.append(f"details: mathlora-daemon status --run-dir {run.root}" + (f", {html}" if html else ""))
     title = f"mathlora-daemon: {name} {TITLES.get(event, event)}" + (f" at step {step}" if step is not None else "")
-    return {"event": event, "run_dir": str(run_dir), "title": title, "body": "\n".join(lines), "step": step,
+    return {"event": event, "run_dir": str(run.root), "title": title, "body": "\n".join(lines), "step": step,
             "reason": reason, "report": report}
 
 
@@ -85,7 +85,7 @@ class Notifier(logging.Handler):
         """Send `event` by every route the config asks for; return the routes that worked."""
         if event not in self.cfg.events or not self.routes:
             return []
-        note = message(event, self.run.root, reason, report, step,
+        note = message(event, self.run, reason, report, step,
                        self.run.report_html if self.run.report_html.is_file() else None)
         sent = []
         for route in self.routes:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
 from mathlora_checkpoints.fsio import atomic_write_text, ensure_private_dir
 from mathlora_checkpoints.store import newest_checkpoint, read_json_object, step_dir_name, verify_checkpoint
@@ -90,10 +89,10 @@ def finished_already(run: RunDir, identity: str, budget_exhausted: bool) -> dict
     return report
 
 
-def pointer(report: dict, run_dir: Path) -> str:
+def pointer(report: dict, run: RunDir) -> str:
     """One line telling a user where the morning report and the adapters are."""
     import shlex
 
     body = report.get("report") or {}
     where = f"; adapters {body['adapters']}" if body.get("adapters") else ""
-    return f"The morning report: `mathlora-daemon status --run-dir {shlex.quote(str(run_dir))}`{where}"
+    return f"The morning report: `mathlora-daemon status --run-dir {shlex.quote(str(run.root))}`{where}"

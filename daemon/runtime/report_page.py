@@ -11,7 +11,7 @@ validation / learning-rate plot of evaluation/plot.py.
 
 It is rewritten atomically (0600) at every checkpoint and every end of the daemon, and by
 `status --html`. A page that cannot be written never stops training: `Page.refresh` logs
-`report.html.failed` and goes on. The plot comes from the `figures(run_dir)` callable it
+`report.html.failed` and goes on. The plot comes from the `figures(run)` callable it
 is given (evaluation/plot.py `page_figures`: the layers above draw it), and is redrawn at
 most every PLOT_EVERY_S while the daemon trains. No MLX import here.
 """
@@ -99,7 +99,7 @@ def write_html(run: RunDir, status: dict, plot_png: bytes | None = None, **kwarg
 class Page:
     """The page of a run directory, kept by the daemon (rank 0; not `run --debug`) and
     written by `status --html`. `heartbeat`, when given, is written first, so the page
-    reads what the daemon knows now; `figures(run_dir)` gives {png, note, starts,
+    reads what the daemon knows now; `figures(run)` gives {png, note, starts,
     resumes} and is called at an end (`final`) or when the last drawing is older than
     `plot_every_s`."""
 
@@ -115,7 +115,7 @@ class Page:
         when it cannot be written."""
         if self.heartbeat is not None:
             self.heartbeat.write()
-        status = read_status(self.run.root)
+        status = read_status(self.run)
         figures = self._figures(final)
         history = {k: figures.get(k) for k in ("starts", "resumes")}
         history["checkpoints_kept"] = sum(1 for _ in manifested_newest_first(self.run.checkpoints))
@@ -138,7 +138,7 @@ class Page:
         now = self.clock()
         if final or self._drawn is None or now - self._drawn_at >= self.plot_every_s:
             try:
-                self._drawn = dict(self.figures(self.run.root))
+                self._drawn = dict(self.figures(self.run))
             except Exception as exc:  # noqa: BLE001 - a damaged log costs the plot, not the page
                 self._drawn = {"note": f"no plot: {type(exc).__name__}: {exc}"}
             self._drawn_at = now

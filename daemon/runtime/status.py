@@ -75,11 +75,11 @@ SLOW_HEARTBEAT_S = 25.0  # older than this (but not stale): worth a hint
 SUSPENDED_PROCESS_STATES = ("stopped", "tracing-stop")  # psutil's names for SIGSTOP / Ctrl-Z / ptrace
 
 
-def read_status(run_dir: Path, now: float | None = None,
-                probe: Callable[[Path], tuple[bool, int | None]] = probe_lock,
+def read_status(run: RunDir, now: float | None = None,
+                probe: Callable[[RunDir], tuple[bool, int | None]] = probe_lock,
                 pid_alive: Callable[[int], bool] = psutil.pid_exists,
                 stale_after_s: float = STALE_AFTER_S,
-                service_probe: Callable[[Path], dict | None] | None = None,
+                service_probe: Callable[[RunDir], dict | None] | None = None,
                 process_status: Callable[[int], str | None] | None = None) -> dict[str, Any]:
     """Given a run directory, return the ``status`` answer: the heartbeat's fields with
     the derived ``state`` and the derived fields listed in the module docstring. Never
@@ -89,17 +89,15 @@ def read_status(run_dir: Path, now: float | None = None,
     ``stale`` when its heartbeat is older than ``stale_after_s``); free -> a recorded
     failure, else the final state the daemon wrote, else ``crashed``.
     """
-    run_dir = Path(run_dir)
-    run = RunDir(run_dir)
     now = time.time() if now is None else float(now)
 
     # Probe, read, probe again: a daemon starting or exiting between the two reads
     # would otherwise be reported as crashed (lock free, file says running).
     for _ in range(3):
-        lock_before = _safe_probe(probe, run_dir)
+        lock_before = _safe_probe(probe, run)
         heartbeat = read_json_object(run.status_file)
         failure = read_json_object(run.failure_file)
-        lock_after = _safe_probe(probe, run_dir)
+        lock_after = _safe_probe(probe, run)
         if lock_before == lock_after:
             break
     held, lock_pid = lock_after
@@ -146,7 +144,7 @@ def read_status(run_dir: Path, now: float | None = None,
         status["state"] = "not_started"
     elif file_state in TERMINAL_STATES:
         status["state"] = file_state
-    elif (ended := _recorded_exit(run_dir, file_pid)) is not None:
+    elif (ended := _recorded_exit(run, file_pid)) is not None:
         # It exited on purpose but its final status could not be written (a full disk).
         status["state"], status["reason"] = ended
     else:
@@ -163,7 +161,7 @@ def read_status(run_dir: Path, now: float | None = None,
         if not isinstance(status.get("report"), dict) and isinstance(saved.get("report"), dict):
             status["report"] = saved["report"]
 
-    _add_checkpoint(status, run_dir, now)
+    _add_checkpoint(status, run, now)
     _add_suspended(status, process_status or read_process_status)
     _add_eta(status, now)
     total, used = json_number(status.get("budget_total_s")), json_number(status.get("budget_used_s"))
@@ -171,20 +169,20 @@ def read_status(run_dir: Path, now: float | None = None,
         status["budget_left_s"] = max(0.0, total - used)
     if not isinstance(status.get("log_path"), str):
         status["log_path"] = str(run.log_file)
-    status["run_dir"] = str(run_dir)
+    status["run_dir"] = str(run.root)
     # Whether launchd/systemd will (re)start this run; a probe only when its file exists.
-    service = service_probe(run_dir) if service_probe is not None else None
+    service = service_probe(run) if service_probe is not None else None
     if service is not None:
         status["service"] = service
     return status
 
 
-def _recorded_exit(run_dir: Path, pid: int | None) -> tuple[str, str] | None:
+def _recorded_exit(run: RunDir, pid: int | None) -> tuple[str, str] | None:
     """(state, reason) when the crash guard recorded that this daemon exited with 75 or
     130 (its own choice), though its heartbeat still says running; else None."""
     from mathlora_daemon.runtime.crashguard import read_start_record
 
-    record = read_start_record(run_dir)
+    record = read_start_record(run)
     if record is None or pid is None or record.pid != pid or not record.clean_exit:
         return None
     if record.exit_code == 75:
@@ -195,9 +193,9 @@ def _recorded_exit(run_dir: Path, pid: int | None) -> tuple[str, str] | None:
     return None
 
 
-def _safe_probe(probe, run_dir: Path) -> tuple[bool | None, int | None]:
+def _safe_probe(probe, run: RunDir) -> tuple[bool | None, int | None]:
     try:
-        held, pid = probe(run_dir)
+        held, pid = probe(run)
     except OSError:
         return None, None
     return bool(held), pid
@@ -224,9 +222,9 @@ def _crashed_reason(pid: int | None, age: float | None, pid_alive) -> str:
     return f"{what}; {when}"
 
 
-def _add_checkpoint(status: dict, run_dir: Path, now: float) -> None:
+def _add_checkpoint(status: dict, run: RunDir, now: float) -> None:
     if json_int(status.get("last_checkpoint_step")) is None:
-        newest = newest_checkpoint(RunDir(run_dir).checkpoints)
+        newest = newest_checkpoint(run.checkpoints)
         if newest is not None:
             status["last_checkpoint_step"] = newest[0]
             if newest[1] is not None:
@@ -479,7 +477,7 @@ def report_lines(report: dict) -> list[str]:
     if adapters:
         run_dir = report.get("run_dir") or str(Path(adapters).parent)
         where = f"--run-dir {shlex.quote(run_dir)}"
-        if Path(adapters) != RunDir(run_dir).adapters:  # a --debug run's adapters
+        if Path(adapters) != Path(run_dir) / RunDir(Path()).adapters:  # a --debug run's adapters
             where += f" --adapter-path {shlex.quote(str(adapters))}"
         rows.append(("try", f"mathlora-daemon generate {where} --prompt \"...\"  "
                             f"(or: mathlora-daemon eval {where})"))
@@ -501,13 +499,13 @@ def _service_text(service: dict) -> str:
     return f"{what}: installed, {state}"
 
 
-def status_main(run_dir: Path, as_json: bool = False, out: TextIO | None = None,
-                service_probe: Callable[[Path], dict | None] | None = None) -> int:
+def status_main(run: RunDir, as_json: bool = False, out: TextIO | None = None,
+                service_probe: Callable[[RunDir], dict | None] | None = None) -> int:
     """Given a run directory, print its status as JSON (``as_json``) or as the human
     table to ``out`` (default stdout) and return 0: status always answers, even for a
     missing or empty directory ("not started")."""
     out = sys.stdout if out is None else out
-    status = read_status(Path(run_dir), service_probe=service_probe)
+    status = read_status(run, service_probe=service_probe)
     if as_json:
         out.write(json.dumps(jsonable(status), sort_keys=True, indent=2) + "\n")
     else:

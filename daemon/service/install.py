@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mathlora_checkpoints.fsio import atomic_write_text
@@ -172,10 +172,10 @@ class Service:
         return [self.path] if self.manager == "launchd" else [self.path, self.timer_path]
 
 
-def service_for(run_dir: Path, host: Host, manager: str | None = None) -> Service:
+def service_for(run: RunDir, host: Host, manager: str | None = None) -> Service:
     """Given a run directory, the host and optionally a manager, return the Service."""
     manager = manager or manager_for(host.platform)
-    run_dir = Path(os.path.abspath(Path(run_dir).expanduser()))
+    run_dir = Path(os.path.abspath(run.root.expanduser()))
     if Path(run_dir).exists():
         run_dir = run_dir.resolve()  # the same directory by any path is the same service
     if manager == "launchd":
@@ -209,7 +209,7 @@ class Plan:
     notes: list[str]                 # warnings for the user (stderr)
 
 
-def plan_install(run_dir: Path, host: Host, at: str | None = None, config: Path | None = None,
+def plan_install(run: RunDir, host: Host, at: str | None = None, config: Path | None = None,
                  overrides: list[str] | tuple[str, ...] = (), manager: str | None = None,
                  launch: list[str] | tuple[str, ...] = ()) -> Plan:
     """Given the install options, return the Plan; raise InputError (exit 78) for a bad
@@ -222,13 +222,14 @@ def plan_install(run_dir: Path, host: Host, at: str | None = None, config: Path 
     from mathlora_daemon.config import KEYS, load_config, parse_override
     from mathlora_daemon.runtime.schedule import inside, parse_window
 
-    svc = service_for(run_dir, host, manager)
+    svc = service_for(run, host, manager)
     start = parse_at(at) if at is not None else None
     if config is not None:
         config = Path(os.path.abspath(Path(config).expanduser()))
         if not config.is_file():
             raise InputError(f"--config {config}: no such file")
-    cfg = load_config(config if config is not None else RunDir(svc.run_dir).config, list(overrides))
+    # the run's config by the service's absolute path (what the service will read)
+    cfg = load_config(config if config is not None else replace(run, root=svc.run_dir).config, list(overrides))
     for text in overrides:  # a --set is written into the plist or unit, readable by anyone who lists it
         name = parse_override(text)[0]
         if KEYS[name].metadata["secret"]:
@@ -607,14 +608,14 @@ def uninstall(svc: Service, host: Host) -> tuple[list[Path], list[list[str]]]:
 # --------------------------------------------------------------------------- status
 
 
-def service_status(run_dir: Path, host: Host | None = None) -> dict | None:
+def service_status(run: RunDir, host: Host | None = None) -> dict | None:
     """Given a run directory, return ``{"manager", "label", "installed", "loaded", "path"}``
     for ``status``; ``loaded`` is True/False, or None when it cannot be told (no launchctl
     or systemctl, no user bus). Probes only when the file exists, with a short timeout;
     returns None on an unsupported platform and never raises."""
     try:
         host = host or real_host(PROBE_TIMEOUT_S)
-        svc = service_for(run_dir, host)
+        svc = service_for(run, host)
         info: dict = {"manager": svc.manager, "label": svc.label, "installed": False, "loaded": None,
                       "path": str(svc.path)}
         if not svc.path.exists():
@@ -660,14 +661,14 @@ def describe_start(plan: Plan) -> str:
     return "now and whenever your systemd user session starts (default.target)"
 
 
-def install_main(run_dir: Path, at: str | None, config: Path | None, overrides: list[str], print_only: bool,
+def install_main(run: RunDir, at: str | None, config: Path | None, overrides: list[str], print_only: bool,
                  system: str | None, host: Host, out, err, launch: list[str] | tuple[str, ...] = ()) -> int:
     """Given the ``install`` options, print the files (``--print``: nothing is written)
     or install them; return the exit code. InputError propagates (exit 78)."""
     if system is not None and system != manager_for(host.platform) and not print_only:
         raise InputError(f"--system {system}: this machine uses {manager_for(host.platform)}; "
                          f"--system {system} only goes with --print (to copy the files to another machine)")
-    plan = plan_install(run_dir, host, at, config, overrides, system, launch)
+    plan = plan_install(run, host, at, config, overrides, system, launch)
     for note in plan.notes:
         print(f"note: {note}", file=err)
     if print_only:
@@ -699,10 +700,10 @@ def install_main(run_dir: Path, at: str | None, config: Path | None, overrides: 
     return 0
 
 
-def uninstall_main(run_dir: Path, host: Host, out, err) -> int:
+def uninstall_main(run: RunDir, host: Host, out, err) -> int:
     """Given a run directory, uninstall its service, print what was done and return the
     exit code (0 also when nothing was installed)."""
-    svc = service_for(run_dir, host)
+    svc = service_for(run, host)
     try:
         removed, _ran = uninstall(svc, host)
     except ServiceError as exc:
@@ -738,5 +739,6 @@ def example_plist() -> str:
     """Return the plist ``launchd/com.mathlora.daemon.dsmath.example.plist`` holds: what
     ``install --at 22:30 --run-dir /Users/me/runs/dsmath`` writes for the example host
     (a test keeps the file equal to this)."""
-    plan = plan_install(Path(EXAMPLE_RUN_DIR), example_host(), at="22:30")
+    # The documented command line's --run-dir, built as the CLI builds it (cli/arguments.py).
+    plan = plan_install(RunDir(Path(EXAMPLE_RUN_DIR)), example_host(), at="22:30")
     return plan.files[plan.service.path]

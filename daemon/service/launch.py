@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import RunDir
 
 
 def find_launcher(python: str) -> str:
@@ -42,7 +43,7 @@ def find_launcher(python: str) -> str:
     raise InputError(f"mlx.launch: not found beside {python} nor on PATH (it comes with the mlx package)")
 
 
-def launcher_argv(launcher: str, python: str, run_dir: Path, hosts: str | None = None,
+def launcher_argv(launcher: str, python: str, run: RunDir, hosts: str | None = None,
                   hostfile: Path | None = None, ranks: int = 1, backend: str | None = None,
                   starting_port: int | None = None, run_args: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Given the launch options, return the mlx.launch command line; raise InputError for
@@ -71,7 +72,7 @@ def launcher_argv(launcher: str, python: str, run_dir: Path, hosts: str | None =
         argv += ["-n", str(ranks)]
     if starting_port:
         argv += ["--starting-port", str(starting_port)]
-    return argv + ["--", python, "-m", "mathlora_daemon", "run", "--run-dir", str(Path(run_dir).resolve()), *run_args]
+    return argv + ["--", python, "-m", "mathlora_daemon", "run", "--run-dir", str(run.root.resolve()), *run_args]
 
 
 def first_host(hosts: str | None, hostfile: Path | None) -> tuple[str, list[str]]:
@@ -104,17 +105,17 @@ def is_this_machine(name: str, addresses: list[str]) -> bool:
     return name in local or any(a in local for a in addresses)
 
 
-def launch_job(argv: list[str], run_dir: Path) -> int:
+def launch_job(argv: list[str], run: RunDir) -> int:
     """Given the mlx.launch command line and rank 0's run directory, run the job with
     signals passed to rank 0 and return rank 0's exit code (1 when it recorded none)."""
     from mathlora_daemon.runtime.crashguard import read_start_record
     from mathlora_daemon.runtime.lock import probe_lock
 
-    before = read_start_record(run_dir)
+    before = read_start_record(run)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
     def forward(signum, _frame) -> None:
-        running, pid = probe_lock(run_dir)
+        running, pid = probe_lock(run)
         if running and pid and pid != os.getpid():
             try:
                 os.kill(pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
@@ -129,7 +130,7 @@ def launch_job(argv: list[str], run_dir: Path) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    after = read_start_record(run_dir)
+    after = read_start_record(run)
     started = after is not None and (before is None or (after.pid, after.started_at) != (before.pid, before.started_at))
     if started and after.exit_code is not None:
         return after.exit_code
@@ -152,20 +153,20 @@ def _terminate_tree(pid: int) -> None:
             pass
 
 
-def launch_main(run_dir: Path, config: Path | None, overrides: list[str], hosts: str | None,
+def launch_main(run: RunDir, config: Path | None, overrides: list[str], hosts: str | None,
                 hostfile: Path | None, ranks: int, backend: str | None, starting_port: int | None) -> int:
     """The `launch` command: run the distributed job under mlx.launch, supervised, and
     return rank 0's exit status."""
-    if not run_dir.is_dir():
-        raise InputError(f"--run-dir {run_dir}: no such directory")
+    if not run.root.is_dir():
+        raise InputError(f"--run-dir {run.root}: no such directory")
     python = os.path.abspath(sys.executable)
     run_args = (["--config", str(Path(config).resolve())] if config else [])
     for text in overrides:
         run_args += ["--set", text]
-    argv = launcher_argv(find_launcher(python), python, run_dir, hosts, hostfile, ranks, backend, starting_port,
+    argv = launcher_argv(find_launcher(python), python, run, hosts, hostfile, ranks, backend, starting_port,
                          run_args)
     name, addresses = first_host(hosts, hostfile)
     if name and not is_this_machine(name, addresses):
         print(f"mathlora-daemon launch: warning: the first host ({name}) does not look like this machine; rank 0 "
               "must run here, in this run directory, for signals and the exit status to reach it", file=sys.stderr)
-    return launch_job(argv, run_dir)
+    return launch_job(argv, run)

@@ -19,9 +19,7 @@ import io
 import json
 import platform
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -283,45 +281,34 @@ def dumps(obj) -> str:
 
 class Checkpointer:
     """Saves the run's state at an optimizer-step boundary, as the checkpoint contract
-    above says, and keeps the retention rule (docs/DESIGN.md, "Checkpoint contract").
+    above says, prunes by the retention rule and selects the best adapters at the end
+    (docs/DESIGN.md, "Checkpoint contract"). It only saves, prunes and selects (loading
+    is `restore_training_checkpoint`, which the Session calls): it measures nothing and
+    tells the user through the Reporter (training/reporter.py).
 
     State it reads at each save: the model's adapters, the optimizer's state, the loop's
     Progress (step, tokens, losses, validation history, the schedule's length), the
     cursor that the schedule derives from the step, and the budget's seconds used.
-
-    A scheduled checkpoint (`save()`: a segment's end, the run's last step) measures the
-    validation loss first (`validate`, training/validation.py), so the manifest carries
-    it and retention keeps the best; after `early_stop_evals` evaluations without a new
-    best it calls `on_early_stop(reason)`. A requested one (`save_requested()`: a stop,
-    SIGTERM, a pause, the memory guard) saves at once, without a validation pass: the
-    steps evaluated are the same whether or not a run was interrupted, so the selection
-    is too. A validation pass runs inside `interruptible()` (runtime/signals.py): a stop
-    during it saves without it, marks it pending, and the next start measures it.
     Retention never removes the best checkpoint nor the one resumed from. Only rank 0
-    writes; on the other ranks `save` does nothing. `settings()` returns the live daemon
-    settings (retention, segment length, checkpoint interval), which a config reload may
-    change.
+    writes; on the other ranks `save` does nothing. The live daemon settings (retention,
+    segment length, checkpoint interval) are read at each use: a config reload may
+    change them.
     """
 
-    def __init__(self, session, runtime, validate=None, interruptible=None, on_saved=None, clock=time.monotonic):
+    def __init__(self, session, runtime, reporter, clock=time.monotonic):
         """Given the Session (training/session.py: the run's checkpoints directory, model,
         optimizer, progress, schedule, fingerprint, config, where it resumed, its World),
-        the Runtime (runtime/boundary.py: the budget, log, heartbeat, the live [daemon]
-        settings and early stopping), the validation pass, the stop-aware context for it
-        and what to refresh after each save."""
+        the Runtime (runtime/boundary.py: the budget and the live [daemon] settings) and
+        the Reporter that tells what was saved and pruned, or could not be."""
         s = session
         self.root, self.model, self.optimizer, self.progress = s.run.checkpoints, s.model, s.optimizer, s.progress
         self.schedule, self.fp, self.cfg, self.budget = s.schedule, s.fingerprint, s.cfg, runtime.budget
-        self.log, self.heartbeat = runtime.log, runtime.heartbeat
+        self.reporter = reporter
         self.settings = lambda: runtime.cfg.daemon  # a config reload may change retention and cadence
         self.world_size, self.leader = s.world.size, s.world.leader
         self.clock = clock
-        self.validate = validate if self.leader else None
-        self.on_early_stop = runtime.finish_early
-        self.interruptible = interruptible or nullcontext
         # GRPO's reference adapters, kept in every checkpoint (None: SFT, or GRPO from the base).
         self.reference = lambda: s.grpo.reference if s.grpo is not None else None
-        self.on_saved = on_saved  # after each save: the report page (runtime/report_page.py), which never raises
         self.protect = {s.resumed.path} if s.resumed else set()  # pruning never removes what we resumed from
         self.last_step = s.progress.global_step if s.resumed else -1
         self.last_time = self.clock()
@@ -334,72 +321,25 @@ class Checkpointer:
         return bool(every and self.progress.global_step % every == 0) or \
             self.clock() - self.last_time >= d.segment_minutes * 60
 
-    def evaluate(self) -> None:
-        """Measure the validation loss at the current step (once), log `train.eval`,
-        keep it in the progress, and ask for an early stop when it is due. A stop during
-        the pass leaves it pending (`eval_pending`, kept in the checkpoint)."""
-        from mathlora_daemon.runtime.signals import Interrupted
-
-        p = self.progress
-        if self.validate is None or p.eval_step == p.global_step:
-            p.eval_pending = False
-            return
-        self.heartbeat.update(phase="evaluating")
-        try:
-            with self.interruptible():
-                testhooks.hold_point("eval", p.global_step)
-                result = self.validate()
-        except Interrupted as exc:
-            p.eval_pending = True
-            self.log.warning("train.eval.deferred", step=p.global_step, reason=str(exc),
-                             why="a stop cut the validation pass short; the next start measures it")
-            return
-        p.eval_pending = False
-        best = p.record_eval(result["loss"])
-        # GRPO validates by greedy accuracy; its "loss" is the error rate (1 - accuracy).
-        accuracy = {"val_accuracy": result["accuracy"], "val_format": result["format"]} if "accuracy" in result else {}
-        self.log.info("train.eval", step=p.global_step, val_loss=result["loss"], best=best,
-                      best_step=p.best_eval_step, best_val_loss=p.best_eval_loss, base_val_loss=p.base_eval_loss,
-                      tokens=result["tokens"], sequences=result["sequences"], seconds=result["seconds"], **accuracy)
-        self.heartbeat.update(val_loss=result["loss"], val_step=p.global_step, best_val_loss=p.best_eval_loss,
-                              best_val_step=p.best_eval_step, base_val_loss=p.base_eval_loss, **accuracy)
-        limit = self.cfg.train.early_stop_evals
-        if limit and p.evals_since_best >= limit and self.on_early_stop is not None:
-            # Kept in the checkpoint written next, so a restart (launchd) stays finished.
-            p.stopped_early = (f"no new best validation loss in {p.evals_since_best} evaluations "
-                               f"(best {p.best_eval_loss:.4f} at step {p.best_eval_step}): early stop")
-            self.on_early_stop(p.stopped_early)
-
-    def save_requested(self) -> None:
-        """Checkpoint now for a stop, SIGTERM, a pause or the memory guard: no validation pass."""
-        self.save(evaluate=False)
-
-    def save(self, evaluate: bool = True) -> None:
-        """Checkpoint the current step boundary (once per step), its validation loss
-        measured first when `evaluate`, then prune; raise TemporaryFailure (exit 75) when
-        it cannot be written, every earlier one intact."""
+    def save(self) -> None:
+        """Checkpoint the current step boundary (once per step), then prune; raise
+        TemporaryFailure (exit 75) when it cannot be written, every earlier one intact."""
         step = self.progress.global_step
         if self.last_step == step or not self.leader:
             return
-        if evaluate:
-            self.evaluate()
         epoch, position = self.schedule.cursor(step)
         self.progress.train_seconds = self.budget.used_s
-        self.heartbeat.update(phase="checkpointing")
+        self.reporter.on_phase("checkpointing")
         t0 = time.monotonic()
         try:
             info = save_training_checkpoint(self.root, self.model, self.optimizer, self.progress, epoch, position,
                                             self.fp, self.cfg, world_size=self.world_size,
                                             reference=self.reference())
         except OSError as exc:
-            self.log.error("checkpoint.failed", step=step, errno=exc.errno, error=str(exc))
+            self.reporter.on_checkpoint_failed(step, exc)
             raise TemporaryFailure(f"checkpoint at step {step} could not be written to {self.root}: "
                                    f"{exc.strerror or exc}; earlier checkpoints are intact") from exc
-        self.log.info("checkpoint.saved", step=info.step, path=str(info.path), bytes=info.bytes,
-                      seconds=round(time.monotonic() - t0, 4), val_loss=info.eval_loss)
         self.last_step, self.last_time = step, self.clock()
-        self.heartbeat.update(phase="training", last_checkpoint_step=info.step,
-                              last_checkpoint_at=datetime.now().astimezone().isoformat())
         protect = set(self.protect)
         if self.progress.best_eval_step is not None:
             # The best may have been measured after its checkpoint was written (a
@@ -407,10 +347,9 @@ class Checkpointer:
             from mathlora_checkpoints.store import step_dir_name
 
             protect.add(self.root / step_dir_name(self.progress.best_eval_step))
-        prune(self.root, self.settings().keep_checkpoints, protect=protect,
-              on_pruned=lambda i: self.log.info("checkpoint.pruned", step=i.step, path=str(i.path)))
-        if self.on_saved is not None:
-            self.on_saved()
+        pruned = []
+        prune(self.root, self.settings().keep_checkpoints, protect=protect, on_pruned=pruned.append)
+        self.reporter.on_checkpoint(info, time.monotonic() - t0, pruned)
 
     def best_adapters(self) -> tuple[dict | None, dict | None]:
         """(the adapters of the checkpoint with the lowest validation loss, what it was),
@@ -424,7 +363,7 @@ class Checkpointer:
         path = self.root / step_dir_name(p.best_eval_step)
         problem = verify_checkpoint(path) if path.is_dir() else "not kept"
         if problem:
-            self.log.warning("checkpoint.best_unavailable", step=p.best_eval_step, why=problem)
+            self.reporter.on_best_unavailable(p.best_eval_step, problem)
             return None, None
         _state, files = load_checkpoint(path)
         return dict(mx.load(str(files["adapters"]))), {"rule": "lowest validation loss", "step": p.best_eval_step,

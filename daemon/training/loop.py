@@ -4,8 +4,8 @@
 Session: model, data, optimizer, resume), runs `loop`, and on every way out leaves a
 checkpoint, the adapters and the final status. `loop` is the part to read: at each
 step boundary the runtime decides whether to go on, pause (after a checkpoint) or
-stop; the step itself is training/step.py's; the Reporter tells the user; the
-Checkpointer saves a segment's end.
+stop; the step itself is training/step.py's; the Reporter tells the user; at a
+segment's end the Evaluator validates and the Checkpointer saves.
 
 In a distributed job every rank runs this; the collectives happen in the same order on
 every rank (the runtime's boundary look, the step's abort check and all_sums, the
@@ -42,7 +42,7 @@ from mathlora_daemon.training.model import adapter_config, save_adapters
 from mathlora_daemon.training.oom import split_after_death, take_step_splitting
 from mathlora_daemon.training.reporter import Reporter, show_progress_bar
 from mathlora_daemon.training.session import setup_session
-from mathlora_daemon.training.validation import Validator
+from mathlora_daemon.training.validation import Evaluator, Validator
 
 
 @dataclass
@@ -56,7 +56,7 @@ class RunResult:
     report: dict | None = None
 
 
-def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
+def loop(session, runtime, evaluator, checkpointer, reporter, should_abort, lr_plan):
     """Take optimizer steps from the session's progress to the schedule's end; return
     the runtime's Stop when training must end first, else None. The model, optimizer and
     progress are left at an optimizer-step boundary either way."""
@@ -67,9 +67,9 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
     if s.progress.global_step == 0 or s.progress.eval_pending:
         # The base model's validation loss (what the adapters must beat), or the
         # evaluation a stop cut short at the checkpoint this start resumed from.
-        checkpointer.evaluate()
+        evaluator.measure()
     for step in range(s.progress.global_step, s.schedule.total_steps):
-        stop = runtime.boundary(checkpointer.save_requested)
+        stop = runtime.boundary(checkpointer.save)  # a requested checkpoint: no validation pass
         if stop:
             return stop
         epoch, _ = s.schedule.cursor(step)
@@ -80,7 +80,7 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
         result = take_step_splitting(s, step, step_micro_batches(s.schedule, order, step), lr_plan.lr(step),
                                      should_abort, reporter.log)
         if result is None:  # stopped between two micro-batches: the state is still at the last boundary
-            return runtime.boundary(checkpointer.save_requested)
+            return runtime.boundary(checkpointer.save)
         # Building compiled traces (the first step, a new length bucket) is set-up, not training.
         runtime.not_training(result.compile_s)
         s.progress.record(result.loss, result.tokens, getattr(result, "reward_mean", None))
@@ -88,15 +88,17 @@ def loop(session, runtime, checkpointer, reporter, should_abort, lr_plan):
         lr_plan.after_step()
         if checkpointer.due():
             runtime.account(training=True)
+            evaluator.measure()
             checkpointer.save()
     runtime.account(training=True)
     return runtime.stop_reason() if runtime.finished_early else None
 
 
-def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
-          debug: bool = False, progress: bool | None = None, world: World = SINGLE,
+def train(run: RunDir, cfg: Config, log, heartbeat, budget, config_path: Path | None, overrides: list[str],
+          progress: bool | None = None, world: World = SINGLE,
           final_eval=None, page=None, death: dict | None = None, stage=None) -> RunResult:
-    """Given a locked run directory, a validated config and the runtime's pieces, train
+    """Given a locked run directory (`run.debug`: the `run --debug` variant, which starts
+    from scratch under `debug/`), a validated config and the runtime's pieces, train
     until done, stopped, out of budget or window; return the RunResult. Raise InputError
     (exit 78) for a bad model, dataset, target list or a checkpoint of another
     configuration, TemporaryFailure (exit 75) when a checkpoint cannot be written.
@@ -107,8 +109,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
     0 only) is refreshed after every checkpoint. `stage` (training/stages.py's Stage) is
     the stage of an "sft+grpo" run this call trains (None: a one-method run)."""
 
-    run = RunDir(run_dir, debug=debug)
-    if debug and world.leader:
+    if run.debug and world.leader:
         for folder in (run.checkpoints, run.adapters):  # a debug run always starts from scratch
             shutil.rmtree(folder, ignore_errors=True)
     show_bar = show_progress_bar(progress)
@@ -119,7 +120,7 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
                          version=__version__, world_size=world.size, log_path=str(run.log_file))
         heartbeat.start(10.0, live_fields=lambda: {"budget_used_s": round(budget.used_s, 1),
                                                    "budget_left_s": round(budget.left_s, 1)})
-        watcher = _setup_watcher(stack, run, None if debug else config_path, flags) if world.leader else None
+        watcher = _setup_watcher(stack, run, None if run.debug else config_path, flags) if world.leader else None
         if flags.stop.is_set() and not world.distributed:
             # Stopped while starting (a logout as launchd started us): nothing was trained
             # since the newest checkpoint, so there is nothing to load or save.
@@ -127,17 +128,17 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
         try:
             s = setup_session(run, cfg, log, heartbeat, world, show_bar)
             split_after_death(s.progress, death, log)  # the last start was killed for memory: smaller micro-batches
-            runtime = Runtime(run.root, cfg, config_path, overrides, log, flags, heartbeat, budget,
+            runtime = Runtime(run, cfg, config_path, overrides, log, flags, heartbeat, budget,
                               take_control=watcher.take_control if watcher else list,
                               poll_control=watcher.poll if watcher else None, world=world,
                               view=stage.view if stage else None, budget_total=stage.budget_total if stage else None)
-            checkpointer = Checkpointer(s, runtime, validate=Validator.of(s, cfg.train),
-                                        interruptible=flags.interruptible,
-                                        on_saved=page.refresh if page is not None else None)
+            reporter = Reporter(s, runtime, show_bar, page)
+            stack.callback(reporter.close)
+            evaluator = Evaluator(s.progress, Validator.of(s, cfg.train) if world.leader else None, reporter,
+                                  cfg.train.early_stop_evals, runtime.finish_early, flags.interruptible)
+            checkpointer = Checkpointer(s, runtime, reporter)
             lr_plan = LRPlan(cfg.train, s.schedule.total_steps, s.progress, budget, log,
                              agree=lambda length: gather_ints(world, [length])[0][0])
-            reporter = Reporter(s, runtime, show_bar)
-            stack.callback(reporter.close)
             _setup_trackers(stack, run, cfg, s.progress.global_step, log, world, stage.step_offset if stage else 0)
             inhibitor = _setup_sleep_inhibitor(stack, cfg, log)
             runtime.on_config_change = lambda old, new: _apply_reloaded(old.daemon, new.daemon, inhibitor, log)
@@ -156,11 +157,13 @@ def train(run_dir: Path, cfg: Config, log, heartbeat, budget, config_path: Path 
             if s.grpo is not None:  # a stop raises out of the rollouts, or abandons the step before its update
                 s.grpo.interruptible, s.grpo.should_abort = flags.interruptible, should_abort
                 heartbeat.update(method="grpo")
-            stop = loop(s, runtime, checkpointer, reporter, should_abort, lr_plan)
+            stop = loop(s, runtime, evaluator, checkpointer, reporter, should_abort, lr_plan)
             reporter.close()
             # Every way out leaves its state as a checkpoint; the run's last step is
             # evaluated like any scheduled checkpoint, a requested exit saves at once.
-            checkpointer.save(evaluate=stop is None)
+            if stop is None and checkpointer.last_step != s.progress.global_step:
+                evaluator.measure()
+            checkpointer.save()
             runtime.account(training=True)
             return _finish(s, run, log, heartbeat, budget, reporter, checkpointer, stop, flags, final_eval)
         except KeyboardInterrupt:
@@ -186,7 +189,7 @@ def _stopped_before_training(log, heartbeat, budget, flags) -> RunResult:
 def _setup_watcher(stack: ExitStack, run: RunDir, config_path: Path | None, flags):
     """Rank 0 watches the control file and the config; it passes stops and pauses on."""
 
-    watcher = FileWatcher(run.scratch, config_path, on_control=flags.request_control, on_config=flags.request_reload)
+    watcher = FileWatcher(run, config_path, on_control=flags.request_control, on_config=flags.request_reload)
     watcher.prime()
     watcher.start()
     stack.callback(watcher.stop)

@@ -121,22 +121,22 @@ def _add_row(row, fmt: PromptFormat, cfg: DataConfig, split: Split, counts: Prep
                                    "kind": row.kind})
 
 
-def prepare_tokens(cfg: DataConfig, run_dir: Path, model_dir: Path, tokenizer, log,
+def prepare_tokens(cfg: DataConfig, run: RunDir, model_dir: Path, tokenizer, log,
                    progress: bool | None = None, train_problems: bool = False) -> TokenCache:
     """Given the data config, run directory, model directory and its tokenizer, return
     the training split's token cache (its `.validation` holds the held-out split); raise
     InputError when a dataset cannot be read or leaves no usable row (nothing is written
     then)."""
     fmt = PromptFormat.of(cfg.template, tokenizer)
-    source = resolve_source(cfg, run_dir)
+    source = resolve_source(cfg, run.root)
     val_cfg = replace(cfg, name=cfg.validation_name, limit=0) if cfg.validation_name else None
-    val_source = resolve_source(val_cfg, run_dir) if val_cfg else None
+    val_source = resolve_source(val_cfg, run.root) if val_cfg else None
     val_ident = source_identity(val_source, val_cfg) if val_source else {"fraction": cfg.validation_fraction}
     identity = cache_identity(cfg, source_identity(source, cfg), val_ident, model_dir, fmt)
     if train_problems:  # GRPO keeps the training rows' problems and reference answers too
         identity["train_problems"] = {"answer_field": cfg.answer_field}
     key = cache_key(identity)
-    root = RunDir(run_dir).cache
+    root = run.cache
     cached = load_cache(root / key)
     if cached is not None:
         log.info("data.prepare.cached", key=key, sequences=len(cached), tokens=int(cached.meta["tokens"]),

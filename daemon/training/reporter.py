@@ -1,5 +1,7 @@
-"""What the loop tells the user after each step: the log line, the heartbeat, the
-progress bar (as mlx-lm's TrainingCallback, called by the loop).
+"""The one voice that tells the user what training does (as mlx-lm's TrainingCallback):
+after each step, each validation pass and each checkpoint, the log line, the heartbeat,
+the progress bar and the report page. The loop, the Evaluator (training/validation.py)
+and the Checkpointer call it; the trackers (runtime/trackers.py) mirror its log lines.
 
 Kept cheap: a small model takes tens of steps a second, so the heartbeat file is
 written at most once a second and the bar redraws at most ten times a second. Only
@@ -20,16 +22,19 @@ HEARTBEAT_WRITE_S = 1.0  # status stays current, and a crash refunds less than t
 class Reporter:
     """Given the Session (training/session.py: the run, its progress, optimizer, schedule
     and where it resumed), the Runtime (runtime/boundary.py: the log, heartbeat, budget
-    and window) and whether to draw the bar, report every step."""
+    and window), whether to draw the bar and the report page to refresh after each
+    checkpoint (runtime/report_page.py's Page, which never raises; None: no page), report
+    every step, validation pass and checkpoint."""
 
-    def __init__(self, session, runtime, show_bar: bool):
+    def __init__(self, session, runtime, show_bar: bool, page=None):
         from tqdm import tqdm
 
         resumed_step = session.resumed.step if session.resumed else 0
         total_steps = session.schedule.total_steps
-        self.run_dir, self.runtime = session.run.root, runtime
+        self.run, self.runtime = session.run, runtime
         self.log, self.heartbeat, self.budget = runtime.log, runtime.heartbeat, runtime.budget
         self.progress, self.optimizer, self.leader = session.progress, session.optimizer, session.world.leader
+        self.page = page
         self.first_step = resumed_step + 1  # the crash guard counts a start as progress after this one
         self.first_loss = self.last_loss = None
         self.traces = 0
@@ -51,7 +56,7 @@ class Reporter:
             return
         step = self.progress.global_step
         if step == self.first_step:
-            crashguard.record_progress(self.run_dir)
+            crashguard.record_progress(self.run)
         if result.traces:
             self.log.info("train.compiled", step=step, seconds=round(result.compile_s, 3), traces=result.traces,
                           traces_total=self.traces, budgeted=False)
@@ -83,6 +88,44 @@ class Reporter:
                                      f"{humanize.duration(budget.used_s)}, left {humanize.duration(budget.left_s)}",
                                      refresh=False)
             self.bar.update(1)
+
+    def on_phase(self, phase: str) -> None:
+        """What the run is doing now (status's phase): "evaluating", "checkpointing"."""
+        self.heartbeat.update(phase=phase)
+
+    def on_eval(self, result: dict, best: bool) -> None:
+        """After a validation pass (training/validation.py's result at the current step)."""
+        p = self.progress
+        # GRPO validates by greedy accuracy; its "loss" is the error rate (1 - accuracy).
+        accuracy = {"val_accuracy": result["accuracy"], "val_format": result["format"]} if "accuracy" in result else {}
+        self.log.info("train.eval", step=p.global_step, val_loss=result["loss"], best=best,
+                      best_step=p.best_eval_step, best_val_loss=p.best_eval_loss, base_val_loss=p.base_eval_loss,
+                      tokens=result["tokens"], sequences=result["sequences"], seconds=result["seconds"], **accuracy)
+        self.heartbeat.update(phase="training", val_loss=result["loss"], val_step=p.global_step,
+                              best_val_loss=p.best_eval_loss, best_val_step=p.best_eval_step,
+                              base_val_loss=p.base_eval_loss, **accuracy)
+
+    def on_eval_deferred(self, step: int, reason: str) -> None:
+        self.log.warning("train.eval.deferred", step=step, reason=reason,
+                         why="a stop cut the validation pass short; the next start measures it")
+
+    def on_checkpoint(self, info, seconds: float, pruned: list) -> None:
+        """After a checkpoint was written (`info`: its CheckpointInfo) and older ones pruned."""
+        self.log.info("checkpoint.saved", step=info.step, path=str(info.path), bytes=info.bytes,
+                      seconds=round(seconds, 4), val_loss=info.eval_loss)
+        self.heartbeat.update(phase="training", last_checkpoint_step=info.step,
+                              last_checkpoint_at=datetime.now().astimezone().isoformat())
+        for gone in pruned:
+            self.log.info("checkpoint.pruned", step=gone.step, path=str(gone.path))
+        if self.page is not None:
+            self.page.refresh()
+
+    def on_checkpoint_failed(self, step: int, exc: OSError) -> None:
+        self.log.error("checkpoint.failed", step=step, errno=exc.errno, error=str(exc))
+
+    def on_best_unavailable(self, step: int, why: str) -> None:
+        """The best checkpoint cannot be read at the end: the current adapters stand."""
+        self.log.warning("checkpoint.best_unavailable", step=step, why=why)
 
     def write_heartbeat(self) -> None:
         try:

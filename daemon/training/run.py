@@ -75,23 +75,23 @@ class _StartGate:
             pass  # a rank is already gone; rank 0's own exit status stands
 
 
-def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool = False,
-                progress: bool | None = None, final_eval=None, page_figures=None) -> int:
-    """Given the run directory, the config file and `--set` overrides, run the daemon and
-    return its exit code (docs/DESIGN.md, "Exit codes"); a second daemon on the same run
-    directory gets 75 and changes nothing. Under mlx.launch, rank 0 runs this and the
-    other ranks run `_run_worker`. `page_figures` (evaluation/plot.py, passed in by the CLI
-    like `final_eval`) draws the plot of the report page (runtime/report_page.py)."""
-    if not run_dir.is_dir():
-        raise InputError(f"--run-dir {run_dir}: no such directory")
+def run_command(run: RunDir, config_path: Path | None, overrides: list[str], progress: bool | None = None,
+                final_eval=None, page_figures=None) -> int:
+    """Given the run directory (`run.debug`: the `run --debug` variant), the config file
+    and `--set` overrides, run the daemon and return its exit code (docs/DESIGN.md, "Exit
+    codes"); a second daemon on the same run directory gets 75 and changes nothing. Under
+    mlx.launch, rank 0 runs this and the other ranks run `_run_worker`. `page_figures`
+    (evaluation/plot.py, passed in by the CLI like `final_eval`) draws the plot of the
+    report page (runtime/report_page.py)."""
+    if not run.root.is_dir():
+        raise InputError(f"--run-dir {run.root}: no such directory")
     world = init_world()
     if not world.leader:
-        return _run_worker(run_dir, config_path, overrides, debug, world)
+        return _run_worker(run, config_path, overrides, world)
     gate = _StartGate(world)
     exit_code = 1
     try:
-        exit_code = _run_leader(run_dir, config_path, overrides, debug, progress, world, gate, final_eval,
-                                page_figures)
+        exit_code = _run_leader(run, config_path, overrides, progress, world, gate, final_eval, page_figures)
         return exit_code
     except InputError:
         exit_code = EXIT_CONFIG
@@ -103,7 +103,7 @@ def run_command(run_dir: Path, config_path: Path | None, overrides: list[str], d
         gate.release(exit_code)
 
 
-def _cannot_write(run_dir: Path, error: InputError | TemporaryFailure, guarded: bool, config_path: Path | None,
+def _cannot_write(run: RunDir, error: InputError | TemporaryFailure, guarded: bool, config_path: Path | None,
                   overrides: list[str]) -> int:
     """The run directory cannot be written: a temporary cause (a full disk) is 75; any
     other (permissions, a read-only mount, a file where a directory belongs) is 78, and
@@ -112,33 +112,33 @@ def _cannot_write(run_dir: Path, error: InputError | TemporaryFailure, guarded: 
     if isinstance(error, TemporaryFailure):
         raise error
     reason = str(error)
-    repeated = crashguard.repeated_outside_failure(run_dir, reason) if guarded else None
+    repeated = crashguard.repeated_outside_failure(run, reason) if guarded else None
     if repeated:
         print(f"mathlora-daemon run: not starting: {repeated}\nfix it, then start again "
-              f"(`mathlora-daemon run --run-dir {shlex.quote(str(run_dir))}`, or reload the service)", file=sys.stderr)
+              f"(`mathlora-daemon run --run-dir {shlex.quote(str(run.root))}`, or reload the service)", file=sys.stderr)
         return EXIT_OK
-    crashguard.record_outside_failure(run_dir, reason, time.time())
+    crashguard.record_outside_failure(run, reason, time.time())
     if guarded:
-        _notify_failure(run_dir, config_path, overrides, reason)
+        _notify_failure(run, config_path, overrides, reason)
     raise error
 
 
-def _notify_failure(run_dir: Path, config_path: Path | None, overrides: list[str], reason: str) -> None:
+def _notify_failure(run: RunDir, config_path: Path | None, overrides: list[str], reason: str) -> None:
     """Tell about a failure that ended a guarded start before its log existed."""
     from mathlora_daemon.runtime.notify import Notifier, notify_settings
 
     settings = notify_settings(config_path, overrides)
     if settings is not None:
-        Notifier(settings, RunDir(run_dir)).send("failed", reason)
+        Notifier(settings, run).send("failed", reason)
 
 
-def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool, world: World) -> int:
+def _run_worker(run: RunDir, config_path: Path | None, overrides: list[str], world: World) -> int:
     """A rank other than 0: no lock, no files written into the run directory; logs go to
     its stderr (mlx.launch prefixes nothing, so every line carries `rank`)."""
     from mathlora_daemon.runtime.budget import Budget
     from mathlora_daemon.runtime.heartbeat import NullHeartbeat
 
-    log = setup_logging(None, run_dir.resolve().name).bind(rank=world.rank, world_size=world.size)
+    log = setup_logging(None, run.root.resolve().name).bind(rank=world.rank, world_size=world.size)
     try:
         cfg = load_config(config_path, overrides)
     except InputError as exc:
@@ -149,21 +149,20 @@ def _run_worker(run_dir: Path, config_path: Path | None, overrides: list[str], d
         code = statuses[0] if statuses[0] != GO else EXIT_TEMPFAIL
         log.info("daemon.stop", reason="rank 0 did not start training", exit_code=code)
         return code
-    if debug:
+    if run.debug:
         cfg = debug_config(cfg)
     # Rank 0 alone owns the budget and the window; this rank brings its signals, memory and power.
     cfg = replace(cfg, daemon=replace(cfg.daemon, window=""))
     try:
-        result = train(run_dir, cfg, log, NullHeartbeat(), Budget(float("inf"), 0.0), None, overrides, debug,
-                       progress=False, world=world)
+        result = train(run, cfg, log, NullHeartbeat(), Budget(float("inf"), 0.0), None, overrides, progress=False,
+                       world=world)
     finally:
         close_logging()
     return result.exit_code
 
 
-def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], debug: bool,
-                progress: bool | None, world: World, gate: _StartGate, final_eval=None,
-                page_figures=None) -> int:
+def _run_leader(run: RunDir, config_path: Path | None, overrides: list[str], progress: bool | None,
+                world: World, gate: _StartGate, final_eval=None, page_figures=None) -> int:
     """Rank 0 (or the only process): lock, guards, then train. A `--debug` run keeps
     everything it writes (lock, status, log, crash records, budget, report) under
     `debug/` (RunDir.scratch): the real run is never touched. The report page is kept
@@ -177,47 +176,46 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
     from mathlora_daemon.runtime.schedule import inside, next_start, parse_window
     from mathlora_daemon.training.oom import died_of_memory
 
-    run = RunDir(run_dir, debug=debug)
-    own = run.scratch  # lock, state, log: the run directory, or debug/
+    debug = run.debug  # then its lock, state, log and crash records are under run.scratch (debug/)
     config_text = config_path.read_text(errors="replace") if config_path and config_path.is_file() else None
     chash = crashguard.config_hash(config_text, overrides)
     # launchd restarts us after every non-zero exit; the guard ends such loops. A start
     # from a terminal is a person trying again (after fixing data, freeing memory ...).
     guarded = not debug and not sys.stdin.isatty()
-    unwritable = unwritable_error(RunDir(run_dir))
+    unwritable = unwritable_error(replace(run, debug=False))  # the run directory itself, --debug or not
     if unwritable is not None:
-        return _cannot_write(run_dir, unwritable, guarded, config_path, overrides)
-    crashguard.clear_outside_failure(run_dir)
+        return _cannot_write(run, unwritable, guarded, config_path, overrides)
+    crashguard.clear_outside_failure(run)
     if debug:
-        own.mkdir(exist_ok=True)
+        run.scratch.mkdir(exist_ok=True)
     try:
-        lock = acquire_lock(own)
+        lock = acquire_lock(run)
     except LockHeld as exc:
         print(f"mathlora-daemon run: {exc}; not starting a second daemon", file=sys.stderr)
         return EXIT_TEMPFAIL
     with lock:
         started_unix = time.time()
-        crashes = crashguard.begin_start(own, os.getpid(), started_unix)
+        crashes = crashguard.begin_start(run, os.getpid(), started_unix)
         if not guarded:
-            crashguard.clear_failure(own)
+            crashguard.clear_failure(run)
         try:
             cfg = load_config(config_path, overrides)
         except InputError as exc:
-            failure = crashguard.read_failure(own)
+            failure = crashguard.read_failure(run)
             if failure and failure.get("kind") == "config" and failure.get("config_hash") == chash:
                 print(f"mathlora-daemon run: not starting: the configuration error recorded earlier is unchanged "
                       f"(fix {config_path} and start again):\n{exc}", file=sys.stderr)
-                crashguard.record_clean_exit(own, EXIT_OK)
+                crashguard.record_clean_exit(run, EXIT_OK)
                 return EXIT_OK
-            crashguard.record_failure(own, str(exc), "config", chash, time.time())
-            crashguard.record_clean_exit(own, EXIT_CONFIG)
+            crashguard.record_failure(run, str(exc), "config", chash, time.time())
+            crashguard.record_clean_exit(run, EXIT_CONFIG)
             _quietly(write_report, run, "failed", f"configuration error: {exc}", None, None)
             if guarded:
-                _notify_failure(run_dir, config_path, overrides, f"configuration error: {exc}")
+                _notify_failure(run, config_path, overrides, f"configuration error: {exc}")
             raise
         if debug:
             cfg = debug_config(cfg)
-        used = 0.0 if debug else initial_used(*read_used_seconds(run_dir))
+        used = 0.0 if debug else initial_used(*read_used_seconds(run))
         budget = Budget(float("inf") if debug else cfg.daemon.budget_hours * 3600, used)
         identity = training_identity(cfg)
         done = None if debug else finished_already(run, identity, budget.exhausted)
@@ -226,29 +224,29 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
             # once, without loading the model, and leave the report and adapters as they are.
             what = "finished" if done["state"] == "finished" else "spent its training budget"
             print(f"mathlora-daemon run: this run {what} at step {done.get('step')}; nothing to do. "
-                  f"{pointer(done, run_dir)}. To train further raise "
+                  f"{pointer(done, run)}. To train further raise "
                   f"{'train.epochs or train.max_steps' if done['state'] == 'finished' else 'daemon.budget_hours'}, "
                   "or start a new run directory.", file=sys.stderr)
-            crashguard.record_clean_exit(own, EXIT_OK)
+            crashguard.record_clean_exit(run, EXIT_OK)
             return EXIT_OK
-        log = setup_logging(own, run_dir.resolve().name, quiet_events=_quiet(progress))
+        log = setup_logging(run, run.root.resolve().name, quiet_events=_quiet(progress))
         if world.distributed:
             log = log.bind(rank=0, world_size=world.size)
         # Before this start's heartbeat replaces it: did the last start die of memory?
-        death = died_of_memory(RunDir(run_dir, debug=debug), cfg.daemon.memory_warning_available_gb)
-        heartbeat = Heartbeat(own, run_dir.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
+        death = died_of_memory(run, cfg.daemon.memory_warning_available_gb)
+        heartbeat = Heartbeat(run, run.root.resolve().name, os.getpid(), cfg.daemon.budget_hours * 3600)
         page = None if debug else Page(run, page_figures, heartbeat, log)
         notifier = None if debug else Notifier(cfg.notify, run, log)
         if notifier is not None:
             logging.getLogger(LOGGER_NAME).addHandler(notifier)  # hears a new best
         exit_code = EXIT_CONFIG
         try:
-            log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run_dir.resolve()),
+            log.info("daemon.start", pid=os.getpid(), version=__version__, run_dir=str(run.root.resolve()),
                      debug=debug, crashed_starts_before=crashes, **world.describe())
-            reason = crashguard.decide(own, crashes, cfg.daemon.max_crash_restarts, chash) if guarded else None
+            reason = crashguard.decide(run, crashes, cfg.daemon.max_crash_restarts, chash) if guarded else None
             if reason:
-                if crashguard.read_failure(own) is None:
-                    crashguard.record_failure(own, reason, "crash_loop", chash, time.time())
+                if crashguard.read_failure(run) is None:
+                    crashguard.record_failure(run, reason, "crash_loop", chash, time.time())
                 heartbeat.update(state="failed", phase="done", reason=reason)
                 log.error("daemon.failed", reason=reason)
                 _quietly(write_report, run, "failed", reason, None, None)
@@ -278,8 +276,8 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
             gate.open()
 
             def train_stage(stage_cfg, stage_budget, stage=None):
-                return train(run_dir, stage_cfg, log, heartbeat, stage_budget, config_path, overrides, debug,
-                             progress, world, final_eval, page, death, stage)
+                return train(run, stage_cfg, log, heartbeat, stage_budget, config_path, overrides, progress, world,
+                             final_eval, page, death, stage)
 
             result = train_in_stages(run, cfg, budget, log, heartbeat, train_stage) if staged(cfg) else \
                 train_stage(cfg, budget)
@@ -290,7 +288,7 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
             return exit_code
         except InputError as exc:
             log.error("daemon.stop", reason="error", error=str(exc), exit_code=EXIT_CONFIG)
-            crashguard.record_failure(own, str(exc), "config", chash, time.time())
+            crashguard.record_failure(run, str(exc), "config", chash, time.time())
             heartbeat.update(state="failed", phase="done", reason=str(exc))
             _quietly(write_report, run, "failed", str(exc), None, None)
             raise
@@ -311,7 +309,7 @@ def _run_leader(run_dir: Path, config_path: Path | None, overrides: list[str], d
             if exit_code in (EXIT_OK, EXIT_CONFIG, EXIT_TEMPFAIL, EXIT_INTERRUPTED):
                 # Each write may meet the full disk that ended the run: the exit's own
                 # message must stand, not a second "No space left on device".
-                _quietly(crashguard.record_clean_exit, own, exit_code)
+                _quietly(crashguard.record_clean_exit, run, exit_code)
                 heartbeat.update(pid=os.getpid())
                 heartbeat.stop()  # the final state is on disk before the lock is released
                 error = sys.exc_info()[1]  # the page after a crash would say running; a 2nd Ctrl-C is at once

@@ -197,11 +197,11 @@ def _setup_device(run: RunDir, cfg: Config, log, world: World) -> None:
 def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World, show_bar: bool):
     if not world.leader:
         barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
-    model_dir = ensure_model(cfg, run.root, log)  # converts model.name into model.path when it is missing
+    model_dir = ensure_model(cfg, run, log)  # converts model.name into model.path when it is missing
     log.info("model.load.start", path=str(model_dir))
     model, tokenizer, _ = load_base(model_dir)
     heartbeat.update(phase="preparing")
-    cache = prepare_tokens(cfg.data, run.root, model_dir, tokenizer, log, progress=show_bar,
+    cache = prepare_tokens(cfg.data, run, model_dir, tokenizer, log, progress=show_bar,
                            train_problems=cfg.train.method == "grpo")
     if world.leader:
         barrier(world)

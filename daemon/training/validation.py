@@ -3,18 +3,67 @@
 The validation split (data.validation_fraction or data.validation_name, kept apart by
 `prepare`) is measured on a fixed subset, its first `train.eval_sequences` sequences,
 with the same masking as training (train.mask_prompt): a forward pass only, batched
-like training. The Checkpointer measures it at every checkpoint (the time counts
-against the budget, like the checkpoint itself), once for the base model before the
-first step, and keeps the lowest: retention keeps that checkpoint, and at the end the
-adapters are the best (train.select = "best").
+like training. The Evaluator measures it before every scheduled checkpoint (the time
+counts against the budget, like the checkpoint itself), once for the base model before
+the first step, and keeps the lowest: retention keeps that checkpoint, and at the end
+the adapters are the best (train.select = "best"); it asks for the early stop.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
+from mathlora_daemon import testhooks
 from mathlora_daemon.training.cache import TokenCache
+
+
+class Evaluator:
+    """When to validate and what follows from it. `measure()` runs the validation pass at
+    the current step (once per step), keeps the result in the progress, tells the
+    Reporter, and after `train.early_stop_evals` evaluations without a new best calls
+    `on_early_stop(reason)` (the runtime's finish_early).
+
+    The loop measures before every scheduled checkpoint (a segment's end, the run's last
+    step) so its manifest carries the loss and retention keeps the best; a requested
+    checkpoint (a stop, SIGTERM, a pause, the memory guard) is saved without one: the
+    steps evaluated are the same whether or not a run was interrupted, so the selection
+    is too. The pass runs inside `interruptible()` (runtime/signals.py): a stop during
+    it leaves it pending (`eval_pending`, kept in the checkpoint) and the next start
+    measures it. Without a validation pass (`validate` None: no validation rows, or a
+    rank other than 0) nothing is measured."""
+
+    def __init__(self, progress, validate, reporter, early_stop_evals: int, on_early_stop, interruptible=None):
+        self.progress, self.validate, self.reporter = progress, validate, reporter
+        self.early_stop_evals, self.on_early_stop = early_stop_evals, on_early_stop
+        self.interruptible = interruptible or nullcontext
+
+    def measure(self) -> None:
+        from mathlora_daemon.runtime.signals import Interrupted
+
+        p = self.progress
+        if self.validate is None or p.eval_step == p.global_step:
+            p.eval_pending = False
+            return
+        self.reporter.on_phase("evaluating")
+        try:
+            with self.interruptible():
+                testhooks.hold_point("eval", p.global_step)
+                result = self.validate()
+        except Interrupted as exc:
+            p.eval_pending = True
+            self.reporter.on_eval_deferred(p.global_step, str(exc))
+            return
+        p.eval_pending = False
+        best = p.record_eval(result["loss"])
+        self.reporter.on_eval(result, best)
+        limit = self.early_stop_evals
+        if limit and p.evals_since_best >= limit and self.on_early_stop is not None:
+            # Kept in the checkpoint written next, so a restart (launchd) stays finished.
+            p.stopped_early = (f"no new best validation loss in {p.evals_since_best} evaluations "
+                               f"(best {p.best_eval_loss:.4f} at step {p.best_eval_step}): early stop")
+            self.on_early_stop(p.stopped_early)
 
 
 @dataclass

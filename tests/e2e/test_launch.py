@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.lock import probe_lock
 from mathlora_daemon.service.launch import find_launcher, first_host, is_this_machine, launcher_argv
 
@@ -35,12 +36,12 @@ from runs import (
 def test_the_command_line_runs_this_python_in_the_run_directory(tmp_path):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text('[{"ssh": "10.0.0.1", "ips": ["10.0.0.1"]}, {"ssh": "10.0.0.2", "ips": ["10.0.0.2"]}]')
-    argv = launcher_argv("/v/bin/mlx.launch", "/v/bin/python", tmp_path, hostfile=hostfile, ranks=2,
+    argv = launcher_argv("/v/bin/mlx.launch", "/v/bin/python", RunDir(tmp_path), hostfile=hostfile, ranks=2,
                          backend="ring", starting_port=4000, run_args=["--set", "train.epochs=2"])
     assert argv == ["/v/bin/mlx.launch", "--backend", "ring", "--hostfile", str(hostfile.resolve()), "-n", "2",
                     "--starting-port", "4000", "--", "/v/bin/python", "-m", "mathlora_daemon", "run", "--run-dir",
                     str(tmp_path.resolve()), "--set", "train.epochs=2"]
-    assert launcher_argv("l", "p", tmp_path, hosts="10.0.0.1,10.0.0.2")[1:3] == ["--hosts", "10.0.0.1,10.0.0.2"]
+    assert launcher_argv("l", "p", RunDir(tmp_path), hosts="10.0.0.1,10.0.0.2")[1:3] == ["--hosts", "10.0.0.1,10.0.0.2"]
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -56,7 +57,7 @@ def test_bad_launch_options_are_named(tmp_path, kwargs, message):
         kwargs = {"hostfile": tmp_path / "hosts.json"}
         kwargs["hostfile"].write_text("{ not json" if "not a JSON" in message else "[]")
     with pytest.raises(InputError, match=message.replace("(", r"\(")):
-        launcher_argv("l", "p", tmp_path, **kwargs)
+        launcher_argv("l", "p", RunDir(tmp_path), **kwargs)
 
 
 def test_mlx_launch_is_found_beside_the_interpreter_or_refused(tmp_path, monkeypatch):
@@ -106,13 +107,13 @@ def test_sigterm_to_launch_stops_every_rank_at_one_boundary_and_exits_0(job):
     worker_stops = [line for line in err.splitlines() if "daemon.stop" in line and "rank=1" in line]
     assert worker_stops and stop_step(worker_stops[-1]) == step  # the other rank stopped at the same boundary
     assert (job / "checkpoints" / f"step-{step:08d}").is_dir()
-    assert not probe_lock(job)[0]
+    assert not probe_lock(RunDir(job))[0]
 
 
 def test_a_dead_rank_makes_launch_exit_non_zero_for_a_restart(job):
     proc = start_launch(job)
     wait_for(step_logged(job, 2), proc, "step 2")
-    rank0 = probe_lock(job)[1]
+    rank0 = probe_lock(RunDir(job))[1]
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
              if p.cmdline()[1:4] == ["-m", "mathlora_daemon", "run"]]
     other = [p for p in ranks if p.pid != rank0]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.control import send_request
 from mathlora_daemon.runtime.lock import probe_lock
 
@@ -137,7 +138,7 @@ def test_a_stop_sent_during_start_up_is_never_lost(template_dir, tmp_path):
     for attempt in range(4):
         run = copy(template_dir, tmp_path / f"run{attempt}")
         proc = start(run)
-        outcome = wait_for(lambda: send_request(run, "stop", probe_lock)[0] == "accepted" or None, proc,
+        outcome = wait_for(lambda: send_request(RunDir(run), "stop", probe_lock)[0] == "accepted" or None, proc,
                            "an accepted stop", interval_s=0.001)
         assert outcome
         finish(proc)
@@ -160,12 +161,12 @@ def test_a_thousand_random_requests_are_all_acted_on(template_dir, tmp_path):
     accepted = []
     for i in range(1000):
         command = rng.choice(("pause", "resume", "pause", "resume", "resume"))
-        outcome, request, _ = send_request(run, command, probe_lock)
+        outcome, request, _ = send_request(RunDir(run), command, probe_lock)
         assert outcome == "accepted", (i, outcome)
         accepted.append((command, request["id"]))
         if i == 500:  # rm -rf state/ while running: later requests still arrive
             shutil.rmtree(run / "state")
-    outcome, request, _ = send_request(run, "stop", probe_lock)
+    outcome, request, _ = send_request(RunDir(run), "stop", probe_lock)
     assert outcome == "accepted"
     accepted.append(("stop", request["id"]))
     assert proc.wait(timeout=120) == 0, (tmp_path / "daemon.err").read_text()[-3000:]

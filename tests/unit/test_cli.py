@@ -20,20 +20,28 @@ from mathlora_daemon.rundir import RunDir
 def test_shared_options_work_before_and_after_the_action(argv):
     args = arguments.parse(argv)
     assert args.command == "checkpoints" and args.action == "list"
-    assert args.run_dir == Path("D") and args.config is None and args.overrides == []
+    assert args.run_dir == RunDir(Path("D")) and args.config is None and args.overrides == []
 
 
 def test_set_options_from_every_level_are_kept_in_order():
     args = arguments.parse(["checkpoints", "--set", "daemon.keep_checkpoints=5", "--config", "a.toml", "prune",
                             "--set", "daemon.keep_checkpoints=2", "--run-dir", "R", "--keep", "1"])
     assert args.overrides == ["daemon.keep_checkpoints=5", "daemon.keep_checkpoints=2"]  # the later one wins
-    assert args.config == Path("a.toml") and args.run_dir == Path("R") and args.keep == 1
+    assert args.config == Path("a.toml") and args.run_dir == RunDir(Path("R")) and args.keep == 1
 
 
 def test_defaults_when_no_shared_option_is_given():
-    assert arguments.parse(["status"]).run_dir == Path(".")
-    assert arguments.parse(["demo"]).run_dir == Path(arguments.DEMO_DIR)
+    assert arguments.parse(["status"]).run_dir == RunDir(Path("."))
+    assert arguments.parse(["demo"]).run_dir == RunDir(Path(arguments.DEMO_DIR))
     assert arguments.parse(["run"]).overrides == []
+
+
+def test_the_run_directory_is_built_once_and_run_debug_gets_its_debug_variant():
+    # The CLI builds the one RunDir every layer below receives (docs/DESIGN.md, "Run directory").
+    assert arguments.parse(["run", "--run-dir", "D"]).run_dir == RunDir(Path("D"))
+    debug = arguments.parse(["run", "--debug", "--run-dir", "D"]).run_dir
+    assert debug == RunDir(Path("D"), debug=True) and debug.adapters == Path("D") / "debug" / "adapters"
+    assert debug.config == Path("D") / "mathlora.toml"  # the real run's config, --debug or not
 
 
 def test_commands_that_read_no_config_refuse_config_options():

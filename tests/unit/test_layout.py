@@ -123,3 +123,39 @@ def test_every_sub_package_is_installed():
     assert listed == on_disk
     assert project["tool"]["setuptools"]["package-dir"] == {"mathlora_daemon": "daemon",
                                                              "mathlora_checkpoints": "checkpoints"}
+
+
+# Where a RunDir may be built (docs/DESIGN.md, "Run directory"): the CLI builds the one
+# every layer below receives, from --run-dir (`run --debug`: its variant, by
+# dataclasses.replace); anywhere else a function takes the RunDir it is given, with
+# `run.root` for the bare path. `RunDir(Path())` (the names inside a run directory,
+# relative) is fine anywhere. Keys: a module, or module:function for one function only.
+RUNDIR_BUILDERS = {
+    "rundir.py": "the class itself",
+    "cli/arguments.py": "--run-dir, parsed once",
+    "service/install.py:example_plist": "the documented example's made-up --run-dir",
+}
+
+
+def _rundir_calls(tree: ast.AST, functions: tuple[str, ...] = ()):
+    """(line, enclosing function names) of every RunDir(...) call but RunDir(Path())."""
+    for node in ast.iter_child_nodes(tree):
+        inside = functions + (node.name,) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else functions
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            names_only = (len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.Call)
+                          and getattr(node.args[0].func, "id", None) == "Path" and not node.args[0].args)
+            if name == "RunDir" and not names_only:
+                yield node.lineno, inside
+        yield from _rundir_calls(node, inside)
+
+
+def test_only_the_cli_builds_a_run_directory():
+    built = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = path.relative_to(PACKAGE).as_posix()
+        for line, functions in _rundir_calls(ast.parse(path.read_text())):
+            if module not in RUNDIR_BUILDERS and not any(f"{module}:{f}" in RUNDIR_BUILDERS for f in functions):
+                built.append(f"daemon/{module}:{line}")
+    assert not built, ("RunDir(...) built from a path outside the CLI (take the RunDir the caller passes, "
+                       "run.root for the bare path): " + ", ".join(built))

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 from mathlora_daemon.demo import walkthrough
+from mathlora_daemon.rundir import RunDir
 
 
 def test_a_second_demo_removes_the_previous_training_outputs_only(tmp_path):
     run = tmp_path / "demo"
-    walkthrough.prepare_demo(run)
+    walkthrough.prepare_demo(RunDir(run))
     for name in ("checkpoints/step-00000025", "adapters", "state", "logs", "debug/adapters", "export/peft", "fused",
                  "cache/abc"):
         (run / name).mkdir(parents=True)
@@ -21,16 +22,16 @@ def test_a_second_demo_removes_the_previous_training_outputs_only(tmp_path):
     (run / "report.html").write_text("<!DOCTYPE html>")
     kept = {p.name for p in run.iterdir()} - {"checkpoints", "adapters", "state", "logs", "debug", "export", "fused",
                                               "loss.png", "report.json", "report.html"}
-    cleared = walkthrough.clear_previous_run(run)
+    cleared = walkthrough.clear_previous_run(RunDir(run))
     assert set(cleared) == {"checkpoints", "adapters", "state", "logs", "debug", "export", "fused", "loss.png",
                             "report.json", "report.html"}
     assert {p.name for p in run.iterdir()} == kept and {"mlx_model", "data", "cache", "mathlora.toml"} <= kept
-    assert walkthrough.clear_previous_run(run) == []  # nothing left to say
+    assert walkthrough.clear_previous_run(RunDir(run)) == []  # nothing left to say
 
 
 def test_next_commands_paste_as_printed(tmp_path, monkeypatch):
     run = tmp_path / "my demo's dir"
-    lines = walkthrough.next_commands(run)
+    lines = walkthrough.next_commands(RunDir(run))
     for line in lines:
         argv = shlex.split(line)
         assert Path(argv[0]).is_absolute() and Path(argv[0]).exists(), line
@@ -44,6 +45,6 @@ def test_next_commands_paste_as_printed(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    lines = walkthrough.next_commands(run)
+    lines = walkthrough.next_commands(RunDir(run))
     assert shlex.split(lines[-2]) == [str(Path(sys.executable).absolute()), "-m", "pip", "install", "matplotlib"]
     assert "plot" in shlex.split(lines[-1])

@@ -22,6 +22,7 @@ from mathlora_daemon.evaluation.evaluate import (
     load_problems,
     reference_answer,
 )
+from mathlora_daemon.rundir import RunDir
 
 N_TEST = 10
 SUMMARY_KEYS = {"n", "correct", "accuracy", "format_ok", "format_compliance", "extracted", "mean_generated_tokens",
@@ -234,7 +235,7 @@ def test_parquet_file_with_the_configs_field_names(run, problems, tmp_path):
                              "big": ["x" * 100] * len(problems)}), tmp_path / "held.parquet")
     cfg = Config().data
     cfg.problem_field, cfg.solution_field = "question", "worked"
-    described, loaded = load_problems("held.parquet", tmp_path, cfg)
+    described, loaded = load_problems("held.parquet", RunDir(tmp_path), cfg)
     assert described == "held.parquet"
     assert [(p["problem"], p["solution"], p["answer"]) for p in loaded] == [
         (p["problem"], p["solution"], None) for p in problems]
@@ -245,9 +246,9 @@ def test_parquet_file_with_the_configs_field_names(run, problems, tmp_path):
 
 def test_missing_local_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such file"):
-        load_problems("nope.jsonl", tmp_path, Config().data)
+        load_problems("nope.jsonl", RunDir(tmp_path), Config().data)
     with pytest.raises(InputError, match="hub:owner/name"):
-        load_problems("owner/name", tmp_path, Config().data)
+        load_problems("owner/name", RunDir(tmp_path), Config().data)
 
 
 def test_hub_dataset_through_datasets(monkeypatch, tmp_path, problems):
@@ -262,14 +263,14 @@ def test_hub_dataset_through_datasets(monkeypatch, tmp_path, problems):
         return iter([{"problem": p["problem"], "solution": p["solution"], "answer": p["answer"]} for p in problems])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    described, loaded = load_problems("hub:HuggingFaceH4/MATH-500", tmp_path, Config().data, limit=4)
+    described, loaded = load_problems("hub:HuggingFaceH4/MATH-500", RunDir(tmp_path), Config().data, limit=4)
     assert described == "hub:HuggingFaceH4/MATH-500 (test)"
     assert [p["answer"] for p in loaded] == [p["answer"] for p in problems[:4]]
     assert calls == [("HuggingFaceH4/MATH-500", None, "test", True)]
     with pytest.raises(InputError, match="could not be loaded: no such split"):
-        load_problems("hub:broken/set", tmp_path, Config().data)
+        load_problems("hub:broken/set", RunDir(tmp_path), Config().data)
     with pytest.raises(InputError, match="expected hub:<dataset id>"):
-        load_problems("hub:", tmp_path, Config().data)
+        load_problems("hub:", RunDir(tmp_path), Config().data)
 
 
 # --- batched generation, the recorded format, the final eval ------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from mathlora_daemon.cli import actions, arguments
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.evaluation.plot import page_figures, plot_run, read_curve
+from mathlora_daemon.rundir import RunDir
 
 LR = 2e-4
 
@@ -46,7 +47,7 @@ def run(tmp_path):
 
 
 def test_counts_and_last_value_wins(run):
-    curve = read_curve(run)
+    curve = read_curve(RunDir(run))
     assert sorted(curve.loss) == list(range(1, 11))  # steps 5 and 6 were trained twice: once each here
     assert curve.loss[5] == pytest.approx(5.0 - 0.5 + 1.0)  # the resumed run's value, not the crashed one's
     assert curve.loss[2] == pytest.approx(4.8)  # the debug run's steps are left out
@@ -58,7 +59,7 @@ def test_counts_and_last_value_wins(run):
 
 def test_plot_writes_a_png(run):
     out = run / "figs" / "loss.png"
-    info = plot_run(run, out)
+    info = plot_run(RunDir(run), out)
     assert info == {"points": 10, "evals": 3, "resumes": 1, "checkpoints": 3, "starts": 2, "path": str(out)}
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,11 +76,11 @@ def test_cli_default_output(run, capsys):
 
 def test_missing_or_empty_log_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no log"):
-        plot_run(tmp_path, tmp_path / "loss.png")
+        plot_run(RunDir(tmp_path), tmp_path / "loss.png")
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "daemon.jsonl").write_text(ev("daemon.start", debug=False) + "\n")
     with pytest.raises(InputError, match="nothing to plot"):
-        plot_run(tmp_path, tmp_path / "loss.png")
+        plot_run(RunDir(tmp_path), tmp_path / "loss.png")
     assert not (tmp_path / "loss.png").exists()
 
 
@@ -88,18 +89,18 @@ def test_without_matplotlib_says_what_to_install(run, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError
     with pytest.raises(InputError, match=r"pip install 'mathlora-daemon\[plot\]'"):
-        plot_run(run, run / "loss.png")
+        plot_run(RunDir(run), run / "loss.png")
 
 
 def test_the_report_page_gets_the_figure_in_memory_or_a_note_why_not(run, tmp_path, monkeypatch):
-    figures = page_figures(run)
+    figures = page_figures(RunDir(run))
     assert figures["png"][:8] == b"\x89PNG\r\n\x1a\n" and figures["note"] is None
     assert (figures["starts"], figures["resumes"]) == (2, 1)
     assert not (run / "loss.png").exists()  # nothing written
-    assert page_figures(tmp_path)["note"].startswith("no plot yet")  # no log: no error either
+    assert page_figures(RunDir(tmp_path))["note"].startswith("no plot yet")  # no log: no error either
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    without = page_figures(run)
+    without = page_figures(RunDir(run))
     assert without["png"] is None and "pip install 'mathlora-daemon[plot]'" in without["note"]
     assert without["starts"] == 2

@@ -31,6 +31,7 @@ from mathlora_daemon.modelio.convert import (
     ensure_model,
     resolve_source,
 )
+from mathlora_daemon.rundir import RunDir
 
 HF_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=4, vocab_size=300)
@@ -411,17 +412,17 @@ def test_ensure_model_converts_once(hf, tmp_path, recording_log):
     shutil.copytree(hf["st"], run / "hf")
     cfg = load_config(None, ["model.name=hf"])  # relative: looked up in the run dir
     (run / "mlx_model").mkdir()  # an empty leftover directory is fine to replace
-    assert ensure_model(cfg, run, recording_log) == run / "mlx_model"
+    assert ensure_model(cfg, RunDir(run), recording_log) == run / "mlx_model"
     done = recording_log.fields("model.convert.done")
     assert done["kind"] == KIND_DIR and done["bytes"] > 0 and done["seconds"] >= 0
-    assert ensure_model(cfg, run, recording_log) == run / "mlx_model"
+    assert ensure_model(cfg, RunDir(run), recording_log) == run / "mlx_model"
     assert recording_log.names() == ["model.convert.start", "model.convert.done"]
 
 
 def test_ensure_model_takes_back_a_model_set_aside_by_a_killed_replace(converted, tmp_path, recording_log):
     dead = 2**22 + 54321
     shutil.copytree(converted["st"][0], tmp_path / f".tmp-old-mlx_model-{dead}-0a1b2c3d")
-    assert ensure_model(Config(), tmp_path, recording_log) == tmp_path / "mlx_model"
+    assert ensure_model(Config(), RunDir(tmp_path), recording_log) == tmp_path / "mlx_model"
     assert (tmp_path / "mlx_model" / "config.json").is_file() and leftovers(tmp_path) == []
     assert recording_log.names() == []  # nothing converted (the default model.name is never fetched)
 
@@ -430,7 +431,7 @@ def test_ensure_model_never_overwrites_other_content(tmp_path, recording_log):
     (tmp_path / "mlx_model").mkdir()
     (tmp_path / "mlx_model" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match=r"not a model directory.*notes.txt"):
-        ensure_model(Config(), tmp_path, recording_log)
+        ensure_model(Config(), RunDir(tmp_path), recording_log)
     assert recording_log.names() == []
 
 
@@ -471,7 +472,7 @@ def test_cli_refuses_while_a_daemon_runs(hf, tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    with acquire_lock(run):
+    with acquire_lock(RunDir(run)):
         with pytest.raises(TemporaryFailure, match="stop the daemon"):
             actions.convert(parse(["--run-dir", str(run), "--source", str(hf["st"])]))
     assert not (run / "mlx_model").exists()

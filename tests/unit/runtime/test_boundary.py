@@ -29,7 +29,7 @@ def make_runtime(power: list[PowerState], clock: FakeClock | None = None, **daem
         setattr(cfg.daemon, key, value)
     clock = clock or FakeClock()
     log = RecordingLog()
-    runtime = Runtime(run_dir=None, cfg=cfg, config_path=None, overrides=[], log=log, flags=Flags(),
+    runtime = Runtime(run=None, cfg=cfg, config_path=None, overrides=[], log=log, flags=Flags(),
                       heartbeat=RecordingHeartbeat(), budget=Budget(cfg.daemon.budget_hours * 3600),
                       clock=AwakeClock(monotonic=lambda: clock.mono, wall=lambda: clock.wall),
                       read_memory=lambda: PLENTY, read_power=lambda: power[-1],

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.budget import AwakeClock, Budget, initial_used, read_used_seconds
 
 
@@ -143,30 +144,30 @@ def test_read_used_seconds_from_heartbeat_and_newest_checkpoint(tmp_path):
     checkpoint(tmp_path, 16, 2400.0)
     checkpoint(tmp_path, 24, 3600.0, manifest=False)  # killed mid-save: not a checkpoint
     (tmp_path / "checkpoints" / ".tmp-step-00000032").mkdir()
-    assert read_used_seconds(tmp_path) == (5400.5, 2400.0)
+    assert read_used_seconds(RunDir(tmp_path)) == (5400.5, 2400.0)
 
 
 def test_read_used_seconds_skips_a_checkpoint_whose_state_does_not_parse(tmp_path):
     checkpoint(tmp_path, 8, 1200.0)
     broken = checkpoint(tmp_path, 16, 2400.0)
     write_json(broken / "trainer_state.json", "{truncated")
-    assert read_used_seconds(tmp_path) == (None, 1200.0)
+    assert read_used_seconds(RunDir(tmp_path)) == (None, 1200.0)
 
 
 def test_step_order_is_numeric_not_by_mtime(tmp_path):
     checkpoint(tmp_path, 100, 1000.0)
     checkpoint(tmp_path, 99, 990.0)  # written later
-    assert read_used_seconds(tmp_path)[1] == 1000.0
+    assert read_used_seconds(RunDir(tmp_path))[1] == 1000.0
 
 
 @pytest.mark.parametrize("status", ["{not json", "[1, 2]", {"budget_used_s": "lots"}, {"budget_used_s": True},
                                     {"phase": "idle"}])
 def test_unusable_heartbeat_gives_none(tmp_path, status):
     write_json(tmp_path / "state" / "status.json", status)
-    assert read_used_seconds(tmp_path) == (None, None)
+    assert read_used_seconds(RunDir(tmp_path)) == (None, None)
 
 
 def test_empty_run_dir(tmp_path):
-    assert read_used_seconds(tmp_path) == (None, None)
-    assert read_used_seconds(tmp_path / "missing") == (None, None)
+    assert read_used_seconds(RunDir(tmp_path)) == (None, None)
+    assert read_used_seconds(RunDir(tmp_path / "missing")) == (None, None)
     assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ import pytest
 from mathlora_checkpoints.fsio import atomic_write_text
 from mathlora_daemon.config import load_config
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.control import (
     COMMANDS,
     SAFE_FIELDS,
@@ -35,29 +36,29 @@ DEADLINE_S = 10.0
 
 def test_write_read_round_trip_and_modes(tmp_path):
     for command in COMMANDS:
-        request = write_request(tmp_path, command)
-        assert read_request(tmp_path) == (request, None)
+        request = write_request(RunDir(tmp_path), command)
+        assert read_request(RunDir(tmp_path)) == (request, None)
         assert request["command"] == command and len(request["id"]) == 32
         assert request["pid"] == os.getpid() and request["at"].endswith("+00:00")
-    assert stat.S_IMODE(os.stat(control_path(tmp_path)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(control_path(RunDir(tmp_path))).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["control.json"]  # no temp leftovers
 
 
 def test_ids_are_unique(tmp_path):
-    assert write_request(tmp_path, "pause")["id"] != write_request(tmp_path, "pause")["id"]
+    assert write_request(RunDir(tmp_path), "pause")["id"] != write_request(RunDir(tmp_path), "pause")["id"]
 
 
 def test_no_control_file_is_not_a_rejection(tmp_path):
-    assert read_request(tmp_path) == (None, None)
+    assert read_request(RunDir(tmp_path)) == (None, None)
 
 
 def test_write_request_rejects_unknown_command(tmp_path):
     with pytest.raises(InputError) as info:
-        write_request(tmp_path, "reboot")
+        write_request(RunDir(tmp_path), "reboot")
     message = str(info.value)
     assert "'reboot'" in message and "pause, resume, stop" in message
-    assert not control_path(tmp_path).exists()
+    assert not control_path(RunDir(tmp_path)).exists()
 
 
 GOOD = {"command": "stop", "id": "a" * 32, "at": "2025-01-01T00:00:00+00:00", "pid": 1}
@@ -78,18 +79,18 @@ GOOD = {"command": "stop", "id": "a" * 32, "at": "2025-01-01T00:00:00+00:00", "p
     ("x" * 70000, "bytes"),
 ])
 def test_read_request_rejects_bad_files(tmp_path, content, why):
-    path = control_path(tmp_path)
+    path = control_path(RunDir(tmp_path))
     path.parent.mkdir()
     path.write_text(content, encoding="latin-1")
-    request, reason = read_request(tmp_path)
+    request, reason = read_request(RunDir(tmp_path))
     assert request is None and why in reason
 
 
 def test_hand_written_minimal_request_is_accepted(tmp_path):
-    path = control_path(tmp_path)
+    path = control_path(RunDir(tmp_path))
     path.parent.mkdir()
     path.write_text(json.dumps({"command": "pause", "id": "by-hand-1"}))
-    assert read_request(tmp_path) == ({"command": "pause", "id": "by-hand-1"}, None)
+    assert read_request(RunDir(tmp_path)) == ({"command": "pause", "id": "by-hand-1"}, None)
 
 
 class Recorder:
@@ -128,7 +129,7 @@ def watched(tmp_path):
     config = run_dir / "mathlora.toml"
     config.write_text("[daemon]\nbudget_hours = 16.0\n")
     rec = Recorder()
-    watcher = FileWatcher(run_dir, config, rec.on_control, rec.on_config)
+    watcher = FileWatcher(RunDir(run_dir), config, rec.on_control, rec.on_config)
     yield run_dir, config, rec, watcher
     watcher.stop()
 
@@ -137,14 +138,14 @@ def test_watcher_delivers_each_request_id_once(watched):
     run_dir, _, rec, watcher = watched
     watcher.prime()
     watcher.start()
-    first = write_request(run_dir, "pause")
+    first = write_request(RunDir(run_dir), "pause")
     assert wait_for_requests(watcher, rec, 1) == [(first, None)]
 
     # The same request written again (same id) must not be delivered a second time.
     # The next, new request is the barrier: the observer handles events in order, so
     # once it arrives every event of the rewrite has been handled.
-    atomic_write_text(control_path(run_dir), json.dumps(first))
-    second = write_request(run_dir, "resume")
+    atomic_write_text(control_path(RunDir(run_dir)), json.dumps(first))
+    second = write_request(RunDir(run_dir), "resume")
     assert wait_for_requests(watcher, rec, 1) == [(second, None)]
     assert watcher.take_control() == []
 
@@ -153,23 +154,23 @@ def test_watcher_delivers_rejections_once(watched):
     run_dir, _, rec, watcher = watched
     watcher.prime()
     watcher.start()
-    path = control_path(run_dir)
+    path = control_path(RunDir(run_dir))
     atomic_write_text(path, json.dumps({"command": "format-disk", "id": "x1"}))
     (got,) = wait_for_requests(watcher, rec, 1)
     assert got[0] is None and "format-disk" in got[1]
 
     os.utime(path)  # a touch: same content, not rejected (logged) again
-    request = write_request(run_dir, "stop")
+    request = write_request(RunDir(run_dir), "stop")
     assert wait_for_requests(watcher, rec, 1) == [(request, None)]
 
 
 def test_prime_suppresses_old_request(watched):
     run_dir, _, rec, watcher = watched
-    old = write_request(run_dir, "stop")  # left over from before the daemon started
+    old = write_request(RunDir(run_dir), "stop")  # left over from before the daemon started
     assert watcher.prime() == old
     watcher.start()
-    atomic_write_text(control_path(run_dir), json.dumps(old))  # an event for the old request
-    new = write_request(run_dir, "pause")
+    atomic_write_text(control_path(RunDir(run_dir)), json.dumps(old))  # an event for the old request
+    new = write_request(RunDir(run_dir), "pause")
     assert wait_for_requests(watcher, rec, 1) == [(new, None)]
 
 
@@ -179,7 +180,8 @@ def test_watcher_sees_request_from_the_cli_process(watched):
     watcher.prime()
     watcher.start()
     root = ROOT
-    code = f"from mathlora_daemon.runtime.control import write_request; write_request({str(run_dir)!r}, 'stop')"
+    code = ("from mathlora_daemon.rundir import RunDir; from mathlora_daemon.runtime.control import write_request; "
+            f"write_request(RunDir({str(run_dir)!r}), 'stop')")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
                    env={**os.environ, "PYTHONPATH": str(root)})
     ((request, reason),) = wait_for_requests(watcher, rec, 1)
@@ -286,21 +288,21 @@ def test_prime_delivers_a_request_addressed_to_this_daemon_and_acknowledges_it(w
     """A `stop` written between the daemon's lock and its watcher is this daemon's: it is
     delivered, not taken for a stale one (the lost-stop race at start-up)."""
     run_dir, _, rec, watcher = watched
-    request = write_request(run_dir, "stop", to_pid=os.getpid())
+    request = write_request(RunDir(run_dir), "stop", to_pid=os.getpid())
     watcher.prime()
     assert watcher.take_control() == [(request, None)]
     assert rec.commands == ["stop"]
-    ack = read_ack(run_dir)
+    ack = read_ack(RunDir(run_dir))
     assert ack["id"] == request["id"] and ack["pid"] == os.getpid() and ack["command"] == "stop"
 
 
 def test_prime_ignores_a_request_for_an_earlier_daemon(watched):
     run_dir, _, rec, watcher = watched
-    write_request(run_dir, "stop", to_pid=os.getpid() + 1)  # the previous daemon's
+    write_request(RunDir(run_dir), "stop", to_pid=os.getpid() + 1)  # the previous daemon's
     watcher.prime()
     watcher.start()
-    assert watcher.take_control() == [] and read_ack(run_dir) is None
-    mine = write_request(run_dir, "pause", to_pid=os.getpid())
+    assert watcher.take_control() == [] and read_ack(RunDir(run_dir)) is None
+    mine = write_request(RunDir(run_dir), "pause", to_pid=os.getpid())
     assert wait_for_requests(watcher, rec, 1) == [(mine, None)]
 
 
@@ -313,10 +315,10 @@ def test_poll_recovers_a_deleted_state_directory(watched):
     watcher.prime()
     watcher.start()
     shutil.rmtree(run_dir / "state")
-    first = write_request(run_dir, "pause", to_pid=os.getpid())  # the CLI re-creates state/
+    first = write_request(RunDir(run_dir), "pause", to_pid=os.getpid())  # the CLI re-creates state/
     watcher.poll()  # a boundary: re-watch, and deliver what the dead watch missed
     assert watcher.take_control() == [(first, None)]
-    second = write_request(run_dir, "resume", to_pid=os.getpid())
+    second = write_request(RunDir(run_dir), "resume", to_pid=os.getpid())
     assert wait_for_requests(watcher, rec, 1) == [(second, None)]
 
 
@@ -324,8 +326,8 @@ def test_send_request_waits_for_the_acknowledgement(watched):
     run_dir, _, rec, watcher = watched
     watcher.prime()
     watcher.start()
-    outcome, request, pid = send_request(run_dir, "stop", probe=lambda _d: (True, os.getpid()))
-    assert outcome == "accepted" and pid == os.getpid() and read_ack(run_dir)["id"] == request["id"]
+    outcome, request, pid = send_request(RunDir(run_dir), "stop", probe=lambda _d: (True, os.getpid()))
+    assert outcome == "accepted" and pid == os.getpid() and read_ack(RunDir(run_dir))["id"] == request["id"]
 
 
 def test_send_request_without_an_answer_says_so():
@@ -334,11 +336,11 @@ def test_send_request_without_an_answer_says_so():
 
     clock = iter(range(0, 100)).__next__
     with tempfile.TemporaryDirectory() as run_dir:
-        outcome, request, pid = send_request(Path(run_dir), "pause", probe=lambda _d: (True, 4242),
+        outcome, request, pid = send_request(RunDir(Path(run_dir)), "pause", probe=lambda _d: (True, 4242),
                                              timeout_s=5, clock=clock, pause=lambda _s: None)
         assert outcome == "unacknowledged" and pid == 4242
-        assert read_request(Path(run_dir))[0]["to_pid"] == 4242  # it stays for the daemon
-        outcome, _, _ = send_request(Path(run_dir), "stop", probe=lambda _d: (False, None))
+        assert read_request(RunDir(Path(run_dir)))[0]["to_pid"] == 4242  # it stays for the daemon
+        outcome, _, _ = send_request(RunDir(Path(run_dir)), "stop", probe=lambda _d: (False, None))
         assert outcome == "no_daemon"
 
 
@@ -348,12 +350,12 @@ def test_send_request_readdresses_a_restarted_daemon(tmp_path):
 
     def probe(_d):
         holder = next(holders, (True, 200))
-        request = read_request(tmp_path)[0]
+        request = read_request(RunDir(tmp_path))[0]
         if request and request.get("to_pid") == 200 and not seen:
             seen.append(request)  # the new daemon acknowledges the re-addressed request
             atomic_write_text(tmp_path / "state" / "control-ack.json",
                               json.dumps({"id": request["id"], "command": "stop", "pid": 200}))
         return holder
 
-    outcome, request, pid = send_request(tmp_path, "stop", probe=probe, pause=lambda _s: None)
+    outcome, request, pid = send_request(RunDir(tmp_path), "stop", probe=probe, pause=lambda _s: None)
     assert outcome == "accepted" and pid == 200 and seen[0]["id"] == request["id"]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.crashguard import (
     StartRecord,
     begin_start,
@@ -31,14 +32,15 @@ class Launchd:
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
+        self.run = RunDir(run_dir)
         self.pid = 1000
         self.now = 1_700_000_000.0
 
     def start(self, hash_: str = HASH) -> tuple[int, str | None]:
         self.pid += 1
         self.now += 10.0
-        crashes = begin_start(self.run_dir, self.pid, self.now)
-        return crashes, decide(self.run_dir, crashes, LIMIT, hash_)
+        crashes = begin_start(self.run, self.pid, self.now)
+        return crashes, decide(self.run, crashes, LIMIT, hash_)
 
 
 @pytest.fixture
@@ -59,30 +61,30 @@ def test_the_fourth_start_records_failed_and_later_starts_repeat_it(launchd):
     for _ in range(3):
         launchd.start()
     _, reason = launchd.start()
-    assert read_failure(launchd.run_dir) is None
-    record_failure(launchd.run_dir, reason, "crash_loop", HASH, launchd.now)
-    record_clean_exit(launchd.run_dir, 0)  # exit 0: launchd stops restarting
+    assert read_failure(launchd.run) is None
+    record_failure(launchd.run, reason, "crash_loop", HASH, launchd.now)
+    record_clean_exit(launchd.run, 0)  # exit 0: launchd stops restarting
 
     # A manual start (or launchd's next calendar start) with the same config: still failed.
     crashes, again = launchd.start()
     assert crashes == 0
     assert again.startswith("the crash loop recorded at ")
     assert again.endswith("has an unchanged configuration: crashed 3 times in a row without completing a step")
-    assert read_failure(launchd.run_dir)["reason"] == reason  # not re-recorded, not nested
-    record_clean_exit(launchd.run_dir, 0)
+    assert read_failure(launchd.run)["reason"] == reason  # not re-recorded, not nested
+    record_clean_exit(launchd.run, 0)
 
     # The user changes the config: the failure is cleared and a fresh count begins.
     assert launchd.start(OTHER_HASH) == (0, None)
-    assert read_failure(launchd.run_dir) is None
+    assert read_failure(launchd.run) is None
 
 
 def test_clearing_a_crash_loop_on_config_change_resets_the_count(launchd):
     for _ in range(4):
         crashes, reason = launchd.start()
-    record_failure(launchd.run_dir, reason, "crash_loop", HASH, launchd.now)  # the start then died uncleanly
+    record_failure(launchd.run, reason, "crash_loop", HASH, launchd.now)  # the start then died uncleanly
     crashes, reason = launchd.start(OTHER_HASH)
     assert (crashes, reason) == (4, None)  # config changed: not failed at once
-    assert read_start_record(launchd.run_dir).crashes_in_a_row == 0
+    assert read_start_record(launchd.run).crashes_in_a_row == 0
     assert launchd.start(OTHER_HASH) == (1, None)  # that start crashed too: one, not five
 
 
@@ -90,8 +92,8 @@ def test_progress_resets_the_count(launchd):
     launchd.start()
     launchd.start()
     assert launchd.start() == (2, None)
-    record_progress(launchd.run_dir)  # a step completed, then it crashed
-    assert read_start_record(launchd.run_dir).crashes_in_a_row == 0
+    record_progress(launchd.run)  # a step completed, then it crashed
+    assert read_start_record(launchd.run).crashes_in_a_row == 0
     assert launchd.start() == (0, None)
     assert launchd.start() == (1, None)
 
@@ -101,20 +103,20 @@ def test_clean_exits_do_not_count(launchd, code):
     for _ in range(6):
         crashes, reason = launchd.start()
         assert (crashes, reason) == (0, None)
-        record_clean_exit(launchd.run_dir, code)  # e.g. outside the window, budget spent
+        record_clean_exit(launchd.run, code)  # e.g. outside the window, budget spent
 
 
 def test_clean_exit_breaks_a_run_of_crashes(launchd):
     launchd.start()
     launchd.start()
-    record_clean_exit(launchd.run_dir, 0)
+    record_clean_exit(launchd.run, 0)
     assert launchd.start() == (0, None)
 
 
 def test_exit_75_without_progress_counts(launchd):
     for expected in range(3):
         assert launchd.start() == (expected, None)
-        record_clean_exit(launchd.run_dir, 75)  # e.g. out of memory before the first step
+        record_clean_exit(launchd.run, 75)  # e.g. out of memory before the first step
     _, reason = launchd.start()
     assert reason == "crashed 3 times in a row without completing a step"
 
@@ -122,44 +124,44 @@ def test_exit_75_without_progress_counts(launchd):
 def test_exit_75_after_progress_does_not_count(launchd):
     for _ in range(5):
         assert launchd.start() == (0, None)
-        record_progress(launchd.run_dir)
-        record_clean_exit(launchd.run_dir, 75)  # out of memory after some steps: retry is right
+        record_progress(launchd.run)
+        record_clean_exit(launchd.run, 75)  # out of memory after some steps: retry is right
 
 
 def test_an_unexpected_exit_code_is_still_a_crash(launchd):
     launchd.start()
-    record_clean_exit(launchd.run_dir, 1)
-    record = read_start_record(launchd.run_dir)
+    record_clean_exit(launchd.run, 1)
+    record = read_start_record(launchd.run)
     assert (record.clean_exit, record.exit_code) == (False, 1)
     assert launchd.start() == (1, None)
 
 
 def test_config_error_same_hash_fails_at_once_different_hash_clears(launchd):
     launchd.start()
-    record_failure(launchd.run_dir, "daemon.window = '25:00': expected HH:MM-HH:MM", "config", HASH, launchd.now)
-    record_clean_exit(launchd.run_dir, 78)  # launchd restarts on 78
+    record_failure(launchd.run, "daemon.window = '25:00': expected HH:MM-HH:MM", "config", HASH, launchd.now)
+    record_clean_exit(launchd.run, 78)  # launchd restarts on 78
 
     crashes, reason = launchd.start()
     assert crashes == 0
     assert reason.startswith("the configuration error recorded at ")
     assert reason.endswith(" is unchanged: daemon.window = '25:00': expected HH:MM-HH:MM")
-    record_clean_exit(launchd.run_dir, 0)
+    record_clean_exit(launchd.run, 0)
 
     assert launchd.start(OTHER_HASH) == (0, None)  # the user fixed the config
-    assert read_failure(launchd.run_dir) is None
+    assert read_failure(launchd.run) is None
     assert not (launchd.run_dir / "state" / "failure.json").exists()
 
 
 def test_start_record_file(tmp_path):
-    crashes = begin_start(tmp_path, 4321, 1234.5, step_at_start=16)
+    crashes = begin_start(RunDir(tmp_path), 4321, 1234.5, step_at_start=16)
     assert crashes == 0
     path = tmp_path / "state" / "starts.json"
     assert path.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
-    assert read_start_record(tmp_path) == StartRecord(crashes_in_a_row=0, step_at_start=16, clean_exit=False,
+    assert read_start_record(RunDir(tmp_path)) == StartRecord(crashes_in_a_row=0, step_at_start=16, clean_exit=False,
                                                       pid=4321, started_at=1234.5)
-    record_progress(tmp_path)
-    record_clean_exit(tmp_path, 0)
+    record_progress(RunDir(tmp_path))
+    record_clean_exit(RunDir(tmp_path), 0)
     data = json.loads(path.read_text())
     assert data == {"crashes_in_a_row": 0, "step_at_start": 16, "clean_exit": True, "pid": 4321,
                     "started_at": 1234.5, "progressed": True, "exit_code": 0}
@@ -169,28 +171,28 @@ def test_start_record_file(tmp_path):
 def test_damaged_start_record_counts_as_no_history(tmp_path):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "starts.json").write_text('{"crashes_in_a_row": "many"}')
-    assert read_start_record(tmp_path) is None
-    assert begin_start(tmp_path, 1, 1.0) == 0
+    assert read_start_record(RunDir(tmp_path)) is None
+    assert begin_start(RunDir(tmp_path), 1, 1.0) == 0
 
 
 def test_progress_and_exit_without_a_start_do_nothing(tmp_path):
-    record_progress(tmp_path)
-    record_clean_exit(tmp_path, 0)
+    record_progress(RunDir(tmp_path))
+    record_clean_exit(RunDir(tmp_path), 0)
     assert not (tmp_path / "state").exists()
 
 
 def test_failure_file_round_trip(tmp_path):
-    assert read_failure(tmp_path) is None
-    record_failure(tmp_path, "bad", "config", None, 5.0)
-    assert read_failure(tmp_path) == {"reason": "bad", "kind": "config", "config_hash": None, "at": 5.0}
+    assert read_failure(RunDir(tmp_path)) is None
+    record_failure(RunDir(tmp_path), "bad", "config", None, 5.0)
+    assert read_failure(RunDir(tmp_path)) == {"reason": "bad", "kind": "config", "config_hash": None, "at": 5.0}
     assert (tmp_path / "state" / "failure.json").stat().st_mode & 0o777 == 0o600
-    clear_failure(tmp_path)
-    clear_failure(tmp_path)
-    assert read_failure(tmp_path) is None
+    clear_failure(RunDir(tmp_path))
+    clear_failure(RunDir(tmp_path))
+    assert read_failure(RunDir(tmp_path)) is None
     with pytest.raises(ValueError, match="failure kind"):
-        record_failure(tmp_path, "bad", "oops", None, 5.0)
+        record_failure(RunDir(tmp_path), "bad", "oops", None, 5.0)
     (tmp_path / "state" / "failure.json").write_text("{broken")
-    assert read_failure(tmp_path) is None
+    assert read_failure(RunDir(tmp_path)) is None
 
 
 def test_config_hash():

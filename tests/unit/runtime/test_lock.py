@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.lock import LockHeld, RunLock, acquire_lock, probe_lock
 
 from runs import ROOT
@@ -19,9 +20,10 @@ from runs import ROOT
 HOLDER = """
 import sys
 from pathlib import Path
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.lock import acquire_lock
 
-lock = acquire_lock(Path(sys.argv[1]), retries=0)
+lock = acquire_lock(RunDir(Path(sys.argv[1])), retries=0)
 print("locked", flush=True)
 sys.stdin.readline()
 lock.release()
@@ -53,33 +55,33 @@ def test_second_daemon_refused_then_free_after_holder_is_killed(tmp_path, holder
     before = lock_file.read_bytes()
 
     with pytest.raises(LockHeld) as info:
-        acquire_lock(tmp_path, retries=0.1)
+        acquire_lock(RunDir(tmp_path), retries=0.1)
     assert info.value.pid == holder.pid
     assert info.value.path == lock_file
     assert str(info.value) == f"another daemon (pid {holder.pid}) holds {lock_file}"
     assert lock_file.read_bytes() == before  # the holder's pid is not truncated away
     assert sorted(p.name for p in tmp_path.iterdir()) == ["daemon.lock"]
 
-    assert probe_lock(tmp_path) == (True, holder.pid)
+    assert probe_lock(RunDir(tmp_path)) == (True, holder.pid)
     assert lock_file.read_bytes() == before
 
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)  # reaped: its descriptors are closed, the kernel dropped the flock
 
-    assert probe_lock(tmp_path) == (False, holder.pid)  # stale pid, nobody holds it
-    with acquire_lock(tmp_path, retries=0) as lock:
+    assert probe_lock(RunDir(tmp_path)) == (False, holder.pid)  # stale pid, nobody holds it
+    with acquire_lock(RunDir(tmp_path), retries=0) as lock:
         assert isinstance(lock, RunLock) and lock.held
         assert lock_file.read_text() == f"{os.getpid()}\n"
-        assert probe_lock(tmp_path) == (True, os.getpid())
+        assert probe_lock(RunDir(tmp_path)) == (True, os.getpid())
     assert not lock.held
-    assert probe_lock(tmp_path) == (False, os.getpid())
+    assert probe_lock(RunDir(tmp_path)) == (False, os.getpid())
 
 
 def test_holder_release_frees_the_lock(tmp_path, holder):
     holder.stdin.write("go\n")
     holder.stdin.flush()
     assert holder.stdout.readline().strip() == "released"
-    lock = acquire_lock(tmp_path, retries=0)
+    lock = acquire_lock(RunDir(tmp_path), retries=0)
     try:
         assert (tmp_path / "daemon.lock").read_text() == f"{os.getpid()}\n"
     finally:
@@ -88,11 +90,11 @@ def test_holder_release_frees_the_lock(tmp_path, holder):
 
 
 def test_same_process_second_acquire_is_refused(tmp_path):
-    with acquire_lock(tmp_path, retries=0):
+    with acquire_lock(RunDir(tmp_path), retries=0):
         with pytest.raises(LockHeld) as info:
-            acquire_lock(tmp_path, retries=0)
+            acquire_lock(RunDir(tmp_path), retries=0)
         assert info.value.pid == os.getpid()
-    acquire_lock(tmp_path, retries=0).release()
+    acquire_lock(RunDir(tmp_path), retries=0).release()
 
 
 def test_acquire_waits_out_a_momentary_shared_probe(tmp_path):
@@ -106,39 +108,39 @@ def test_acquire_waits_out_a_momentary_shared_probe(tmp_path):
         os.close(probe_fd)
 
     now = iter([0.0, 0.0, 0.05])
-    with acquire_lock(tmp_path, retries=2.0, monotonic=lambda: next(now), sleep=sleep):
+    with acquire_lock(RunDir(tmp_path), retries=2.0, monotonic=lambda: next(now), sleep=sleep):
         assert (tmp_path / "daemon.lock").read_text() == f"{os.getpid()}\n"
     assert len(sleeps) == 1
 
 
 def test_acquire_gives_up_after_retries(tmp_path):
-    with acquire_lock(tmp_path, retries=0):
+    with acquire_lock(RunDir(tmp_path), retries=0):
         clock = iter([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
         sleeps: list[float] = []
         with pytest.raises(LockHeld):
-            acquire_lock(tmp_path, retries=2.0, monotonic=lambda: next(clock), sleep=sleeps.append)
+            acquire_lock(RunDir(tmp_path), retries=2.0, monotonic=lambda: next(clock), sleep=sleeps.append)
         assert len(sleeps) == 3  # deadline 0.0 + 2.0; waited at 0.5, 1.0, 1.5; gave up at 2.0
 
 
 def test_probe_never_creates_the_file(tmp_path):
-    assert probe_lock(tmp_path) == (False, None)
+    assert probe_lock(RunDir(tmp_path)) == (False, None)
     assert not (tmp_path / "daemon.lock").exists()
 
 
 def test_garbage_in_lock_file_gives_unknown_pid(tmp_path):
     (tmp_path / "daemon.lock").write_text("not a pid\n")
-    assert probe_lock(tmp_path) == (False, None)
+    assert probe_lock(RunDir(tmp_path)) == (False, None)
     fd = os.open(tmp_path / "daemon.lock", os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert probe_lock(tmp_path) == (True, None)
+        assert probe_lock(RunDir(tmp_path)) == (True, None)
         with pytest.raises(LockHeld, match=r"another daemon \(unknown pid\) holds"):
-            acquire_lock(tmp_path, retries=0)
+            acquire_lock(RunDir(tmp_path), retries=0)
     finally:
         os.close(fd)
 
 
 def test_missing_run_dir_is_not_created(tmp_path):
     with pytest.raises(FileNotFoundError):
-        acquire_lock(tmp_path / "nope", retries=0)
+        acquire_lock(RunDir(tmp_path / "nope"), retries=0)
     assert not (tmp_path / "nope").exists()

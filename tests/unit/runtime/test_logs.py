@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.logs import close_logging, setup_logging
 from mathlora_daemon.runtime.logview import logs_main
 
@@ -56,7 +57,7 @@ def test_a_line_cut_short_by_a_full_disk_is_taken_back(small_disk, capsys):
     # A line torn by an earlier start (a power loss mid-write): no final newline.
     torn = b'{"ts": "2025-03-01T22:15:07Z", "level": "info", "event": "train.st'
     (run / "logs" / "daemon.jsonl").write_bytes(torn)
-    log = setup_logging(run, "night", console=False)
+    log = setup_logging(RunDir(run), "night", console=False)
     log.info("train.step", step=1, loss=2.5)
     intact = log_bytes(run)
     assert intact.startswith(torn + b"\n") and intact.endswith(b"\n")
@@ -85,7 +86,7 @@ def test_a_log_without_its_final_newline_gets_one_and_logs_names_the_damage(tmp_
     path.parent.mkdir()
     path.write_bytes(b'{"ts": "2025-03-01T22:15:07Z", "level": "info", "event": "daemon.start", "run": "night"}\n'
                      b'{"ts": "2025-03-01T22:15:08Z", "level": "info", "eve')
-    log = setup_logging(tmp_path, "night", console=False)
+    log = setup_logging(RunDir(tmp_path), "night", console=False)
     log.info("daemon.start", pid=1234)
     close_logging()
     lines = path.read_text().splitlines()
@@ -93,13 +94,13 @@ def test_a_log_without_its_final_newline_gets_one_and_logs_names_the_damage(tmp_
 
     # Filtered, the torn line cannot match: it is left out, and `logs` says so once.
     out, err = io.StringIO(), io.StringIO()
-    assert logs_main(tmp_path, event="daemon", as_json=True, out=out, err=err) == 0
+    assert logs_main(RunDir(tmp_path), event="daemon", as_json=True, out=out, err=err) == 0
     assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["daemon.start"] * 2
     assert err.getvalue() == (f"skipped 1 damaged line(s) in {path} (not JSON objects: a write cut short by a full "
                               "disk or a power loss; `logs` without filters shows them raw)\n")
     # Unfiltered it is shown raw, and nothing is skipped.
     out, err = io.StringIO(), io.StringIO()
-    logs_main(tmp_path, as_json=True, out=out, err=err)
+    logs_main(RunDir(tmp_path), as_json=True, out=out, err=err)
     assert len(out.getvalue().splitlines()) == 3 and err.getvalue() == ""
 
 
@@ -118,7 +119,7 @@ def test_following_with_a_filter_names_a_damaged_line_as_it_arrives(tmp_path):
         return len(calls) > 1
 
     out, err = io.StringIO(), io.StringIO()
-    assert logs_main(tmp_path, follow=True, event="daemon", as_json=True, out=out, err=err, stop=stop,
+    assert logs_main(RunDir(tmp_path), follow=True, event="daemon", as_json=True, out=out, err=err, stop=stop,
                      sleep=lambda _s: None) == 0
     assert len(out.getvalue().splitlines()) == 1
     assert err.getvalue().startswith(f"skipped 1 damaged line(s) in {path} ")

@@ -12,6 +12,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.logview import logs_main
 
 from runs import wait_for
@@ -39,7 +40,7 @@ def log_path(run_dir: Path, n: int = 0) -> Path:
 
 def run_logs(run_dir: Path, **kwargs) -> tuple[int, list[str], str]:
     out, err = io.StringIO(), io.StringIO()
-    rc = logs_main(run_dir, out=out, err=err, **kwargs)
+    rc = logs_main(RunDir(run_dir), out=out, err=err, **kwargs)
     return rc, out.getvalue().splitlines(), err.getvalue()
 
 
@@ -181,7 +182,7 @@ class Follow:
         extra = {"sleep": stepper.sleep} if stepper else {"poll_s": 0.005}
         self.result: list[int] = []
         self.thread = threading.Thread(target=lambda: self.result.append(logs_main(
-            run_dir, follow=True, out=self.out, err=self.err, stop=self.stop_flag.is_set, **extra, **kwargs)))
+            RunDir(run_dir), follow=True, out=self.out, err=self.err, stop=self.stop_flag.is_set, **extra, **kwargs)))
         self.thread.start()
         if stepper:
             assert stepper.polled.acquire(timeout=5)  # the initial tail and first poll are done
@@ -297,5 +298,5 @@ def test_keyboard_interrupt_ends_follow_cleanly(tmp_path):
         raise KeyboardInterrupt
 
     out = io.StringIO()
-    assert logs_main(tmp_path, follow=True, as_json=True, out=out, sleep=interrupt) == 0
+    assert logs_main(RunDir(tmp_path), follow=True, as_json=True, out=out, sleep=interrupt) == 0
     assert ids(out.getvalue().splitlines()) == [0]

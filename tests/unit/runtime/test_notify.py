@@ -31,14 +31,14 @@ class Runner:
 
 
 def test_the_message_carries_the_report_s_key_lines(tmp_path):
-    note = message("finished", tmp_path / "night", None, REPORT, 40)
+    note = message("finished", RunDir(tmp_path / "night"), None, REPORT, 40)
     assert note["title"] == "mathlora-daemon: night finished at step 40"
     body = note["body"]
     assert "adapters: /runs/a/adapters (step 40)" in body
     assert "val loss: 0.7500 (base 1.2500)" in body
     assert "final eval: 40.0% correct (base 10.0%)" in body
     assert f"mathlora-daemon status --run-dir {tmp_path / 'night'}" in body
-    failed = message("failed", tmp_path, "crash loop: 3 starts crashed", None)
+    failed = message("failed", RunDir(tmp_path), "crash loop: 3 starts crashed", None)
     assert "why: crash loop" in failed["body"] and "FAILED" in failed["title"]
 
 

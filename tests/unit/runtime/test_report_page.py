@@ -135,21 +135,21 @@ def run(tmp_path) -> RunDir:
 def test_the_page_is_written_atomically_user_only_from_the_status_of_the_run(run):
     calls = []
 
-    def figures(root):
-        calls.append(root)
+    def figures(given):
+        calls.append(given)
         return {"png": PNG, "note": None, "starts": 1, "resumes": 0}
 
     path = Page(run, figures).write()
     assert path == run.report_html and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in path.parent.iterdir() if "report" in p.name] == ["report.html"]  # no temporary left
     text = text_of(path.read_text())
-    assert "finished" in text and "1.2346 (step 28)" in text and "starts 1" in text and calls == [run.root]
+    assert "finished" in text and "1.2346 (step 28)" in text and "starts 1" in text and calls == [run]
     assert write_html(run, {"state": "not_started"}) == run.report_html  # the plain writer: same file
 
 
 def test_the_plot_is_redrawn_at_most_every_minute_while_training_and_always_at_an_end(run):
     now, calls = [0.0], []
-    page = Page(run, lambda root: calls.append(now[0]) or {"png": PNG}, clock=lambda: now[0])
+    page = Page(run, lambda _run: calls.append(now[0]) or {"png": PNG}, clock=lambda: now[0])
     page.refresh()
     now[0] = 30.0
     page.refresh()  # a checkpoint 30 s later: the same drawing
@@ -170,7 +170,7 @@ def test_a_page_that_cannot_be_written_is_logged_and_never_raised(run, recording
 
 
 def test_a_figures_callable_that_fails_costs_the_plot_not_the_page(run):
-    def broken(_root):
+    def broken(_run):
         raise PermissionError("logs/daemon.jsonl")
 
     text = text_of(Page(run, broken).write().read_text())

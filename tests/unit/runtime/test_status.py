@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mathlora_checkpoints.fsio import atomic_write_text
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.heartbeat import Heartbeat
 from mathlora_daemon.runtime.status import read_status, render_status, status_main
 
@@ -95,13 +96,13 @@ def test_empty_or_missing_run_dir_is_not_started(tmp_path, exists):
     run_dir = tmp_path / "run"
     if exists:
         run_dir.mkdir()
-    status = read_status(run_dir)
+    status = read_status(RunDir(run_dir))
     assert status["state"] == "not_started"
     assert status["run_dir"] == str(run_dir)
     assert status["log_path"] == str(run_dir / "logs" / "daemon.jsonl")
 
     out = io.StringIO()
-    assert status_main(run_dir, False, out) == 0
+    assert status_main(RunDir(run_dir), False, out) == 0
     assert "not started" in out.getvalue()
     assert "None" not in out.getvalue()
     assert not (run_dir / "daemon.lock").exists()  # status never creates the lock
@@ -112,7 +113,7 @@ def test_running_when_a_live_process_holds_the_lock(run_dir, hold_lock):
     now = time.time()
     write_status(run_dir, **full_fields(child.pid, now))
 
-    status = read_status(run_dir, now=now)
+    status = read_status(RunDir(run_dir), now=now)
     assert status["state"] == "running"
     assert status["pid"] == child.pid
     assert status["heartbeat_age_s"] == pytest.approx(3.0, abs=0.2)
@@ -140,7 +141,7 @@ def test_held_lock_with_an_old_heartbeat_is_flagged_stale_not_crashed(run_dir, h
     now = time.time()
     write_status(run_dir, pid=child.pid, state="running", phase="training", updated_unix=now - 600)
 
-    status = read_status(run_dir, now=now, stale_after_s=120)
+    status = read_status(RunDir(run_dir), now=now, stale_after_s=120)
     assert status["state"] == "running"
     assert status["stale"] is True
     assert "NO HEARTBEAT FOR 10 min" in render_status(status)
@@ -150,12 +151,12 @@ def test_crashed_when_the_daemon_is_killed_without_a_final_state(run_dir, hold_l
     child = hold_lock(run_dir)
     now = time.time()
     write_status(run_dir, **full_fields(child.pid, now))
-    assert read_status(run_dir, now=now)["state"] == "running"
+    assert read_status(RunDir(run_dir), now=now)["state"] == "running"
 
     child.send_signal(signal.SIGKILL)
     child.wait(5)  # reaped: the pid is really gone
 
-    status = read_status(run_dir, now=now + 60)
+    status = read_status(RunDir(run_dir), now=now + 60)
     assert status["state"] == "crashed"
     assert status["crashed_reason"] == f"process {child.pid} is gone; last heartbeat 1 min ago"
     assert status["step"] == 3400 and status["last_checkpoint_step"] == 3400  # last known fields kept
@@ -169,7 +170,7 @@ def test_crashed_when_the_daemon_is_killed_without_a_final_state(run_dir, hold_l
 def test_crashed_with_a_live_unrelated_pid_says_it_lost_the_lock(run_dir):
     # The dead daemon's pid was reused by some other process: the lock still decides.
     write_status(run_dir, pid=os.getpid(), state="paused", updated_unix=time.time())
-    status = read_status(run_dir)
+    status = read_status(RunDir(run_dir))
     assert status["state"] == "crashed"
     assert f"process {os.getpid()} no longer holds the lock" in status["crashed_reason"]
 
@@ -184,7 +185,7 @@ def test_final_states_written_by_the_daemon_are_reported(run_dir, hold_lock, fin
                  step_s=8.0, reason="stopped by the user" if final == "stopped" else None,
                  updated_unix=now - 3600)
 
-    status = read_status(run_dir, now=now)
+    status = read_status(RunDir(run_dir), now=now)
     assert status["state"] == final
     assert "crashed_reason" not in status and "stale" not in status
     text = render_status(status)
@@ -201,7 +202,7 @@ def test_failed_from_the_crash_guard_record(run_dir):
                "config_hash": "abc123", "at": "2025-01-01T00:00:00Z"}
     (run_dir / "state" / "failure.json").write_text(json.dumps(failure))
 
-    status = read_status(run_dir)
+    status = read_status(RunDir(run_dir))
     assert status["state"] == "failed"
     assert status["reason"] == failure["reason"]
     assert status["failure"] == failure
@@ -216,7 +217,7 @@ def test_a_live_daemon_overrides_an_old_failure_record(run_dir, hold_lock):
                  updated_unix=time.time())
     (run_dir / "state" / "failure.json").write_text(json.dumps({"reason": "old", "kind": "config"}))
 
-    status = read_status(run_dir)
+    status = read_status(RunDir(run_dir))
     assert status["state"] == "waiting"
     assert status["reason"] == "outside window"
 
@@ -225,7 +226,7 @@ def test_new_daemon_before_its_first_heartbeat_is_running(run_dir, hold_lock):
     write_status(run_dir, pid=1234567, state="running", step=50, updated_unix=time.time() - 900)
     child = hold_lock(run_dir)
 
-    status = read_status(run_dir)
+    status = read_status(RunDir(run_dir))
     assert status["state"] == "running"
     assert status["phase"] == "starting"
     assert status["pid"] == child.pid
@@ -241,7 +242,7 @@ def test_stopped_run_without_checkpoint_fields_is_described_from_checkpoints(run
     (ck / "step-00000020").mkdir()  # no manifest: not a checkpoint
     (ck / ".tmp-step-00000030-1-ab").mkdir()
 
-    status = read_status(run_dir, now=now)
+    status = read_status(RunDir(run_dir), now=now)
     assert status["last_checkpoint_step"] == 10
     assert status["checkpoint_age_s"] == pytest.approx(300, abs=1)
     assert "checkpoint step 10, 5 min ago" in render_status(status)
@@ -260,7 +261,7 @@ def test_status_json_output_parses(run_dir, hold_lock):
     child = hold_lock(run_dir)
     write_status(run_dir, **full_fields(child.pid, time.time()))
     out = io.StringIO()
-    assert status_main(run_dir, True, out) == 0
+    assert status_main(RunDir(run_dir), True, out) == 0
     data = json.loads(out.getvalue())
     assert data["state"] == "running" and data["pid"] == child.pid
     assert list(data) == sorted(data)
@@ -283,7 +284,7 @@ def test_heartbeat_writes_periodically_and_stop_writes_final_state(run_dir):
         used["s"] += 1.0
         return {"budget_used_s": used["s"]}
 
-    hb = Heartbeat(run_dir, "dsmath", os.getpid(), total_budget_s=100.0)
+    hb = Heartbeat(RunDir(run_dir), "dsmath", os.getpid(), total_budget_s=100.0)
     hb.update(state="running", phase="training", step=3)
     hb.start(interval_s=0.01, live_fields=live)
     try:
@@ -305,7 +306,7 @@ def test_heartbeat_writes_periodically_and_stop_writes_final_state(run_dir):
     assert not [p for p in (run_dir / "state").iterdir() if p.name.startswith(".tmp-")]
 
     # What the heartbeat wrote is what status reads.
-    status = read_status(run_dir, probe=lambda _: (True, os.getpid()))
+    status = read_status(RunDir(run_dir), probe=lambda _: (True, os.getpid()))
     assert status["state"] == "finished" and status["step"] == 3
 
 
@@ -324,7 +325,7 @@ def test_heartbeat_thread_survives_disk_full_and_a_bad_live_callable(run_dir):
             raise ValueError("boom")
         return {"step": calls["live"]}
 
-    hb = Heartbeat(run_dir, "r", os.getpid(), 10.0, writer=flaky_writer)
+    hb = Heartbeat(RunDir(run_dir), "r", os.getpid(), 10.0, writer=flaky_writer)
     hb.start(interval_s=0.005, live_fields=flaky_live)
     try:
         wait_for(lambda: (_status_file(run_dir) or {}).get("step", 0) >= 7, what="writes after the failures")
@@ -336,14 +337,14 @@ def test_heartbeat_thread_survives_disk_full_and_a_bad_live_callable(run_dir):
 
 def test_heartbeat_writes_strict_json(run_dir):
     # A diverged loss (NaN) or a Path must not make status.json unreadable for jq.
-    hb = Heartbeat(run_dir, "r", os.getpid(), 10.0)
+    hb = Heartbeat(RunDir(run_dir), "r", os.getpid(), 10.0)
     hb.update(loss=float("nan"), adapter_dir=run_dir / "adapters")
     hb.write()
     text = (run_dir / "state" / "status.json").read_text()
     assert "NaN" not in text
     data = json.loads(text)
     assert data["loss"] is None and data["adapter_dir"] == str(run_dir / "adapters")
-    assert "loss" not in render_status(read_status(run_dir))
+    assert "loss" not in render_status(read_status(RunDir(run_dir)))
 
 
 def test_status_modules_do_not_import_mlx():
@@ -356,13 +357,13 @@ def test_status_modules_do_not_import_mlx():
 def test_status_survives_a_concurrent_writer(run_dir, hold_lock):
     # status.json is replaced atomically: a reader racing the writer never sees a torn file.
     child = hold_lock(run_dir)
-    hb = Heartbeat(run_dir, "r", child.pid, 10.0)
+    hb = Heartbeat(RunDir(run_dir), "r", child.pid, 10.0)
     hb.start(interval_s=0.001)
     try:
         seen = set()
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:
-            seen.add(read_status(run_dir)["state"])
+            seen.add(read_status(RunDir(run_dir))["state"])
     finally:
         hb.stop()
     assert seen <= {"running", "not_started"}

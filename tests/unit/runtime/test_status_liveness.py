@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.status import read_status, render_status
 
 PID = 4242
@@ -27,7 +28,7 @@ def status_of(run_dir: Path, age_s: float, process: str | None = "sleeping", hel
                      budget_used_s=100.0, budget_total_s=3600.0, updated_unix=now - age_s)
     (run_dir / "state" / "status.json").write_text(json.dumps({**heartbeat, **fields}))
     asked: list[int] = []
-    status = read_status(run_dir, now=now, probe=lambda _run: (held, PID if held else None),
+    status = read_status(RunDir(run_dir), now=now, probe=lambda _run: (held, PID if held else None),
                          pid_alive=lambda pid: held, process_status=lambda pid: asked.append(pid) or process)
     return status, asked
 

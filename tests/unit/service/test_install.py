@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.status import read_status, render_status
 from mathlora_daemon.service.install import (
     EXIT_TIMEOUT_S,
@@ -174,7 +175,7 @@ def read_unit(text: str) -> configparser.RawConfigParser:
 
 
 def plist_of(host: Host, run_dir: Path, **kwargs) -> tuple[dict, str]:
-    plan = plan_install(run_dir, host, **kwargs)
+    plan = plan_install(RunDir(run_dir), host, **kwargs)
     text = plan.files[plan.service.path]
     return plistlib.loads(text.encode()), text
 
@@ -252,7 +253,7 @@ def test_plist_round_trips_and_passes_key_and_type_checks(home, run_dir, venv_py
     check_plist(plist, host, run_dir)
     assert plistlib.dumps(plist, sort_keys=False).decode() == text  # round trip, byte for byte
     assert plistlib.loads(plistlib.dumps(plist)) == plist
-    svc = service_for(run_dir, host)
+    svc = service_for(RunDir(run_dir), host)
     assert plist == launchd_plist(svc, plist["ProgramArguments"], parse_at(at) if at else None)
     if at is None:
         assert "StartCalendarInterval" not in plist  # no window either: RunAtLoad alone starts it
@@ -271,7 +272,7 @@ def test_config_and_overrides_are_validated_and_passed_to_the_daemon(home, run_d
     assert plist["StartCalendarInterval"] == {"Hour": 21, "Minute": 15}  # the window's start
 
     with pytest.raises(InputError, match="--config"):
-        plan_install(run_dir, host, config=tmp_path / "missing.toml")
+        plan_install(RunDir(run_dir), host, config=tmp_path / "missing.toml")
 
 
 def test_notification_urls_are_kept_out_of_the_service_file(home, run_dir, venv_python):
@@ -279,7 +280,7 @@ def test_notification_urls_are_kept_out_of_the_service_file(home, run_dir, venv_
     file, user-only, is where they live."""
     host = make_host("darwin", home, venv_python)
     with pytest.raises(InputError, match="holds secrets") as caught:
-        plan_install(run_dir, host, overrides=['notify.urls=["pover://user@s3cr3t"]'])
+        plan_install(RunDir(run_dir), host, overrides=['notify.urls=["pover://user@s3cr3t"]'])
     assert "s3cr3t" not in str(caught.value)
     (run_dir / "mathlora.toml").write_text('[notify]\nurls = ["pover://user@s3cr3t"]\n')
     plist, _ = plist_of(host, run_dir)
@@ -289,17 +290,17 @@ def test_notification_urls_are_kept_out_of_the_service_file(home, run_dir, venv_
 def test_the_window_start_is_the_default_time_and_at_wins(home, run_dir, venv_python):
     (run_dir / "mathlora.toml").write_text('[daemon]\nwindow = "22:00-07:00"\n')
     host = make_host("darwin", home, venv_python)
-    plan = plan_install(run_dir, host)
+    plan = plan_install(RunDir(run_dir), host)
     assert plan.at == (22, 0) and plan.at_source == "daemon.window"
     assert not plan.notes  # a window: RunAtLoad starts outside it exit 0 at once, nothing to warn about
-    plan = plan_install(run_dir, host, at="23:45")
+    plan = plan_install(RunDir(run_dir), host, at="23:45")
     assert plan.at == (23, 45) and plan.at_source == "--at" and not plan.notes
-    plan = plan_install(run_dir, host, at="12:00")
+    plan = plan_install(RunDir(run_dir), host, at="12:00")
     assert any("outside daemon.window" in note for note in plan.notes)
 
 
 def test_without_a_window_the_user_is_told_that_launchd_also_starts_at_load(home, run_dir, venv_python):
-    plan = plan_install(run_dir, make_host("darwin", home, venv_python), at="22:30")
+    plan = plan_install(RunDir(run_dir), make_host("darwin", home, venv_python), at="22:30")
     assert any("every login" in note and "daemon.window" in note for note in plan.notes)
 
 
@@ -309,7 +310,7 @@ def test_no_secret_from_the_environment_reaches_any_file(home, run_dir, venv_pyt
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", SECRET)
     host = make_host(platform, home, venv_python, environ=dict(os.environ))
     for at in (None, "22:30"):
-        plan = plan_install(run_dir, host, at=at)
+        plan = plan_install(RunDir(run_dir), host, at=at)
         for text in plan.files.values():
             assert SECRET not in text and "HF_TOKEN" not in text
 
@@ -320,11 +321,11 @@ def test_a_bad_config_is_refused_before_anything_is_written(home, run_dir, venv_
     out, err = io.StringIO(), io.StringIO()
     host = make_host(platform, home, venv_python)  # any command would fail the test
     with pytest.raises(InputError, match="learnig_rate"):
-        install_main(run_dir, None, None, [], False, None, host, out, err)
+        install_main(RunDir(run_dir), None, None, [], False, None, host, out, err)
     with pytest.raises(InputError, match="daemon.budget_hours"):
-        install_main(run_dir, None, None, ["daemon.budget_hours=-1"], False, None, host, out, err)
+        install_main(RunDir(run_dir), None, None, ["daemon.budget_hours=-1"], False, None, host, out, err)
     with pytest.raises(InputError, match="--at"):
-        install_main(run_dir, "25:00", None, [], False, None, host, out, err)
+        install_main(RunDir(run_dir), "25:00", None, [], False, None, host, out, err)
     assert tree(home) == (set(), set())
 
 
@@ -350,7 +351,7 @@ def test_launchd_install_twice_then_uninstall(home, run_dir, venv_python):
                       ["launchctl", "bootstrap", "gui/501", str(plist_path)]]
 
     out, err = io.StringIO(), io.StringIO()
-    assert install_main(run_dir, "22:30", None, [], False, None, host, out, err) == 0, err.getvalue()
+    assert install_main(RunDir(run_dir), "22:30", None, [], False, None, host, out, err) == 0, err.getvalue()
     assert launchctl.calls == expected_calls
     first = plist_path.read_bytes()
     check_plist(plistlib.loads(first), host, run_dir)
@@ -362,11 +363,11 @@ def test_launchd_install_twice_then_uninstall(home, run_dir, venv_python):
     # Idempotent: the same file and the same commands; the loaded agent is booted out first,
     # else the real launchctl refuses the bootstrap.
     launchctl.calls.clear()
-    assert install_main(run_dir, "22:30", None, [], False, None, host, io.StringIO(), err) == 0, err.getvalue()
+    assert install_main(RunDir(run_dir), "22:30", None, [], False, None, host, io.StringIO(), err) == 0, err.getvalue()
     assert launchctl.calls == expected_calls
     assert plist_path.read_bytes() == first
 
-    status = service_status(run_dir, host)
+    status = service_status(RunDir(run_dir), host)
     assert status == {"manager": "launchd", "label": "com.mathlora.daemon.dsmath", "installed": True,
                       "loaded": True, "path": str(plist_path)}
 
@@ -375,18 +376,18 @@ def test_launchd_install_twice_then_uninstall(home, run_dir, venv_python):
     log.write_text("training output\n")
     launchctl.calls.clear()
     out = io.StringIO()
-    assert uninstall_main(run_dir, host, out, io.StringIO()) == 0
+    assert uninstall_main(RunDir(run_dir), host, out, io.StringIO()) == 0
     assert launchctl.calls == [["launchctl", "bootout", target]]
     assert not launchctl.loaded
     files, dirs = tree(home)
     assert files - before[0] == {"Library/Logs/mathlora/dsmath.err.log"}  # the plist is gone
     assert dirs - before[1] <= {"Library", "Library/LaunchAgents", "Library/Logs", "Library/Logs/mathlora"}
     assert "logs kept" in out.getvalue()
-    assert service_status(run_dir, host)["installed"] is False
+    assert service_status(RunDir(run_dir), host)["installed"] is False
 
     launchctl.calls.clear()  # uninstall again: nothing to do, still exit 0
     out = io.StringIO()
-    assert uninstall_main(run_dir, host, out, io.StringIO()) == 0
+    assert uninstall_main(RunDir(run_dir), host, out, io.StringIO()) == 0
     assert "nothing was installed" in out.getvalue()
     assert launchctl.calls == [["launchctl", "bootout", target]]
 
@@ -397,7 +398,7 @@ def test_launchd_install_twice_then_uninstall(home, run_dir, venv_python):
 def test_bootout_of_an_agent_that_is_not_loaded_is_fine(home, run_dir, venv_python, answer):
     launchctl = FakeLaunchctl({"bootout": answer})
     host = make_host("darwin", home, venv_python, launchctl)
-    plan = plan_install(run_dir, host)
+    plan = plan_install(RunDir(run_dir), host)
     # An unknown bootout error is remembered but only matters if bootstrap then fails.
     assert [c[1] for c in install(plan, host)] == ["bootout", "enable", "bootstrap"]
 
@@ -407,7 +408,7 @@ def test_bootstrap_waits_while_the_booted_out_daemon_is_still_checkpointing(home
     slept: list[float] = []
     host = make_host("darwin", home, venv_python, launchctl)
     host = replace(host, sleep=slept.append)
-    install(plan_install(run_dir, host), host)
+    install(plan_install(RunDir(run_dir), host), host)
     real = launchctl.__call__
     busy = iter([(5, "", "Bootstrap failed: 5: Input/output error\n")] * 2)
 
@@ -421,7 +422,7 @@ def test_bootstrap_waits_while_the_booted_out_daemon_is_still_checkpointing(home
 
     host = replace(host, run=racing)
     launchctl.calls.clear()
-    assert [c[1] for c in install(plan_install(run_dir, host), host)] == [
+    assert [c[1] for c in install(plan_install(RunDir(run_dir), host), host)] == [
         "bootout", "enable", "bootstrap", "bootstrap", "bootstrap"]
     assert slept == [1.0, 1.0] and launchctl.loaded == {"gui/501/com.mathlora.daemon.dsmath"}
 
@@ -431,36 +432,36 @@ def test_a_failed_bootstrap_says_what_launchctl_said_and_leaves_nothing_installe
     host = make_host("darwin", home, venv_python, launchctl)
     host = replace(host, sleep=lambda s: pytest.fail("no wait: nothing was loaded before"))
     out, err = io.StringIO(), io.StringIO()
-    assert install_main(run_dir, None, None, [], False, None, host, out, err) == 1
+    assert install_main(RunDir(run_dir), None, None, [], False, None, host, out, err) == 1
     message = err.getvalue()
     assert "launchctl bootstrap gui/501" in message and "Bootstrap failed: 5: Input/output error" in message
     assert "Nothing is installed now" in message
     assert not (home / "Library" / "LaunchAgents" / "com.mathlora.daemon.dsmath.plist").exists()
-    assert service_status(run_dir, host)["installed"] is False
+    assert service_status(RunDir(run_dir), host)["installed"] is False
 
 
 def test_uninstall_keeps_the_plist_when_launchd_cannot_unload_it(home, run_dir, venv_python):
     launchctl = FakeLaunchctl()
     host = make_host("darwin", home, venv_python, launchctl)
-    install(plan_install(run_dir, host), host)
+    install(plan_install(RunDir(run_dir), host), host)
     launchctl.answers["bootout"] = (5, "", "Boot-out failed: 5: Input/output error\n")
     err = io.StringIO()
-    assert uninstall_main(run_dir, host, io.StringIO(), err) == 1
+    assert uninstall_main(RunDir(run_dir), host, io.StringIO(), err) == 1
     assert "Input/output error" in err.getvalue()
-    assert service_for(run_dir, host).path.exists()
+    assert service_for(RunDir(run_dir), host).path.exists()
 
 
 def test_a_run_of_the_same_name_elsewhere_is_not_overwritten(home, run_dir, venv_python, tmp_path):
     launchctl = FakeLaunchctl()
     host = make_host("darwin", home, venv_python, launchctl)
-    install(plan_install(run_dir, host), host)
+    install(plan_install(RunDir(run_dir), host), host)
     other = tmp_path / "other" / "dsmath"
     other.mkdir(parents=True)
     with pytest.raises(InputError, match="already serves the run directory"):
-        install(plan_install(other, host), host)
+        install(plan_install(RunDir(other), host), host)
     with pytest.raises(InputError, match="already serves the run directory"):
-        uninstall(service_for(other, host), host)
-    status = service_status(other, host)
+        uninstall(service_for(RunDir(other), host), host)
+    status = service_status(RunDir(other), host)
     assert status["installed"] is False and status["other_run_dir"] == str(run_dir.resolve())
     assert "taken by" in render_status({"state": "not_started", "service": status})
 
@@ -468,7 +469,7 @@ def test_a_run_of_the_same_name_elsewhere_is_not_overwritten(home, run_dir, venv
 def test_install_refuses_a_missing_run_dir_and_writes_nothing(home, tmp_path, venv_python):
     host = make_host("darwin", home, venv_python)
     with pytest.raises(InputError, match="no such directory"):
-        install_main(tmp_path / "nope", None, None, [], False, None, host, io.StringIO(), io.StringIO())
+        install_main(RunDir(tmp_path / "nope"), None, None, [], False, None, host, io.StringIO(), io.StringIO())
     assert tree(home) == (set(), set())
 
 
@@ -480,7 +481,7 @@ def test_print_writes_nothing_and_runs_nothing(home, run_dir, venv_python, platf
     host = make_host(platform, home, venv_python)  # any command fails the test
     before = tree(run_dir)
     out = io.StringIO()
-    assert install_main(run_dir, "22:30", None, [], True, None, host, out, io.StringIO()) == 0
+    assert install_main(RunDir(run_dir), "22:30", None, [], True, None, host, out, io.StringIO()) == 0
     assert tree(home) == (set(), set()) and tree(run_dir) == before
     if platform == "darwin":
         check_plist(plistlib.loads(out.getvalue().encode()), host, run_dir)
@@ -491,11 +492,11 @@ def test_print_writes_nothing_and_runs_nothing(home, run_dir, venv_python, platf
 def test_system_override_prints_a_plist_on_linux_and_only_with_print(home, run_dir, venv_python):
     host = make_host("linux", home, venv_python)
     out = io.StringIO()
-    assert install_main(run_dir, "22:30", None, [], True, "launchd", host, out, io.StringIO()) == 0
+    assert install_main(RunDir(run_dir), "22:30", None, [], True, "launchd", host, out, io.StringIO()) == 0
     plist = plistlib.loads(out.getvalue().encode())
     check_plist(plist, make_host("darwin", home, venv_python), run_dir)
     with pytest.raises(InputError, match="--system launchd only goes with --print"):
-        install_main(run_dir, "22:30", None, [], False, "launchd", host, io.StringIO(), io.StringIO())
+        install_main(RunDir(run_dir), "22:30", None, [], False, "launchd", host, io.StringIO(), io.StringIO())
     assert tree(home) == (set(), set())
 
 
@@ -511,7 +512,7 @@ def systemd_host(home, python, answers=None, environ=None):
 
 def test_systemd_units_parse_and_hold_the_contract(home, run_dir, venv_python):
     host, _ = systemd_host(home, venv_python)
-    plan = plan_install(run_dir, host, at="22:30")
+    plan = plan_install(RunDir(run_dir), host, at="22:30")
     unit_dir = home / ".config" / "systemd" / "user"
     assert list(plan.files) == [unit_dir / "mathlora-dsmath.service", unit_dir / "mathlora-dsmath.timer"]
     service = read_unit(plan.files[unit_dir / "mathlora-dsmath.service"])
@@ -534,7 +535,7 @@ def test_systemd_units_parse_and_hold_the_contract(home, run_dir, venv_python):
                                     "Unit": "mathlora-dsmath.service"}
     assert timer["Install"]["WantedBy"] == "timers.target"
 
-    plan = plan_install(run_dir, host)  # no time, no window: the service alone, started at login
+    plan = plan_install(RunDir(run_dir), host)  # no time, no window: the service alone, started at login
     assert list(plan.files) == [unit_dir / "mathlora-dsmath.service"]
 
 
@@ -548,12 +549,12 @@ def test_a_distributed_job_is_installed_as_launch_with_its_hosts(home, run_dir, 
     assert set(plist) <= set(PLIST_KEYS)
 
     host, _ = systemd_host(home, venv_python)
-    plan = plan_install(run_dir, host, launch=launch)
+    plan = plan_install(RunDir(run_dir), host, launch=launch)
     s = dict(read_unit(plan.files[plan.service.path])["Service"])
     assert s["ExecStart"] == (f"{venv_python} -m mathlora_daemon launch --hostfile {hostfile} -n 2 --run-dir "
                               f"{run_dir.resolve()}")
     assert s["KillMode"] == "mixed"  # SIGTERM to `launch` alone, which hands it to rank 0
-    single = dict(read_unit(plan_install(run_dir, host).files[plan.service.path])["Service"])
+    single = dict(read_unit(plan_install(RunDir(run_dir), host).files[plan.service.path])["Service"])
     assert "KillMode" not in single
 
 
@@ -570,7 +571,7 @@ def test_systemd_install_twice_then_uninstall(home, run_dir, venv_python):
     expected = [["systemctl", "--user", "daemon-reload"],
                 ["systemctl", "--user", "enable", "--now", "mathlora-dsmath.timer"]]
     out, err = io.StringIO(), io.StringIO()
-    assert install_main(run_dir, "22:30", None, [], False, None, host, out, err) == 0, err.getvalue()
+    assert install_main(RunDir(run_dir), "22:30", None, [], False, None, host, out, err) == 0, err.getvalue()
     assert systemctl.calls == expected
     unit_dir = home / ".config" / "systemd" / "user"
     first = {p.name: p.read_bytes() for p in unit_dir.glob("mathlora-*")}
@@ -579,16 +580,16 @@ def test_systemd_install_twice_then_uninstall(home, run_dir, venv_python):
     assert "journalctl --user -u mathlora-dsmath.service" in out.getvalue()
 
     systemctl.calls.clear()
-    assert install_main(run_dir, "22:30", None, [], False, None, host, io.StringIO(), err) == 0, err.getvalue()
+    assert install_main(RunDir(run_dir), "22:30", None, [], False, None, host, io.StringIO(), err) == 0, err.getvalue()
     assert systemctl.calls == expected
     assert {p.name: p.read_bytes() for p in unit_dir.glob("mathlora-*")} == first
 
-    assert service_status(run_dir, host) == {
+    assert service_status(RunDir(run_dir), host) == {
         "manager": "systemd", "label": "mathlora-dsmath", "installed": True, "loaded": True,
         "path": str(unit_dir / "mathlora-dsmath.service"), "unit": "mathlora-dsmath.timer"}
 
     systemctl.calls.clear()
-    assert uninstall_main(run_dir, host, io.StringIO(), io.StringIO()) == 0
+    assert uninstall_main(RunDir(run_dir), host, io.StringIO(), io.StringIO()) == 0
     assert systemctl.calls == [
         ["systemctl", "--user", "disable", "--now", "mathlora-dsmath.timer", "mathlora-dsmath.service"],
         ["systemctl", "--user", "daemon-reload"]]
@@ -598,24 +599,24 @@ def test_systemd_install_twice_then_uninstall(home, run_dir, venv_python):
 
     systemctl.calls.clear()  # nothing installed: nothing to ask systemctl
     out = io.StringIO()
-    assert uninstall_main(run_dir, host, out, io.StringIO()) == 0
+    assert uninstall_main(RunDir(run_dir), host, out, io.StringIO()) == 0
     assert systemctl.calls == [] and "nothing was installed" in out.getvalue()
 
 
 def test_systemd_without_a_time_enables_the_service_and_drops_an_old_timer(home, run_dir, venv_python):
     host, systemctl = systemd_host(home, venv_python)
-    install(plan_install(run_dir, host, at="22:30"), host)
+    install(plan_install(RunDir(run_dir), host, at="22:30"), host)
     systemctl.calls.clear()
-    install(plan_install(run_dir, host), host)
+    install(plan_install(RunDir(run_dir), host), host)
     assert systemctl.calls == [["systemctl", "--user", "disable", "--now", "mathlora-dsmath.timer"],
                                ["systemctl", "--user", "daemon-reload"],
                                ["systemctl", "--user", "enable", "--now", "mathlora-dsmath.service"]]
     unit_dir = home / ".config" / "systemd" / "user"
     assert not (unit_dir / "mathlora-dsmath.timer").exists()
-    assert service_status(run_dir, host)["unit"] == "mathlora-dsmath.service"
+    assert service_status(RunDir(run_dir), host)["unit"] == "mathlora-dsmath.service"
 
     systemctl.calls.clear()  # and back: the timer takes over from the login start
-    install(plan_install(run_dir, host, at="21:00"), host)
+    install(plan_install(RunDir(run_dir), host, at="21:00"), host)
     assert systemctl.calls == [["systemctl", "--user", "disable", "mathlora-dsmath.service"],
                                ["systemctl", "--user", "daemon-reload"],
                                ["systemctl", "--user", "enable", "--now", "mathlora-dsmath.timer"]]
@@ -625,7 +626,7 @@ def test_systemd_failure_is_reported_and_rolled_back(home, run_dir, venv_python)
     host, systemctl = systemd_host(home, venv_python,
                                    {"enable": (1, "", "Failed to connect to bus: No medium found\n")})
     err = io.StringIO()
-    assert install_main(run_dir, "22:30", None, [], False, None, host, io.StringIO(), err) == 1
+    assert install_main(RunDir(run_dir), "22:30", None, [], False, None, host, io.StringIO(), err) == 1
     assert "Failed to connect to bus" in err.getvalue() and "Nothing is installed now" in err.getvalue()
     assert systemctl.calls[-1] == ["systemctl", "--user", "disable", "mathlora-dsmath.service",
                                    "mathlora-dsmath.timer"]
@@ -634,7 +635,7 @@ def test_systemd_failure_is_reported_and_rolled_back(home, run_dir, venv_python)
 
 def test_systemd_honours_xdg_config_home(home, run_dir, venv_python, tmp_path):
     host, _ = systemd_host(home, venv_python, environ={"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
-    install(plan_install(run_dir, host), host)
+    install(plan_install(RunDir(run_dir), host), host)
     assert (tmp_path / "xdg" / "systemd" / "user" / "mathlora-dsmath.service").is_file()
 
 
@@ -663,7 +664,7 @@ def test_a_newline_in_a_path_is_refused_for_systemd(home, tmp_path, venv_python)
     odd = tmp_path / "bad\nname"
     odd.mkdir()
     with pytest.raises(InputError, match="control characters"):
-        plan_install(odd, make_host("linux", home, venv_python))
+        plan_install(RunDir(odd), make_host("linux", home, venv_python))
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
@@ -675,7 +676,7 @@ def test_systemd_analyze_accepts_the_units_and_finds_python_through_awkward_quot
     (venv / "python").symlink_to(sys.executable)
     run = tmp_path / 'runs with 100% space, $HOME and "quotes"' / "dsmath"
     run.mkdir(parents=True)
-    plan = plan_install(run, make_host("linux", home, str(venv / "python")), at="22:30",
+    plan = plan_install(RunDir(run), make_host("linux", home, str(venv / "python")), at="22:30",
                         overrides=['lora.targets=["q_proj","k_proj"]'])
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
@@ -700,34 +701,34 @@ def test_systemd_analyze_accepts_the_units_and_finds_python_through_awkward_quot
 
 def test_status_probes_only_when_installed_and_survives_missing_tools(home, run_dir, venv_python):
     host = make_host("darwin", home, venv_python)  # no command may run: nothing is installed
-    info = service_status(run_dir, host)
+    info = service_status(RunDir(run_dir), host)
     assert info["installed"] is False and info["loaded"] is None
-    text = render_status(read_status(run_dir, service_probe=lambda d: service_status(d, host)))
+    text = render_status(read_status(RunDir(run_dir), service_probe=lambda d: service_status(d, host)))
     assert "service    launchd agent com.mathlora.daemon.dsmath: not installed (mathlora-daemon install)" in text
 
     launchctl = FakeLaunchctl()
     host = make_host("darwin", home, venv_python, launchctl)
-    install(plan_install(run_dir, host), host)
-    text = render_status(read_status(run_dir, service_probe=lambda d: service_status(d, host)))
+    install(plan_install(RunDir(run_dir), host), host)
+    text = render_status(read_status(RunDir(run_dir), service_probe=lambda d: service_status(d, host)))
     assert "launchd agent com.mathlora.daemon.dsmath: installed, loaded" in text
     launchctl.loaded.clear()
-    assert service_status(run_dir, host)["loaded"] is False
+    assert service_status(RunDir(run_dir), host)["loaded"] is False
     launchctl.answers["print"] = (127, "", "launchctl: command not found")
-    info = service_status(run_dir, host)
+    info = service_status(RunDir(run_dir), host)
     assert info["installed"] is True and info["loaded"] is None
     assert "installed, loaded: unknown" in render_status({"state": "stopped", "service": info})
 
     def broken(argv):
         raise RuntimeError("boom")
-    assert service_status(run_dir, make_host("darwin", home, venv_python, broken)) is None
-    assert "service" not in read_status(run_dir, service_probe=None)
+    assert service_status(RunDir(run_dir), make_host("darwin", home, venv_python, broken)) is None
+    assert "service" not in read_status(RunDir(run_dir), service_probe=None)
 
 
 def test_status_without_a_user_bus_says_unknown(home, run_dir, venv_python):
     host, systemctl = systemd_host(home, venv_python)
-    install(plan_install(run_dir, host), host)
+    install(plan_install(RunDir(run_dir), host), host)
     systemctl.answers["is-enabled"] = (1, "", "Failed to connect to bus: No medium found\n")
-    info = service_status(run_dir, host)
+    info = service_status(RunDir(run_dir), host)
     assert info["installed"] is True and info["loaded"] is None
     assert "systemd unit mathlora-dsmath: installed, enabled: unknown" in render_status(
         {"state": "running", "service": info})
@@ -798,9 +799,9 @@ def test_sigterm_to_exit_stays_below_the_exit_timeout_written(template_dir, tmp_
     from runs import copy, events, finish, start, step_logged, wait_for
 
     run = copy(template_dir, tmp_path / "run")
-    plan = plan_install(run, make_host("darwin", home, venv_python))
+    plan = plan_install(RunDir(run), make_host("darwin", home, venv_python))
     exit_timeout = plistlib.loads(plan.files[plan.service.path].encode())["ExitTimeOut"]
-    linux = plan_install(run, make_host("linux", home, venv_python))
+    linux = plan_install(RunDir(run), make_host("linux", home, venv_python))
     stop_timeout = int(read_unit(linux.files[linux.service.path])["Service"]["TimeoutStopSec"])
     assert exit_timeout == stop_timeout == EXIT_TIMEOUT_S
 

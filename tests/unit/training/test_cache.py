@@ -12,6 +12,7 @@ import pytest
 
 from mathlora_daemon.config import DataConfig
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.training import template
 from mathlora_daemon.training.prepare import prepare_tokens, split_chunks
 
@@ -42,7 +43,7 @@ def run_dir(tmp_path, write_jsonl, math_rows):
 def prepare(run_dir, model_dir, tokenizer, log, **cfg):
     cfg.setdefault("name", "data/train.jsonl")
     cfg.setdefault("validation_fraction", 0.0)  # every row trained on, unless a test holds some out
-    return prepare_tokens(DataConfig(**cfg), run_dir, model_dir, tokenizer, log, progress=False)
+    return prepare_tokens(DataConfig(**cfg), RunDir(run_dir), model_dir, tokenizer, log, progress=False)
 
 
 def cache_entries(run_dir):

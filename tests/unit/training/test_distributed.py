@@ -158,7 +158,7 @@ def ranked_runtime(rank: int, others: list[list[int]], **daemon) -> tuple[Runtim
         return rows
 
     world = World(rank=rank, size=len(others) + 1, group=object(), backend="ring")
-    runtime = Runtime(run_dir=None, cfg=cfg, config_path=None, overrides=[], log=RecordingLog(), flags=Flags(),
+    runtime = Runtime(run=None, cfg=cfg, config_path=None, overrides=[], log=RecordingLog(), flags=Flags(),
                       heartbeat=RecordingHeartbeat(), budget=Budget(cfg.daemon.budget_hours * 3600),
                       clock=AwakeClock(monotonic=lambda: 0.0, wall=lambda: 0.0), read_memory=lambda: PLENTY,
                       read_power=lambda: NO_BATTERY, now=lambda: datetime(2026, 11, 24, 23, 0), world=world,

@@ -49,21 +49,23 @@ class RecordingReporter:
         self.runtime.step = self.progress.global_step
 
 
+class RecordingEvaluator:
+    def __init__(self, progress):
+        self.progress, self.measured = progress, []
+
+    def measure(self):
+        self.measured.append(self.progress.global_step)
+
+
 class RecordingCheckpointer:
     def __init__(self, progress, every: int):
-        self.progress, self.every, self.saved, self.evaluated = progress, every, [], []
-
-    def evaluate(self):
-        self.evaluated.append(self.progress.global_step)
+        self.progress, self.every, self.saved = progress, every, []
 
     def due(self):
         return self.progress.global_step % self.every == 0
 
-    def save(self, evaluate: bool = True):
+    def save(self):
         self.saved.append(self.progress.global_step)
-
-    def save_requested(self):
-        self.save(evaluate=False)
 
 
 class RecordingPlan:
@@ -90,26 +92,27 @@ def session(template_dir, tmp_path):
 def test_the_loop_takes_every_step_reports_it_and_hands_compile_time_to_the_budget(session):
     runtime = ScriptedRuntime()
     reporter = RecordingReporter(runtime, session.progress)
-    checkpointer = RecordingCheckpointer(session.progress, every=3)
+    evaluator, checkpointer = RecordingEvaluator(session.progress), RecordingCheckpointer(session.progress, every=3)
     plan = RecordingPlan()
-    assert loop(session, runtime, checkpointer, reporter, lambda: False, plan) is None
+    assert loop(session, runtime, evaluator, checkpointer, reporter, lambda: False, plan) is None
     total = session.schedule.total_steps
     assert plan.asked == list(range(total)) and plan.after == total  # every step at its own rate
     assert float(session.optimizer.learning_rate.item()) == pytest.approx(1e-3 / total)
-    assert checkpointer.evaluated == [0]  # the base model's validation loss, before the first step
+    saved = [s for s in range(1, total + 1) if s % 3 == 0]
+    assert evaluator.measured == [0] + saved  # the base model's, then before each segment's checkpoint
     assert [s[0] for s in reporter.steps] == list(range(1, total + 1))
     assert session.progress.global_step == total and len(session.progress.recent_losses) == total
     assert runtime.boundaries == list(range(total))  # one look before every step
     assert runtime.not_training_s == [s[3] for s in reporter.steps] and runtime.not_training_s[0] > 0
-    assert checkpointer.saved == [s for s in range(1, total + 1) if s % 3 == 0]
+    assert checkpointer.saved == saved
     assert runtime.accounts[0] is False and runtime.accounts[-1] is True  # loading is not training
 
 
 def test_a_stop_at_a_boundary_leaves_the_state_at_that_step(session):
     runtime = ScriptedRuntime(stop_at=3)
     reporter = RecordingReporter(runtime, session.progress)
-    stop = loop(session, runtime, RecordingCheckpointer(session.progress, every=100), reporter, lambda: False,
-                RecordingPlan())
+    stop = loop(session, runtime, RecordingEvaluator(session.progress), RecordingCheckpointer(session.progress, 100),
+                reporter, lambda: False, RecordingPlan())
     assert stop == Stop("stopped", "asked") and session.progress.global_step == 3
     assert [s[0] for s in reporter.steps] == [1, 2, 3]
 
@@ -120,8 +123,8 @@ def test_an_abort_between_micro_batches_leaves_the_model_at_the_last_boundary(se
     before = {k: np.array(v) for k, v in tree_flatten(session.model.trainable_parameters())}
     moments = {k: np.array(v) for k, v in tree_flatten(session.optimizer.state)}
     assert session.cfg.train.grad_accumulation_steps > 1  # so there is a "between"
-    loop(session, runtime, RecordingCheckpointer(session.progress, every=100), reporter, lambda: True,
-         RecordingPlan())
+    loop(session, runtime, RecordingEvaluator(session.progress), RecordingCheckpointer(session.progress, 100),
+         reporter, lambda: True, RecordingPlan())
     assert reporter.steps == [] and session.progress.global_step == 0
     assert runtime.boundaries == [0, 0]  # the second look decides what the stop means
     for key, value in tree_flatten(session.model.trainable_parameters()):

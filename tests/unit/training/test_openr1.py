@@ -18,6 +18,7 @@ import pytest
 import mathlora_daemon.training.data as data
 from mathlora_daemon.config import DataConfig
 from mathlora_daemon.errors import InputError
+from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.training.data import RowStats, count_rows, iter_rows, resolve_source, source_identity
 from mathlora_daemon.training.prepare import prepare_tokens
 
@@ -272,7 +273,7 @@ def test_hub_and_local_copy_give_the_same_cache_and_tokens(hub, repo, tmp_path, 
     for run, name in ((tmp_path / "run-hub", REPO), (tmp_path / "run-local", str(local_copy))):
         run.mkdir()
         cfg = DataConfig(name=name, subset="all", max_seq_len=200, validation_fraction=0.0)
-        caches.append(prepare_tokens(cfg, run, tiny_model_dir, tiny_tokenizer, recording_log, progress=False))
+        caches.append(prepare_tokens(cfg, RunDir(run), tiny_model_dir, tiny_tokenizer, recording_log, progress=False))
     from_hub, from_local = caches
     assert from_hub.path.name == from_local.path.name  # the cache key
     assert np.array_equal(np.asarray(from_hub.tokens), np.asarray(from_local.tokens))
