@@ -502,6 +502,32 @@ def plan_for(cfg, model_dir: Path, offer: Offer, batch_split: int = 1, ranks: in
     return MemoryPlan(estimate(shape, train, offer.device), offer, shape, train, batch_split)
 
 
+# On a GPU MLX keeps every buffer a command graph used until that graph completes, and the
+# host encodes work ahead of a slow GPU (the backward of 4-bit matmuls): freed activations
+# pile up. 7B 4-bit, B=1, T=1024, checkpointing peaked at 12.97 GB for a ~5.7 GB step
+# (H100). A memory limit makes MLX wait for queued work instead of growing: at 6.3 GiB the
+# peak was 6.98 GB at 0.94x the tokens/s (bench/results/h100-2026-12-05-7b-q4-gc*.json).
+# The headroom is the estimate's own tolerance (+/-20%), so a low estimate does not stall
+# the GPU; for that run it gives the very 6.3 GiB measured.
+PLAN_LIMIT_HEADROOM = 1.20
+
+
+def plan_memory_limit(cfg, model_dir: Path, device: str, batch_split: int = 1, ranks: int = 1) -> int | None:
+    """Given the Config, the model directory, the device ("cpu" or "gpu"), the saved
+    micro-batch split and the ranks, return the MLX memory limit in bytes that
+    daemon.memory_limit_from_plan sets (the plan's estimate + 20%), or None: on the CPU
+    (no queued work holds buffers there), with daemon.memory_limit_gb set, the option
+    off, a method the plan does not model, or a model it cannot plan for."""
+    d = cfg.daemon
+    if device != "gpu" or d.memory_limit_gb > 0 or not d.memory_limit_from_plan or cfg.train.method != "sft":
+        return None
+    try:
+        shape = model_shape(model_dir)
+    except ValueError:
+        return None
+    return int(estimate(shape, train_shape(cfg, batch_split, ranks), device).total * PLAN_LIMIT_HEADROOM)
+
+
 def check_memory(cfg, model_dir: Path, log, checkpoints: Path | None = None, enforce: bool = True,
                  offer: Offer | None = None, ranks: int = 1) -> MemoryPlan | None:
     """Given the Config, the model directory, the log, the run's checkpoints directory

@@ -25,13 +25,14 @@ from mathlora_daemon.errors import InputError
 from mathlora_daemon.modelio.convert import ensure_model
 from mathlora_daemon.modelio.loading import check_adapter_dir
 from mathlora_daemon.rundir import RunDir
-from mathlora_daemon.runtime.memory import apply_limits
+from mathlora_daemon.runtime.memory import GIB, apply_limits
 from mathlora_daemon.runtime.signals import Flags
 from mathlora_daemon.runtime.world import World, barrier, broadcast_arrays, check_agreement, gather_ints
 from mathlora_daemon.training.batches import Schedule
 from mathlora_daemon.training.cache import TokenCache
 from mathlora_daemon.training.checkpointing import Progress, fingerprint, restore_training_checkpoint
 from mathlora_daemon.training.grpo import GRPOStep
+from mathlora_daemon.training.memory_plan import plan_memory_limit, saved_batch_split
 from mathlora_daemon.training.model import (
     CACHE_ATTENTION_TYPES,
     apply_lora,
@@ -198,6 +199,11 @@ def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World
     if not world.leader:
         barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
     model_dir = ensure_model(cfg, run, log)  # converts model.name into model.path when it is missing
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    limit = plan_memory_limit(cfg, model_dir, device, saved_batch_split(run.checkpoints), world.size)
+    if limit:  # before the weights load: MLX waits for queued work rather than hold freed buffers
+        log.info("memory.limits", **apply_limits(limit / GIB, wired_limit=False),
+                 source="daemon.memory_limit_from_plan: the memory plan's estimate + 20%")
     log.info("model.load.start", path=str(model_dir))
     model, tokenizer, _ = load_base(model_dir)
     heartbeat.update(phase="preparing")

@@ -27,6 +27,7 @@ from mathlora_daemon.training.memory_plan import (
     estimate,
     model_shape,
     plan_for,
+    plan_memory_limit,
     saved_batch_split,
     size,
     train_shape,
@@ -339,3 +340,26 @@ def test_the_estimate_is_within_20_percent_of_the_peaks_measured_on_an_h200():
                                                                                   record["peak_gb"])
         checked += 1
     assert checked == 3
+
+
+def test_on_a_gpu_the_plan_sets_the_memory_limit_that_held_7b_4bit_under_8_gb(tmp_path):
+    """daemon.memory_limit_from_plan: on a GPU, with no memory_limit_gb, MLX's limit is the
+    plan's estimate + 20%. For 7B 4-bit, B = 1, T = 1024, checkpointing that is the 6.3 GiB
+    limit measured on an H100 (peak 6.98 GB, not 12.97 GB without it: bench/results/)."""
+    from runs import ROOT
+
+    limited = json.loads((ROOT / "bench" / "results" / "h100-2026-12-05-7b-q4-gc-limit-6.3.json").read_text())
+    unlimited = json.loads((ROOT / "bench" / "results" / "h100-2026-12-05-7b-q4-gc.json").read_text())
+    record = limited["records"][0]
+    assert record["peak_gb"] <= 8.0 < unlimited["records"][0]["peak_gb"]
+    config = {**limited["header"]["model"], "torch_dtype": "bfloat16", "quantization": {"bits": 4, "group_size": 64}}
+    model_dir = plan_dir(tmp_path, config)
+    settings = ["train.batch_size=1", "train.grad_accumulation_steps=1", "data.max_seq_len=1024",
+                "train.grad_checkpoint=true", "lora.rank=8", 'lora.targets=["self_attn.q_proj", "self_attn.v_proj"]']
+    cfg = load_config(None, settings)
+    limit = plan_memory_limit(cfg, model_dir, "gpu")
+    assert limit == pytest.approx(record["memory_limit_gb"] * GIB, rel=0.02)
+    # Nothing on the CPU, with a limit of the user's, with the option off, or for GRPO.
+    assert plan_memory_limit(cfg, model_dir, "cpu") is None
+    for extra in ("daemon.memory_limit_gb=12", "daemon.memory_limit_from_plan=false", 'train.method="grpo"'):
+        assert plan_memory_limit(load_config(None, settings + [extra]), model_dir, "gpu") is None, extra
