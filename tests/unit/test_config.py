@@ -26,6 +26,7 @@ DESIGN_DEFAULTS = {
     "daemon": {"budget_hours": 16.0, "segment_minutes": 10.0, "keep_checkpoints": 3, "checkpoint_every_steps": 0,
                "window": "", "prevent_sleep": True, "pause_on_battery": True,
                "memory_warning_available_gb": 2.0, "memory_critical_available_gb": 0.5, "memory_limit_gb": 0.0,
+               "memory_limit_from_plan": True,
                "memory_plan": "enforce", "max_crash_restarts": 3},
     # GRPO (issue 21): DeepSeekMath's beta 0.04 and TRL's defaults otherwise; DAPO's token-level loss.
     "rl": {"group_size": 8, "prompts_per_step": 4, "max_new_tokens": 512, "temperature": 1.0, "top_p": 1.0,
