@@ -3,7 +3,9 @@ documented exit codes (docs/DESIGN.md, "Exit codes": 78 for configuration and in
 errors, 75 for temporary failures, 130 for a second Ctrl-C).
 
 cli/arguments.py declares every command's arguments (the shared ones once);
-cli/actions.py holds the commands, each a thin function.
+cli/actions.py maps each command to its front-end, which lives with its family
+(training.py, watch.py, checkpoints.py, service.py, models.py, evaluation.py, demo.py)
+and decides what is printed and the exit code; cli/common.py holds what they share.
 
 Output never fails a command: stdout and stderr escape what their encoding cannot show
 (PYTHONIOENCODING=ascii and a run directory named "nuit-é"), and a reader that closed
@@ -72,8 +74,9 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mathlora_daemon.cli.actions import COMMANDS, check_run_dir
+    from mathlora_daemon.cli.actions import COMMANDS
     from mathlora_daemon.cli.arguments import parse
+    from mathlora_daemon.cli.common import check_run_dir
 
     _tolerant_streams()
     args = parse(argv)

@@ -4,7 +4,7 @@ The shared options (`--run-dir`, `--config`, `--set`) are added by `add_shared` 
 command that takes them and, for `checkpoints`, to its actions too, so they work
 wherever a user puts them (`checkpoints --run-dir D list` and `checkpoints list
 --run-dir D`). `normalize` then merges them into `args.run_dir`, `args.config` and
-`args.overrides`; `config_from` (cli/actions.py) is the one place that turns them
+`args.overrides`; `config_from` (cli/common.py) is the one place that turns them
 into a Config.
 
 `args.run_dir` is a RunDir (rundir.py), built here and nowhere else: every layer below

@@ -1,18 +1,47 @@
 """`checkpoints list|verify|prune`: look at and tidy a run's checkpoints without MLX.
 
 Human output is a table; `--json` prints one JSON document. `verify` exits 1 when any
-checkpoint fails, so scripts can gate on it.
+checkpoint fails, so scripts can gate on it. `prune` runs only under the run's lock.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 from typing import TextIO
 
 from mathlora_checkpoints.store import CheckpointInfo, list_checkpoints, manifest_problem, prune, verify_checkpoint
+from mathlora_daemon.cli.common import config_from, positive
+from mathlora_daemon.errors import InputError, TemporaryFailure
 from mathlora_daemon.runtime import humanize
+
+
+def checkpoints(args: Namespace) -> int:
+    """The command: the action on the run's checkpoints (daemon.keep_checkpoints, or
+    --keep, for prune), its exit code."""
+    from mathlora_daemon.runtime.lock import LockHeld, acquire_lock
+
+    cfg = config_from(args)
+    positive(getattr(args, "keep", None), "--keep", 1)
+    keep = getattr(args, "keep", None) or cfg.daemon.keep_checkpoints
+    root = args.run_dir.checkpoints
+    if args.action != "prune":
+        return checkpoints_command(args.action, root, keep, as_json=args.json, out=sys.stdout)
+    # A daemon may be resuming from the very checkpoint prune would remove: prune only
+    # under the run's lock (the store's retention rule assumes it).
+    try:
+        lock = acquire_lock(args.run_dir, retries=0.2)
+    except LockHeld as exc:
+        stop = shlex.join(["mathlora-daemon", "stop", "--run-dir", str(args.run_dir.root)])  # quoted: it pastes
+        raise TemporaryFailure(f"{exc}; stop it first (`{stop}`): it prunes its own checkpoints as it trains") from None
+    except FileNotFoundError:
+        raise InputError(f"--run-dir {args.run_dir.root}: no such directory") from None
+    with lock:
+        return checkpoints_command("prune", root, keep, as_json=args.json, out=sys.stdout)
 
 
 def _row(info: CheckpointInfo, problem: str | None = None, checked: bool = False) -> dict:

@@ -196,7 +196,7 @@ def run_demo(run: RunDir, prepare_only: bool = False) -> int:
     held-out problems, a generation before and after, and what it means. Return the
     exit code."""
     from mathlora_daemon.evaluation.generate import generate_text
-    from mathlora_daemon.runtime.status import read_status, status_main
+    from mathlora_daemon.runtime.status import read_status, render_status
 
     prepare_demo(run)
     print(f"demo prepared in {run.root}: model {run.model(MODEL_DIR)} (pretrained, shipped with the "
@@ -216,7 +216,8 @@ def run_demo(run: RunDir, prepare_only: bool = False) -> int:
     code = _train(run, interrupt_at=INTERRUPT_AT)
     stopped = _steps_logged(run)[-1]["step"] if _steps_logged(run) else 0
     print(f"\nthe daemon exited with {code} after checkpointing step {stopped}; status now:\n")
-    status_main(run, as_json=False, out=sys.stdout)
+    sys.stdout.write(render_status(read_status(run)))
+    sys.stdout.flush()
     if code != 0:
         return code
     print("\nstarting it again: it resumes from the checkpoint, exactly where it stopped, and at the end "
@@ -225,7 +226,8 @@ def run_demo(run: RunDir, prepare_only: bool = False) -> int:
     if code != 0:
         return code
     print(f"\nthe morning report, as `{_command('status', run)}` gives it at any time:\n")
-    status_main(run, as_json=False, out=sys.stdout)
+    sys.stdout.write(render_status(read_status(run)))
+    sys.stdout.flush()
     final = (read_status(run).get("report") or {}).get("final_eval") or {}
     if final.get("base") and final.get("adapters"):
         print("\nper kind, correct of 10 (base -> adapters):")

@@ -303,33 +303,32 @@ def format_table(record: dict) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-# --- the command ---------------------------------------------------------------------------
+# --- the command's parts (its front-end, the table or the JSON, is cli/evaluation.py) --------
 
-def eval_main(cfg, run: RunDir, data: str | None, split: str, subset: str | None, answer_field: str, limit: int,
-              max_new_tokens: int, adapter_path: Path | None, no_base: bool, as_json: bool, out: Path | None,
-              generate_fn: GenerateFn | None = None) -> int:
-    """The `eval` command: evaluate the base model and the adapters (default: the run's
-    own, when trained), print the table (or the JSON record), also write it to `out`, and
-    return 0; raise InputError for a missing model, adapters or problems."""
-    from mathlora_checkpoints.fsio import atomic_write_text
-
-    adapters = adapter_path
-    if adapters is not None:  # before the problems are read: a bad --adapter-path fails at once
+def eval_adapters(run: RunDir, adapter_path: Path | None, no_base: bool) -> Path | None:
+    """Given the run directory, `--adapter-path` and `--no-base`, return the adapters to
+    score: `adapter_path` (checked at once, before any problem is read), else the run's
+    own when trained; None when there are none (the base model alone). Raise InputError
+    for adapters that cannot be loaded, or `no_base` with no adapters to evaluate."""
+    if adapter_path is not None:
         from mathlora_daemon.modelio.loading import check_adapter_dir
 
-        check_adapter_dir(adapters)
-    if adapters is None:
-        if (run.adapters / ADAPTER_WEIGHTS).is_file():
-            adapters = run.adapters
-        elif no_base:
-            raise InputError(f"--no-base: nothing to evaluate, {run.adapters} holds no adapters.safetensors "
-                             "(train first, or pass --adapter-path)")
-        else:
-            print(f"no adapters in {run.adapters}: evaluating the base model only", file=sys.stderr)
-    described, problems = load_problems(data, run, cfg.data, split, subset, answer_field, limit)
-    note = _limit_note(problems, limit, hub=bool(data and data.startswith(HUB_PREFIX)))
-    if note and as_json:
-        print(f"eval: {note}", file=sys.stderr)
+        check_adapter_dir(adapter_path)
+        return adapter_path
+    if (run.adapters / ADAPTER_WEIGHTS).is_file():
+        return run.adapters
+    if no_base:
+        raise InputError(f"--no-base: nothing to evaluate, {run.adapters} holds no adapters.safetensors "
+                         "(train first, or pass --adapter-path)")
+    return None
+
+
+def eval_record(cfg, run: RunDir, described: str, problems: list[dict], adapters: Path | None, no_base: bool,
+                limit: int, max_new_tokens: int, generate_fn: GenerateFn | None = None) -> dict:
+    """Given the config, the run directory, the problems (and the description of their
+    source), the adapters (None: none) and whether to leave out the base model, evaluate
+    each and return the `eval` record: model, data, limit, max_new_tokens and `runs`
+    (base, adapters: each summary and every item)."""
     model_dir = run.model(cfg.model.path)
     runs = {}
     for name, path in (("base", None), ("adapters", adapters)):
@@ -337,17 +336,11 @@ def eval_main(cfg, run: RunDir, data: str | None, split: str, subset: str | None
             continue
         runs[name] = evaluate(model_dir, problems, path, max_new_tokens, limit, generate_fn=generate_fn,
                               template=cfg.data.template)
-    record = {"model": str(model_dir), "data": described, "limit": limit, "max_new_tokens": max_new_tokens,
-              "runs": runs}
-    text = json.dumps(record, indent=2, ensure_ascii=False)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, text + "\n")
-    print(text if as_json else f"{described}{': ' + note if note else ''}\n{format_table(record)}")
-    return 0
+    return {"model": str(model_dir), "data": described, "limit": limit, "max_new_tokens": max_new_tokens,
+            "runs": runs}
 
 
-def _limit_note(problems: list[dict], limit: int, hub: bool) -> str:
+def limit_note(problems: list[dict], limit: int, hub: bool) -> str:
     """What --limit left out, said at once ("50 of 60 problems (--limit 50; --limit 0 for
     all)"), or "" when it left out nothing. A hub dataset is read only up to the limit, so
     its size is not known."""

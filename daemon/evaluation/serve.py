@@ -1,4 +1,5 @@
-"""`serve`: the run's base model and adapters behind mlx-lm's OpenAI-compatible server.
+"""`serve`: the run's base model and adapters behind mlx-lm's OpenAI-compatible server
+(its front-end, the options and the banner, is cli/evaluation.py).
 
 mlx-lm's server (`mlx_lm.server`: /v1/chat/completions, /v1/completions, /v1/models)
 does the serving; this module hands it the model, the adapters and a chat template that
@@ -95,24 +96,28 @@ def models_list(model_id: str, adapter_path: Path | None, template: str, created
     return {"object": "list", "data": [entry] if wanted in ("", model_id.strip("/"), "default_model") else []}
 
 
-def serve_main(model_dir: Path, adapter_path: Path | None, template: str, host: str, port: int,
-               max_tokens: int, log_level: str = "INFO", banner: str = "") -> int:
-    """Given the model, optional adapters and the prompt format, run mlx-lm's server in
-    this process until interrupted (printing `banner` to stderr once the files and the
-    address are checked); return 0."""
-    import sys
-
-    import mlx_lm.server as server
-
-    from mathlora_daemon.modelio.loading import check_adapter_dir, check_model_dir, fit_to_device
+def check_serving(model_dir: Path, adapter_path: Path | None, host: str, port: int) -> None:
+    """Given the model, optional adapters, --host and --port, raise InputError when the
+    files cannot be served or the address cannot be listened on; nothing is loaded (see
+    the module docstring: the address is tried before the model loads)."""
+    from mathlora_daemon.modelio.loading import check_adapter_dir, check_model_dir
 
     check_model_dir(Path(model_dir))
     if adapter_path is not None:
         check_adapter_dir(Path(adapter_path))
-    check_address(host, port)  # before the model loads (see the module docstring)
-    if banner:
-        print(banner, file=sys.stderr, flush=True)
+    check_address(host, port)
+
+
+def serve_model(model_dir: Path, adapter_path: Path | None, template: str, host: str, port: int,
+                max_tokens: int, log_level: str = "INFO") -> None:
+    """Given the model, optional adapters and the prompt format (checked by
+    `check_serving`), run mlx-lm's server in this process until interrupted."""
+    import sys
+
+    import mlx_lm.server as server
     from mlx_lm.utils import load_tokenizer
+
+    from mathlora_daemon.modelio.loading import fit_to_device
 
     tokenizer = load_tokenizer(Path(model_dir))
     own = getattr(tokenizer, "chat_template", None)
@@ -154,4 +159,3 @@ def serve_main(model_dir: Path, adapter_path: Path | None, template: str, host: 
         pass
     finally:
         sys.argv, server.ModelProvider, server.APIHandler.handle_models_request = saved
-    return 0

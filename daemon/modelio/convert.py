@@ -475,7 +475,7 @@ def convert_model(source: str, out_dir: Path, quantize_bits: int = 0, log=None, 
     return summary
 
 
-# ---------------------------------------------------------------- run start and CLI
+# ---------------------------------------------------------------- run start and the convert command
 
 
 
@@ -497,12 +497,13 @@ def ensure_model(cfg: Config, run: RunDir, log) -> Path:
     return mdir
 
 
-def convert_main(cfg: Config, run: RunDir, source: str | None, quantize: int | None, dtype: str | None,
-                 force: bool) -> int:
-    """The `convert` command: convert `source` (default: model.name, looked up in the run
-    directory) into the run's model directory, print what was made and return 0; raise
-    InputError (exit 78) for a bad source or an existing model without `force`,
-    TemporaryFailure (exit 75) while a daemon runs in the run directory or a download fails."""
+def convert_for_run(cfg: Config, run: RunDir, source: str | None, quantize: int | None, dtype: str | None,
+                    force: bool) -> dict:
+    """The `convert` command's work (its front-end is cli/models.py): convert `source`
+    (default: model.name, looked up in the run directory) into the run's model directory
+    under the run's lock and return convert_model's summary; raise InputError (exit 78)
+    for a bad source or an existing model without `force`, TemporaryFailure (exit 75)
+    while a daemon runs in the run directory or a download fails."""
     from mathlora_daemon.runtime.lock import LockHeld, acquire_lock
     from mathlora_daemon.runtime.logs import close_logging, setup_logging
 
@@ -523,11 +524,7 @@ def convert_main(cfg: Config, run: RunDir, source: str | None, quantize: int | N
         raise TemporaryFailure(f"{exc}: stop the daemon before converting its model") from None
     log = setup_logging(run, run.root.resolve().name)
     try:
-        summary = convert_model(source, out, bits, log, dtype, replace=force, search_dirs=search)
+        return convert_model(source, out, bits, log, dtype, replace=force, search_dirs=search)
     finally:
         close_logging()
         lock.release()
-    quant = f", {bits}-bit quantized" if bits else ""
-    print(f"converted {summary['source']} ({summary['kind']}, {summary.get('format', '?')}{quant}) -> {out}: "
-          f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB in {summary['seconds']:.1f} s")
-    return 0

@@ -1,4 +1,5 @@
-"""The ``logs`` command: show and follow the daemon's JSON log, filtered and readable.
+"""The daemon's JSON log, read back: filtered, readable, followed (the data of the ``logs``
+command, whose front-end is cli/watch.py).
 
 The log is ``<run>/logs/daemon.jsonl`` (one JSON object per line with ``ts``, ``level``,
 ``event``, ``run``), rotated by size into ``daemon.jsonl.1`` (newest) ... ``.5``
@@ -22,13 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO
 
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.humanize import local_clock
@@ -126,75 +125,49 @@ def log_files(run: RunDir) -> tuple[Path, list[Path]]:
     return current, [path for _, path in sorted(rotated, reverse=True)]
 
 
-def logs_main(run: RunDir, lines: int = 20, follow: bool = False, level: str | None = None,
-              event: str | None = None, as_json: bool = False, out: TextIO | None = None,
-              stop: Callable[[], bool] | None = None, poll_s: float = 0.2,
-              err: TextIO | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
-    """Given a run directory, print the last ``lines`` matching log lines (oldest first)
-    to ``out`` and, with ``follow``, keep printing new ones every ``poll_s`` until
-    ``stop()`` is true or KeyboardInterrupt. Return 0; 2 when ``level`` is not a level.
+def select_lines(batch: list[bytes], line_filter: LineFilter) -> tuple[list[tuple[str, dict | None]], int]:
+    """Given raw log lines and a filter, return (the (text, parsed object) of each
+    non-blank line that matches, in order; how many damaged lines, not JSON objects, the
+    filter left out)."""
+    shown, skipped = [], 0
+    for raw in batch:
+        text = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if not text.strip():
+            continue
+        record = parse_line(text)
+        if line_filter.matches(record):
+            shown.append((text, record))
+        elif record is None:
+            skipped += 1
+    return shown, skipped
 
-    No log at all: say so on ``err`` (default stderr) and return 0, or with ``follow``
-    wait for it to appear. A last line still being written (no newline yet) is left for
-    the next poll rather than shown half. ``sleep`` is injectable so tests can decide
-    when the follower polls.
-    """
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    min_level = None
-    if level is not None:
-        min_level = level_rank(level)
-        if min_level is None:
-            err.write(f"unknown level {level!r}: use one of {', '.join(LEVELS)}\n")
-            return 2
-    line_filter = LineFilter(min_level, event or None)
 
-    def emit(batch: list[bytes]) -> None:
-        skipped = 0
-        for raw in batch:
-            text = raw.decode("utf-8", errors="replace").rstrip("\r")
-            if not text.strip():
-                continue
-            record = parse_line(text)
-            if line_filter.matches(record):
-                out.write((text if as_json else render_line(text, record)) + "\n")
-            elif record is None:
-                skipped += 1
-        out.flush()
-        if skipped:
-            note({follower.path: skipped})
+class LogTail:
+    """A run's log as ``logs`` reads it: the last lines that match a filter, then (to
+    follow it) the complete lines appended since, across rotation and truncation, like
+    ``tail -F``. ``open`` before reading, ``close`` when done."""
 
-    def note(skipped: dict) -> None:
-        for path, count in skipped.items():
-            err.write(damaged_note(path, count) + "\n")
-        err.flush()
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.path, _ = log_files(run)  # the current log: where the follower reads
+        self._follower = _Follower(self.path)
 
-    current, _ = log_files(run)
-    follower = _Follower(current)
-    try:
-        follower.open_current()
-        skipped: dict[Path, int] = {}
-        tail = _last_matching(run, follower, max(0, lines), line_filter, skipped)
-        if tail is None:
-            err.write(f"no log yet at {current}\n")
-            err.flush()
-            if not follow:
-                return 0
-        else:
-            emit(tail)
-            note(skipped)
-        while follow:
-            emit(follower.poll())
-            if stop is not None and stop():
-                break
-            sleep(poll_s)
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:  # `logs -f | head`: the reader left
-        pass
-    finally:
-        follower.close()
-    return 0
+    def open(self) -> None:
+        """Open the current log if it exists, positioned after its last complete line."""
+        self._follower.open_current()
+
+    def last(self, want: int, line_filter: LineFilter, skipped: dict[Path, int] | None = None) -> list[bytes] | None:
+        """The last ``want`` matching lines, oldest first, across the rotated files; None
+        when there is no log at all. Damaged lines left out are counted per file into
+        ``skipped``."""
+        return _last_matching(self.run, self._follower, want, line_filter, skipped)
+
+    def poll(self) -> list[bytes]:
+        """The complete lines appended since the last read, following rotation."""
+        return self._follower.poll()
+
+    def close(self) -> None:
+        self._follower.close()
 
 
 # --------------------------------------------------------------------------- reading

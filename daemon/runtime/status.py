@@ -1,4 +1,5 @@
-"""The ``status`` command: what a run is doing (or did last), fast, whether it runs or not.
+"""What a run is doing (or did last), fast, whether it runs or not: the data of the
+``status`` command (its front-end, text or JSON, is cli/watch.py).
 
 It reads the heartbeat (``state/status.json``, written by runtime/heartbeat.py),
 ``state/failure.json`` and the ``daemon.lock`` probe and says what the run is doing,
@@ -46,21 +47,19 @@ No MLX, numpy or structlog import here: ``status`` must answer in well under a s
 
 from __future__ import annotations
 
-import json
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import psutil
 
 from mathlora_checkpoints.store import newest_checkpoint, read_json_object
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime import humanize
-from mathlora_daemon.runtime.heartbeat import json_int, json_number, jsonable, utc_iso
+from mathlora_daemon.runtime.heartbeat import json_int, json_number, utc_iso
 from mathlora_daemon.runtime.lock import probe_lock
 from mathlora_daemon.runtime.report import read_report
 
@@ -497,21 +496,6 @@ def _service_text(service: dict) -> str:
     loaded = service.get("loaded")
     state = word if loaded is True else f"not {word}" if loaded is False else f"{word}: unknown (no answer)"
     return f"{what}: installed, {state}"
-
-
-def status_main(run: RunDir, as_json: bool = False, out: TextIO | None = None,
-                service_probe: Callable[[RunDir], dict | None] | None = None) -> int:
-    """Given a run directory, print its status as JSON (``as_json``) or as the human
-    table to ``out`` (default stdout) and return 0: status always answers, even for a
-    missing or empty directory ("not started")."""
-    out = sys.stdout if out is None else out
-    status = read_status(run, service_probe=service_probe)
-    if as_json:
-        out.write(json.dumps(jsonable(status), sort_keys=True, indent=2) + "\n")
-    else:
-        out.write(render_status(status))
-    out.flush()
-    return 0
 
 
 # --------------------------------------------------------------------------- helpers

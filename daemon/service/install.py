@@ -1,4 +1,5 @@
-"""`install` / `uninstall`: run the daemon under the user's service manager.
+"""`install` / `uninstall`: run the daemon under the user's service manager (the commands'
+front-end, what they print and their exit codes, is cli/service.py).
 
 macOS: a per-user LaunchAgent (Metal needs the user's GUI session, so never a system
 LaunchDaemon) in ``~/Library/LaunchAgents/com.mathlora.daemon.<run-name>.plist``, loaded
@@ -645,7 +646,7 @@ def service_status(run: RunDir, host: Host | None = None) -> dict | None:
         return None
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- what install says
 
 
 def describe_start(plan: Plan) -> str:
@@ -659,63 +660,6 @@ def describe_start(plan: Plan) -> str:
     if when:
         return f"daily at {when}{source} by {svc.timer_path.name} (Persistent=true: a missed start runs later)"
     return "now and whenever your systemd user session starts (default.target)"
-
-
-def install_main(run: RunDir, at: str | None, config: Path | None, overrides: list[str], print_only: bool,
-                 system: str | None, host: Host, out, err, launch: list[str] | tuple[str, ...] = ()) -> int:
-    """Given the ``install`` options, print the files (``--print``: nothing is written)
-    or install them; return the exit code. InputError propagates (exit 78)."""
-    if system is not None and system != manager_for(host.platform) and not print_only:
-        raise InputError(f"--system {system}: this machine uses {manager_for(host.platform)}; "
-                         f"--system {system} only goes with --print (to copy the files to another machine)")
-    plan = plan_install(run, host, at, config, overrides, system, launch)
-    for note in plan.notes:
-        print(f"note: {note}", file=err)
-    if print_only:
-        if plan.service.manager == "launchd":
-            out.write(plan.files[plan.service.path])
-        else:
-            out.write("\n".join(f"# {path}\n{text}" for path, text in plan.files.items()))
-        return 0
-    try:
-        install(plan, host)
-    except ServiceError as exc:
-        print(f"mathlora-daemon install: error: {exc}", file=err)
-        return exc.exit_code
-    svc = plan.service
-    lines = [f"installed {svc.manager} {'agent' if svc.manager == 'launchd' else 'service'} {svc.label}",
-             f"  file     {', '.join(str(p) for p in plan.files)}",
-             f"  starts   {describe_start(plan)}",
-             "  restarts after a crash or exit 75; not after exit 0 (finished, stopped, outside the window) or 78"]
-    if svc.manager == "launchd":
-        lines += [f"  output   {svc.log_dir / (svc.name + '.out.log')} (.err.log)",
-                  f"  check    launchctl print {svc.target}"]
-    else:
-        lines += [f"  output   journalctl --user -u {svc.path.name}",
-                  f"  check    systemctl --user status {svc.path.name}"]
-    lines += [f"           mathlora-daemon status --run-dir {shlex.quote(str(svc.run_dir))}; "
-              f"mathlora-daemon logs -f --run-dir {shlex.quote(str(svc.run_dir))}",
-              f"  remove   mathlora-daemon uninstall --run-dir {shlex.quote(str(svc.run_dir))}"]
-    print("\n".join(lines), file=out)
-    return 0
-
-
-def uninstall_main(run: RunDir, host: Host, out, err) -> int:
-    """Given a run directory, uninstall its service, print what was done and return the
-    exit code (0 also when nothing was installed)."""
-    svc = service_for(run, host)
-    try:
-        removed, _ran = uninstall(svc, host)
-    except ServiceError as exc:
-        print(f"mathlora-daemon uninstall: error: {exc}", file=err)
-        return exc.exit_code
-    if removed:
-        print(f"uninstalled {svc.label}: removed {', '.join(str(p) for p in removed)}", file=out)
-    else:
-        print(f"nothing was installed for {svc.run_dir} ({svc.path} does not exist)", file=out)
-    if svc.log_dir is not None and svc.log_dir.is_dir():
-        print(f"logs kept in {svc.log_dir} (delete them yourself when no longer needed)", file=out)
-    return 0
 
 
 # --------------------------------------------------------------------------- the documented example

@@ -1,4 +1,5 @@
-"""`launch`: a distributed job as one process that launchd or systemd can supervise.
+"""`launch`: a distributed job as one process that launchd or systemd can supervise (the
+command's front-end is cli/training.py).
 
 `mlx.launch` starts the ranks (here, or over ssh) and relays their output, but (MLX
 0.32.4) it exits 0 whatever the ranks did and does not pass SIGTERM on to them: a service
@@ -105,9 +106,10 @@ def is_this_machine(name: str, addresses: list[str]) -> bool:
     return name in local or any(a in local for a in addresses)
 
 
-def launch_job(argv: list[str], run: RunDir) -> int:
+def launch_job(argv: list[str], run: RunDir) -> tuple[int | None, int]:
     """Given the mlx.launch command line and rank 0's run directory, run the job with
-    signals passed to rank 0 and return rank 0's exit code (1 when it recorded none)."""
+    signals passed to rank 0 and return (rank 0's exit code, None when it recorded none:
+    crashed, killed or never started; mlx.launch's own exit code)."""
     from mathlora_daemon.runtime.crashguard import read_start_record
     from mathlora_daemon.runtime.lock import probe_lock
 
@@ -132,11 +134,7 @@ def launch_job(argv: list[str], run: RunDir) -> int:
             signal.signal(sig, handler)
     after = read_start_record(run)
     started = after is not None and (before is None or (after.pid, after.started_at) != (before.pid, before.started_at))
-    if started and after.exit_code is not None:
-        return after.exit_code
-    print(f"mathlora-daemon launch: rank 0 ended without an exit status of its own (crashed, killed or never "
-          f"started; mlx.launch exited {proc.returncode}); see the output above", file=sys.stderr)
-    return 1
+    return (after.exit_code if started else None), proc.returncode
 
 
 def _terminate_tree(pid: int) -> None:
@@ -153,20 +151,14 @@ def _terminate_tree(pid: int) -> None:
             pass
 
 
-def launch_main(run: RunDir, config: Path | None, overrides: list[str], hosts: str | None,
-                hostfile: Path | None, ranks: int, backend: str | None, starting_port: int | None) -> int:
-    """The `launch` command: run the distributed job under mlx.launch, supervised, and
-    return rank 0's exit status."""
-    if not run.root.is_dir():
-        raise InputError(f"--run-dir {run.root}: no such directory")
+def job_argv(run: RunDir, config: Path | None, overrides: list[str], hosts: str | None, hostfile: Path | None,
+             ranks: int, backend: str | None, starting_port: int | None) -> list[str]:
+    """Given the `launch` options, return the mlx.launch command line (the one beside this
+    interpreter) that runs `run` with this config and these overrides on every rank;
+    raise InputError as launcher_argv does, or when there is no mlx.launch."""
     python = os.path.abspath(sys.executable)
     run_args = (["--config", str(Path(config).resolve())] if config else [])
     for text in overrides:
         run_args += ["--set", text]
-    argv = launcher_argv(find_launcher(python), python, run, hosts, hostfile, ranks, backend, starting_port,
+    return launcher_argv(find_launcher(python), python, run, hosts, hostfile, ranks, backend, starting_port,
                          run_args)
-    name, addresses = first_host(hosts, hostfile)
-    if name and not is_this_machine(name, addresses):
-        print(f"mathlora-daemon launch: warning: the first host ({name}) does not look like this machine; rank 0 "
-              "must run here, in this run directory, for signals and the exit status to reach it", file=sys.stderr)
-    return launch_job(argv, run)

@@ -1,5 +1,6 @@
-"""The command line's shape (cli/arguments.py, cli/actions.py): shared options wherever
-a user puts them, one way from options to a config, and help for every option."""
+"""The command line's shape (cli/arguments.py, cli/actions.py, cli/common.py): shared
+options wherever a user puts them, one way from options to a config, and help for every
+option."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mathlora_daemon.cli import actions, arguments
+from mathlora_daemon.cli import actions, arguments, common, watch
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import RunDir
 
@@ -115,14 +116,14 @@ def test_every_command_has_an_action_and_every_option_has_help():
 
 def test_config_from_reads_the_run_directory_s_file_and_the_overrides(tmp_path):
     RunDir(tmp_path).config.write_text("[train]\nseed = 3\n")
-    cfg = actions.config_from(arguments.parse(["prepare", "--run-dir", str(tmp_path), "--set", "lora.rank=4"]))
+    cfg = common.config_from(arguments.parse(["prepare", "--run-dir", str(tmp_path), "--set", "lora.rank=4"]))
     assert (cfg.train.seed, cfg.lora.rank) == (3, 4)
     with pytest.raises(InputError, match="--config .*nope.toml: no such file"):
-        actions.config_from(arguments.parse(["prepare", "--config", str(tmp_path / "nope.toml")]))
+        common.config_from(arguments.parse(["prepare", "--config", str(tmp_path / "nope.toml")]))
 
 
 def test_status_html_writes_the_page_first_and_prints_its_path(tmp_path, capsys):
-    assert actions.status(arguments.parse(["status", "--html", "--run-dir", str(tmp_path)])) == 0
+    assert watch.status(arguments.parse(["status", "--html", "--run-dir", str(tmp_path)])) == 0
     path = Path(capsys.readouterr().out.strip())
     assert path == RunDir(tmp_path).report_html and "not started" in path.read_text()
     with pytest.raises(SystemExit) as exc:  # one answer at a time
@@ -131,4 +132,4 @@ def test_status_html_writes_the_page_first_and_prints_its_path(tmp_path, capsys)
     path.unlink()
     path.mkdir()  # a page that cannot be written: the OSError main() turns into 78 (or 75)
     with pytest.raises(OSError):
-        actions.status(arguments.parse(["status", "--html", "--run-dir", str(tmp_path)]))
+        watch.status(arguments.parse(["status", "--html", "--run-dir", str(tmp_path)]))

@@ -115,6 +115,21 @@ def test_every_module_says_what_it_holds():
     assert not missing, f"modules without a docstring: {missing}"
 
 
+def test_every_command_s_front_end_is_in_the_cli():
+    """One CLI style (docs/DESIGN.md, "Architecture"): a command's front-end, what it prints
+    and its exit code, lives in cli/; the layers below return data. A `*_main` function
+    anywhere else is a front-end in the wrong place."""
+    misplaced = []
+    for path in sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "checkpoints").rglob("*.py")):
+        if path.is_relative_to(PACKAGE / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.endswith("_main"):
+                misplaced.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not misplaced, ("command front-ends outside daemon/cli/ (move the printing up into cli/, keep a "
+                           "function that returns data below): " + ", ".join(misplaced))
+
+
 def test_every_sub_package_is_installed():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(project["tool"]["setuptools"]["packages"])

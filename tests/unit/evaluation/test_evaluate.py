@@ -10,7 +10,8 @@ import shutil
 import mlx.core as mx
 import pytest
 
-from mathlora_daemon.cli import actions, arguments
+from mathlora_daemon.cli import arguments
+from mathlora_daemon.cli import evaluation as eval_cli
 from mathlora_daemon.config import Config
 from mathlora_daemon.demo.mathgen import write_demo_dataset
 from mathlora_daemon.errors import InputError
@@ -150,8 +151,8 @@ def test_reference_answer():
 
 def test_cli_runs_base_and_adapters_and_prints_json(run, tmp_path, capsys):
     out = tmp_path / "reports" / "eval.json"
-    assert actions.evaluate(parse("--run-dir", str(run), "--limit", "3", "--max-new-tokens", "12", "--json",
-                           "--out", str(out))) == 0
+    assert eval_cli.evaluate(parse("--run-dir", str(run), "--limit", "3", "--max-new-tokens", "12", "--json",
+                            "--out", str(out))) == 0
     record = json.loads(capsys.readouterr().out)
     assert record == json.loads(out.read_text())
     assert set(record) == {"model", "data", "limit", "max_new_tokens", "runs"}
@@ -180,7 +181,7 @@ def test_greedy_generation_is_deterministic(run, problems):
 
 
 def test_cli_table_and_no_base(run, problems, capsys):
-    assert actions.evaluate(parse("--run-dir", str(run), "--no-base"), generate_fn=half_right(problems)) == 0
+    assert eval_cli.evaluate(parse("--run-dir", str(run), "--no-base"), generate_fn=half_right(problems)) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(run / "data" / "test.jsonl")
     assert lines[1].split() == ["adapters"]
@@ -210,18 +211,18 @@ def test_cli_without_adapters_evaluates_the_base_only(run, problems, tmp_path, c
     other.mkdir()
     (other / "mathlora.toml").write_text(f'[model]\npath = "{run / "mlx_model"}"\n')
     args = parse("--run-dir", str(other), "--data", str(run / "data" / "test.jsonl"), "--json")
-    assert actions.evaluate(args, generate_fn=half_right(problems)) == 0
+    assert eval_cli.evaluate(args, generate_fn=half_right(problems)) == 0
     captured = capsys.readouterr()
     assert list(json.loads(captured.out)["runs"]) == ["base"]
     assert "evaluating the base model only" in captured.err
     with pytest.raises(InputError, match="nothing to evaluate"):
-        actions.evaluate(parse("--run-dir", str(other), "--no-base", "--data", str(run / "data" / "test.jsonl")))
+        eval_cli.evaluate(parse("--run-dir", str(other), "--no-base", "--data", str(run / "data" / "test.jsonl")))
     with pytest.raises(InputError, match="no adapters.safetensors"):
-        actions.evaluate(parse("--run-dir", str(other), "--adapter-path", str(tmp_path)))
+        eval_cli.evaluate(parse("--run-dir", str(other), "--adapter-path", str(tmp_path)))
     with pytest.raises(InputError, match="no held-out problems"):
-        actions.evaluate(parse("--run-dir", str(other)))
+        eval_cli.evaluate(parse("--run-dir", str(other)))
     with pytest.raises(InputError, match="unknown key"):
-        actions.evaluate(parse("--run-dir", str(other), "--set", "data.nope=1"))
+        eval_cli.evaluate(parse("--run-dir", str(other), "--set", "data.nope=1"))
 
 
 # --- problem sources ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from mathlora_daemon.cli import actions, arguments
+from mathlora_daemon.cli import arguments
+from mathlora_daemon.cli import evaluation as eval_cli
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.evaluation.plot import page_figures, plot_run, read_curve
 from mathlora_daemon.rundir import RunDir
@@ -69,7 +70,7 @@ def test_plot_writes_a_png(run):
 
 
 def test_cli_default_output(run, capsys):
-    assert actions.plot(arguments.parse(["plot", "--run-dir", str(run)])) == 0
+    assert eval_cli.plot(arguments.parse(["plot", "--run-dir", str(run)])) == 0
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "10 steps, 3 validation point(s), 1 resume(s), 3 checkpoint(s)" in capsys.readouterr().out
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mathlora_daemon.cli import actions, arguments
+from mathlora_daemon.cli import arguments, models
 from mathlora_daemon.config import Config, load_config
 from mathlora_daemon.errors import EXIT_CONFIG, InputError, TemporaryFailure
 from mathlora_daemon.modelio import convert as conv
@@ -441,7 +441,7 @@ def parse(argv: list[str]):
 
 def test_cli_convert_then_force(hf, tmp_path, capsys):
     run = tmp_path / "run"
-    assert actions.convert(parse(["--run-dir", str(run), "--set", f"model.name={hf['bin']}"])) == 0
+    assert models.convert(parse(["--run-dir", str(run), "--set", f"model.name={hf['bin']}"])) == 0
     assert "converted" in capsys.readouterr().out
     assert (run / "mlx_model" / "config.json").is_file()
     events = [json.loads(line)["event"] for line in (run / "logs" / "daemon.jsonl").read_text().splitlines()]
@@ -449,11 +449,11 @@ def test_cli_convert_then_force(hf, tmp_path, capsys):
 
     args = parse(["--run-dir", str(run), "--source", str(hf["st"]), "--quantize", "4"])
     with pytest.raises(InputError, match="--force") as err:
-        actions.convert(args)
+        models.convert(args)
     assert err.value.exit_code == EXIT_CONFIG
     assert "quantization" not in json.loads((run / "mlx_model" / "config.json").read_text())
 
-    assert actions.convert(parse(["--run-dir", str(run), "--source", str(hf["st"]), "--quantize", "4", "--force"])) == 0
+    assert models.convert(parse(["--run-dir", str(run), "--source", str(hf["st"]), "--quantize", "4", "--force"])) == 0
     assert json.loads((run / "mlx_model" / "config.json").read_text())["quantization"]["bits"] == 4
     assert leftovers(run) == []
 
@@ -461,9 +461,9 @@ def test_cli_convert_then_force(hf, tmp_path, capsys):
 def test_cli_refuses_bad_input_before_writing(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(InputError, match="no such file or directory"):
-        actions.convert(parse(["--run-dir", str(run), "--source", "./nowhere"]))
+        models.convert(parse(["--run-dir", str(run), "--source", "./nowhere"]))
     with pytest.raises(InputError, match="model.quantize_bits"):
-        actions.convert(parse(["--run-dir", str(run), "--set", "model.quantize_bits=3"]))
+        models.convert(parse(["--run-dir", str(run), "--set", "model.quantize_bits=3"]))
     assert not run.exists()
 
 
@@ -474,5 +474,5 @@ def test_cli_refuses_while_a_daemon_runs(hf, tmp_path):
     run.mkdir()
     with acquire_lock(RunDir(run)):
         with pytest.raises(TemporaryFailure, match="stop the daemon"):
-            actions.convert(parse(["--run-dir", str(run), "--source", str(hf["st"])]))
+            models.convert(parse(["--run-dir", str(run), "--source", str(hf["st"])]))
     assert not (run / "mlx_model").exists()

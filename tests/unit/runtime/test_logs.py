@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from mathlora_daemon.cli.watch import logs_main
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.logs import close_logging, setup_logging
-from mathlora_daemon.runtime.logview import logs_main
 
 PAGE = 4096  # tmpfs hands out whole pages
 

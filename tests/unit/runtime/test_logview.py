@@ -12,8 +12,8 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mathlora_daemon.cli.watch import logs_main
 from mathlora_daemon.rundir import RunDir
-from mathlora_daemon.runtime.logview import logs_main
 
 from runs import wait_for
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from mathlora_checkpoints.fsio import atomic_write_text
+from mathlora_daemon.cli.watch import status_main
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.heartbeat import Heartbeat
-from mathlora_daemon.runtime.status import read_status, render_status, status_main
+from mathlora_daemon.runtime.status import read_status, render_status
 
 from runs import ROOT, wait_for
 

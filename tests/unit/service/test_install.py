@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from mathlora_daemon.cli.service import install_main, uninstall_main
 from mathlora_daemon.errors import InputError
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.status import read_status, render_status
@@ -35,7 +36,6 @@ from mathlora_daemon.service.install import (
     Host,
     example_plist,
     install,
-    install_main,
     launchd_plist,
     parse_at,
     plan_install,
@@ -45,7 +45,6 @@ from mathlora_daemon.service.install import (
     subprocess_runner,
     systemd_quote,
     uninstall,
-    uninstall_main,
 )
 
 from runs import ROOT
