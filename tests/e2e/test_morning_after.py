@@ -314,6 +314,8 @@ def test_run_debug_changes_nothing_of_the_real_run(template_dir, tmp_path):
     assert {p: sha(run / p) for p in real} == real
     assert json.loads(cli("status", "--json", run=run).stdout)["budget_used_s"] == budget
     assert (run / "debug" / "state" / "status.json").exists() and (run / "debug" / "report.json").exists()
+    # the debug start's crash record is its own, and it saw the debug run's steps
+    assert json.loads((run / "debug" / "state" / "starts.json").read_text())["progressed"] is True
     # the command it suggests works as printed
     tried = next(line for line in out.splitlines() if line.startswith("try"))
     command = shlex.split(tried.split("  (or:")[0][len("try"):].strip())
