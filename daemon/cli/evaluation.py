@@ -16,11 +16,19 @@ from mathlora_daemon.cli.common import config_from, positive
 from mathlora_daemon.errors import InputError
 
 
+def _adapters(args: Namespace):
+    """The adapters `generate` and `serve` use: --adapter-path, else the run's own; None
+    with --no-adapters (or none trained yet)."""
+    from mathlora_daemon.evaluation.generate import default_adapter_path
+
+    return None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
+
+
 def generate(args: Namespace) -> int:
-    from mathlora_daemon.evaluation.generate import default_adapter_path, generate_text
+    from mathlora_daemon.evaluation.generate import generate_text
 
     cfg = config_from(args)
-    adapters = None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
+    adapters = _adapters(args)
     which = f"adapters {adapters}" if adapters else "base model, no adapters"
     print(f"[{which}]", file=sys.stderr)
     generate_text(args.run_dir.model(cfg.model.path), args.prompt, adapters, args.max_new_tokens,
@@ -78,7 +86,6 @@ def serve(args: Namespace) -> int:
     """Check the model, the adapters and the address, say what is served (stderr), then
     serve until Ctrl-C; return 0."""
     from mathlora_daemon.evaluation.evaluate import recorded_template
-    from mathlora_daemon.evaluation.generate import default_adapter_path
     from mathlora_daemon.evaluation.serve import check_serving, serve_model
 
     cfg = config_from(args)
@@ -86,7 +93,7 @@ def serve(args: Namespace) -> int:
     if args.port > 65535:
         raise InputError(f"--port {args.port}: expected 1-65535")
     positive(args.max_tokens, "--max-tokens", 1)
-    adapters = None if args.no_adapters else (args.adapter_path or default_adapter_path(args.run_dir))
+    adapters = _adapters(args)
     template = recorded_template(adapters, cfg.data.template)
     model_dir = args.run_dir.model(cfg.model.path)
     check_serving(model_dir, adapters, args.host, args.port)  # before the model loads (evaluation/serve.py)

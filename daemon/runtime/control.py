@@ -52,11 +52,6 @@ SAFE_FIELDS = RELOADABLE
 WATCHED_EVENT_TYPES = {"created", "modified", "moved", "closed"}
 
 
-def control_path(run: RunDir) -> Path:
-    """Given a run directory, return the path of its control file."""
-    return run.control_file
-
-
 def write_request(run: RunDir, command: str, to_pid: int | None = None, request_id: str | None = None) -> dict:
     """Given a run directory, a command and the pid of the daemon it is for, write a
     request atomically (state dir 0700, file 0600) and return it; raise InputError naming
@@ -71,7 +66,7 @@ def write_request(run: RunDir, command: str, to_pid: int | None = None, request_
     }
     if to_pid is not None:
         request["to_pid"] = int(to_pid)
-    path = control_path(run)
+    path = run.control_file
     ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps(request) + "\n")
     return request
@@ -152,7 +147,7 @@ def read_request(run: RunDir) -> tuple[dict | None, str | None]:
     """Given a run directory, return (request, None) for a valid control request,
     (None, None) when there is no control file, or (None, reason) when the file is
     rejected (the daemon logs `control.rejected` and ignores it)."""
-    path = control_path(run)
+    path = run.control_file
     try:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_CONTROL_BYTES + 1)
@@ -407,6 +402,6 @@ def reload_config(path: Path | None, overrides: list[str] | tuple[str, ...], cur
 
 
 __all__ = [
-    "COMMANDS", "SAFE_FIELDS", "FileWatcher", "control_path", "is_safe_field",
+    "COMMANDS", "SAFE_FIELDS", "FileWatcher", "is_safe_field",
     "parse_request", "read_ack", "read_request", "reload_config", "send_request", "write_request",
 ]

@@ -72,18 +72,10 @@ class StartRecord:
         return not self.clean_exit or self.exit_code == TEMPFAIL_EXIT_CODE
 
 
-def starts_path(run: RunDir) -> Path:
-    return run.starts_file
-
-
-def failure_path(run: RunDir) -> Path:
-    return run.failure_file
-
-
 def read_start_record(run: RunDir) -> StartRecord | None:
     """Given a run directory, return the last start's record; None when there is none or
     it is unreadable (a damaged record counts as no history, never as a crash)."""
-    data = read_json_object(starts_path(run))
+    data = read_json_object(run.starts_file)
     if data is None:
         return None
     try:
@@ -140,7 +132,7 @@ def record_failure(run: RunDir, reason: str, kind: str, config_hash: str | None,
     if kind not in FAILURE_KINDS:
         raise ValueError(f"failure kind must be one of {FAILURE_KINDS}, got {kind!r}")
     payload = {"reason": reason, "kind": kind, "config_hash": config_hash, "at": now}
-    path = failure_path(run)
+    path = run.failure_file
     ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -148,7 +140,7 @@ def record_failure(run: RunDir, reason: str, kind: str, config_hash: str | None,
 def read_failure(run: RunDir) -> dict | None:
     """Given the run directory, return the recorded failure {"reason", "kind",
     "config_hash", "at"}, or None when there is none or it is unreadable."""
-    data = read_json_object(failure_path(run))
+    data = read_json_object(run.failure_file)
     if data is None or data.get("kind") not in FAILURE_KINDS or not isinstance(data.get("reason"), str):
         return None
     return data
@@ -156,7 +148,7 @@ def read_failure(run: RunDir) -> dict | None:
 
 def clear_failure(run: RunDir) -> None:
     """Given the run directory, remove the recorded failure (no error when there is none)."""
-    failure_path(run).unlink(missing_ok=True)
+    run.failure_file.unlink(missing_ok=True)
 
 
 def config_hash(config_text: str | None, overrides: list[str]) -> str:
@@ -206,7 +198,7 @@ def _update_record(run: RunDir, **changes) -> None:
 
 
 def _write_record(run: RunDir, record: StartRecord) -> None:
-    path = starts_path(run)
+    path = run.starts_file
     ensure_private_dir(path.parent)
     atomic_write_text(path, json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
 

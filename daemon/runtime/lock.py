@@ -73,11 +73,6 @@ class RunLock:
         self.release()
 
 
-def lock_path(run: RunDir) -> Path:
-    """Given a run directory, return the path of its lock file."""
-    return run.lock_file
-
-
 def acquire_lock(run: RunDir, retries: float = 2.0, *,
                  monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> RunLock:
@@ -89,7 +84,7 @@ def acquire_lock(run: RunDir, retries: float = 2.0, *,
     Only ``daemon.lock`` is created or written, and only once the lock is ours: a held
     lock's file (and the holder's pid in it) is left untouched.
     """
-    path = lock_path(run)
+    path = run.lock_file
     # O_NOFOLLOW: a symlink planted at daemon.lock must not make us truncate its target.
     fd = os.open(str(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, LOCK_MODE)
     try:
@@ -115,7 +110,7 @@ def probe_lock(run: RunDir) -> tuple[bool, int | None]:
     When not held, the pid is the last daemon's (now gone). When held, the pid may be
     None for the instant between the holder's flock and its pid write.
     """
-    path = lock_path(run)
+    path = run.lock_file
     try:
         fd = os.open(str(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:

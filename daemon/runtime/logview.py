@@ -149,7 +149,7 @@ class LogTail:
 
     def __init__(self, run: RunDir):
         self.run = run
-        self.path, _ = log_files(run)  # the current log: where the follower reads
+        self.path = run.log_file  # the current log: where the follower reads
         self._follower = _Follower(self.path)
 
     def open(self) -> None:

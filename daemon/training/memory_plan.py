@@ -338,6 +338,13 @@ def saved_batch_split(checkpoints: Path) -> int:
 
 # --- what the machine offers -------------------------------------------------------------------
 
+def device_kind(mx_module=None) -> str:
+    """Which device MLX trains on: "gpu" (Metal or CUDA) or "cpu"."""
+    if mx_module is None:
+        import mlx.core as mx_module
+    return "gpu" if mx_module.default_device() == mx_module.gpu else "cpu"
+
+
 @dataclass(frozen=True)
 class Offer:
     """The memory a run may use, in bytes, and where the figure comes from."""
@@ -354,7 +361,7 @@ def device_offer(memory_limit_gb: float = 0.0, mx_module=None, psutil_module=Non
     on the CPU; the limit when it is lower."""
     if mx_module is None:
         import mlx.core as mx_module
-    if mx_module.default_device() == mx_module.gpu:
+    if device_kind(mx_module) == "gpu":
         info = mx_module.device_info()
         for key, source in (("max_recommended_working_set_size", "MLX's recommended working set"),
                             ("free_memory", "free GPU memory"), ("total_memory", "GPU memory"),
@@ -512,9 +519,11 @@ def plan_for(cfg, model_dir: Path, offer: Offer, batch_split: int = 1, ranks: in
 PLAN_LIMIT_HEADROOM = 1.20
 
 
-def plan_memory_limit(cfg, model_dir: Path, device: str, batch_split: int = 1, ranks: int = 1) -> int | None:
-    """Given the Config, the model directory, the device ("cpu" or "gpu"), the saved
-    micro-batch split and the ranks, return the MLX memory limit in bytes that
+def plan_memory_limit(cfg, model_dir: Path, device: str, checkpoints: Path | None = None,
+                      ranks: int = 1) -> int | None:
+    """Given the Config, the model directory, the device ("cpu" or "gpu"), the run's
+    checkpoints directory (for a saved micro-batch split) and the ranks, return the MLX
+    memory limit in bytes that
     daemon.memory_limit_from_plan sets (the plan's estimate + 20%), or None: on the CPU
     (no queued work holds buffers there), with daemon.memory_limit_gb set, the option
     off, a method the plan does not model, or a model it cannot plan for."""
@@ -525,7 +534,8 @@ def plan_memory_limit(cfg, model_dir: Path, device: str, batch_split: int = 1, r
         shape = model_shape(model_dir)
     except ValueError:
         return None
-    return int(estimate(shape, train_shape(cfg, batch_split, ranks), device).total * PLAN_LIMIT_HEADROOM)
+    split = saved_batch_split(checkpoints) if checkpoints is not None else 1
+    return int(estimate(shape, train_shape(cfg, split, ranks), device).total * PLAN_LIMIT_HEADROOM)
 
 
 def check_memory(cfg, model_dir: Path, log, checkpoints: Path | None = None, enforce: bool = True,

@@ -32,7 +32,7 @@ from mathlora_daemon.training.batches import Schedule
 from mathlora_daemon.training.cache import TokenCache
 from mathlora_daemon.training.checkpointing import Progress, fingerprint, restore_training_checkpoint
 from mathlora_daemon.training.grpo import GRPOStep
-from mathlora_daemon.training.memory_plan import plan_memory_limit, saved_batch_split
+from mathlora_daemon.training.memory_plan import device_kind, plan_memory_limit
 from mathlora_daemon.training.model import (
     CACHE_ATTENTION_TYPES,
     apply_lora,
@@ -199,8 +199,7 @@ def _setup_model_and_data(run: RunDir, cfg: Config, log, heartbeat, world: World
     if not world.leader:
         barrier(world)  # all ranks: rank 0 converts and tokenizes first; on its machine the others reuse both
     model_dir = ensure_model(cfg, run, log)  # converts model.name into model.path when it is missing
-    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    limit = plan_memory_limit(cfg, model_dir, device, saved_batch_split(run.checkpoints), world.size)
+    limit = plan_memory_limit(cfg, model_dir, device_kind(), run.checkpoints, world.size)
     if limit:  # before the weights load: MLX waits for queued work rather than hold freed buffers
         log.info("memory.limits", **apply_limits(limit / GIB, wired_limit=False),
                  source="daemon.memory_limit_from_plan: the memory plan's estimate + 20%")

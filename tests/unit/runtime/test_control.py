@@ -20,7 +20,6 @@ from mathlora_daemon.runtime.control import (
     COMMANDS,
     SAFE_FIELDS,
     FileWatcher,
-    control_path,
     is_safe_field,
     read_ack,
     read_request,
@@ -40,7 +39,7 @@ def test_write_read_round_trip_and_modes(tmp_path):
         assert read_request(RunDir(tmp_path)) == (request, None)
         assert request["command"] == command and len(request["id"]) == 32
         assert request["pid"] == os.getpid() and request["at"].endswith("+00:00")
-    assert stat.S_IMODE(os.stat(control_path(RunDir(tmp_path))).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(RunDir(tmp_path).control_file).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["control.json"]  # no temp leftovers
 
@@ -58,7 +57,7 @@ def test_write_request_rejects_unknown_command(tmp_path):
         write_request(RunDir(tmp_path), "reboot")
     message = str(info.value)
     assert "'reboot'" in message and "pause, resume, stop" in message
-    assert not control_path(RunDir(tmp_path)).exists()
+    assert not RunDir(tmp_path).control_file.exists()
 
 
 GOOD = {"command": "stop", "id": "a" * 32, "at": "2025-01-01T00:00:00+00:00", "pid": 1}
@@ -79,7 +78,7 @@ GOOD = {"command": "stop", "id": "a" * 32, "at": "2025-01-01T00:00:00+00:00", "p
     ("x" * 70000, "bytes"),
 ])
 def test_read_request_rejects_bad_files(tmp_path, content, why):
-    path = control_path(RunDir(tmp_path))
+    path = RunDir(tmp_path).control_file
     path.parent.mkdir()
     path.write_text(content, encoding="latin-1")
     request, reason = read_request(RunDir(tmp_path))
@@ -87,7 +86,7 @@ def test_read_request_rejects_bad_files(tmp_path, content, why):
 
 
 def test_hand_written_minimal_request_is_accepted(tmp_path):
-    path = control_path(RunDir(tmp_path))
+    path = RunDir(tmp_path).control_file
     path.parent.mkdir()
     path.write_text(json.dumps({"command": "pause", "id": "by-hand-1"}))
     assert read_request(RunDir(tmp_path)) == ({"command": "pause", "id": "by-hand-1"}, None)
@@ -144,7 +143,7 @@ def test_watcher_delivers_each_request_id_once(watched):
     # The same request written again (same id) must not be delivered a second time.
     # The next, new request is the barrier: the observer handles events in order, so
     # once it arrives every event of the rewrite has been handled.
-    atomic_write_text(control_path(RunDir(run_dir)), json.dumps(first))
+    atomic_write_text(RunDir(run_dir).control_file, json.dumps(first))
     second = write_request(RunDir(run_dir), "resume")
     assert wait_for_requests(watcher, rec, 1) == [(second, None)]
     assert watcher.take_control() == []
@@ -154,7 +153,7 @@ def test_watcher_delivers_rejections_once(watched):
     run_dir, _, rec, watcher = watched
     watcher.prime()
     watcher.start()
-    path = control_path(RunDir(run_dir))
+    path = RunDir(run_dir).control_file
     atomic_write_text(path, json.dumps({"command": "format-disk", "id": "x1"}))
     (got,) = wait_for_requests(watcher, rec, 1)
     assert got[0] is None and "format-disk" in got[1]
@@ -169,7 +168,7 @@ def test_prime_suppresses_old_request(watched):
     old = write_request(RunDir(run_dir), "stop")  # left over from before the daemon started
     assert watcher.prime() == old
     watcher.start()
-    atomic_write_text(control_path(RunDir(run_dir)), json.dumps(old))  # an event for the old request
+    atomic_write_text(RunDir(run_dir).control_file, json.dumps(old))  # an event for the old request
     new = write_request(RunDir(run_dir), "pause")
     assert wait_for_requests(watcher, rec, 1) == [(new, None)]
 
