@@ -18,6 +18,9 @@ directory, then `mathlora-daemon eval --data test.jsonl --limit 300` (greedy, ba
   sft       SFT alone for wall time W (daemon.budget_hours = W / 3600)
   sftgrpo   SFT for W/2 (budget W/2), then GRPO (train.method = "grpo",
             rl.init_adapters = those SFT adapters) for W/2
+  arms      sft and sftgrpo side by side on one device (each shares it for its whole W),
+            with one GRPO run per --grpo-lrs value started together after the SFT half:
+            the same comparison in about half the device time
 
 Speed (phase compare): the same model, the same 64 answer-only training problems (in our
 chat prompt format, token for token), the same LoRA (same init), G, prompts per step,
@@ -152,6 +155,12 @@ def run_summary(run: Path, wall_s: float) -> dict:
     return out
 
 
+def own_kernels(run: Path) -> dict:
+    """The environment of a command that may run beside others: its own kernel cache (two
+    processes never write one file), the run directory's, as the daemon picks by itself."""
+    return {"MLX_PTX_CACHE_DIR": str(run / "cache" / "bench-kernels")}
+
+
 def train_run(run: Path, model_dir: Path, train: Path, log: Path, *, budget_s: float, batch_size: int, lr: float,
               sets: list[str], max_steps: int = 0) -> dict:
     # A fresh run directory every time: a finished run started again does nothing (it
@@ -164,14 +173,15 @@ def train_run(run: Path, model_dir: Path, train: Path, log: Path, *, budget_s: f
             target.unlink()
     write_config(run, model_dir, train, budget_s=budget_s, batch_size=batch_size, lr=lr, max_steps=max_steps)
     started = time.monotonic()
-    cli("run", "--run-dir", str(run), *sets, log=log)
+    cli("run", "--run-dir", str(run), *sets, log=log, env=own_kernels(run))
     return run_summary(run, time.monotonic() - started)
 
 
 def evaluate(run: Path, test: Path, args, log: Path, adapters: bool) -> dict:
     out = run / f"eval-{'adapters' if adapters else 'base'}.json"
     cli("eval", "--run-dir", str(run), "--data", str(test), "--limit", str(args.test), "--max-new-tokens",
-        str(args.eval_tokens), "--out", str(out), *(["--no-base"] if adapters else []), log=log)
+        str(args.eval_tokens), "--out", str(out), *(["--no-base"] if adapters else []), log=log,
+        env=own_kernels(run))
     s = json.loads(out.read_text())["runs"]["adapters" if adapters else "base"]["summary"]
     return {k: s[k] for k in ("n", "correct", "accuracy", "format_ok", "format_compliance", "by_kind",
                               "mean_generated_tokens", "seconds") if k in s}
@@ -277,6 +287,71 @@ def run_mlx_lm_lora(spec: dict, args, log: Path) -> dict:
 
 
 # -- the bench ---------------------------------------------------------------------------------
+def arms(args, record: dict, save, runs: Path, model_dir: Path, files: dict, log: Path, sft_sets: list[str]) -> None:
+    """The learning comparison with its arms side by side on one device: SFT for W, and
+    SFT for W/2 followed by GRPO for W/2 at each learning rate of --grpo-lrs (the GRPO
+    runs start together from the same SFT adapters). Every arm shares the device with
+    the others for its whole W, so none is favoured; each pays its own kernel compilation
+    (its own cache) inside its budget."""
+    import threading
+
+    W, lock, errors = args.wall_s, threading.Lock(), []
+
+    def keep(name: str, result: dict) -> None:
+        with lock:
+            record["runs"][name] = result
+            save()
+        print(f"{name}:", json.dumps(result["eval"]), "rewards", result.get("reward_mean"), flush=True)
+
+    def guarded(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - reported after the join
+                errors.append(f"{fn.__name__}: {exc}")
+        return threading.Thread(target=run)
+
+    def sft():
+        run = runs / "sft"
+        r = train_run(run, model_dir, files["train"], log, budget_s=W, batch_size=args.sft_batch, lr=args.sft_lr,
+                      sets=sft_sets)
+        r["eval"] = evaluate(run, files["test"], args, log, adapters=True)
+        keep("sft", r)
+
+    def grpo(lr: float, name: str):
+        def grpo_arm():
+            run = runs / name
+            r = train_run(run, model_dir, files["train"], log, budget_s=W / 2, batch_size=args.grpo_micro_batch,
+                          lr=lr, sets=grpo_sets(args, runs / "sft-half" / "adapters", lr))
+            r["eval"] = evaluate(run, files["test"], args, log, adapters=True)
+            r["grpo_lr"] = lr
+            keep(name, r)
+        return grpo_arm
+
+    def sft_then_grpo():
+        half = runs / "sft-half"
+        r = train_run(half, model_dir, files["train"], log, budget_s=W / 2, batch_size=args.sft_batch,
+                      lr=args.sft_lr, sets=sft_sets)
+        r["eval"] = evaluate(half, files["test"], args, log, adapters=True)
+        keep("sft_half", r)
+        lrs = [float(v) for v in args.grpo_lrs.split(",")]
+        threads = [guarded(grpo(lr, "sftgrpo" if k == 0 else f"sftgrpo-lr{lr:g}")) for k, lr in enumerate(lrs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    record["header"]["arms"] = ("side by side on one device: SFT W | SFT W/2 -> GRPO W/2 at each of lr "
+                                f"{args.grpo_lrs} (GRPO runs together)")
+    threads = [guarded(sft), guarded(sft_then_grpo)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit("arms failed: " + "; ".join(errors))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mlx-lm-lora-worker", help=argparse.SUPPRESS)
@@ -290,6 +365,7 @@ def main() -> int:
     parser.add_argument("--sft-lr", type=float, default=2e-4)
     parser.add_argument("--sft-batch", type=int, default=16)
     parser.add_argument("--grpo-lr", type=float, default=3e-5)
+    parser.add_argument("--grpo-lrs", default="3e-5,1e-4", help="phase arms: the GRPO learning rates, run together")
     parser.add_argument("--grpo-micro-batch", type=int, default=64, help="rows per micro-batch of the GRPO update")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=16, help="prompts per GRPO step")
@@ -373,6 +449,8 @@ def main() -> int:
         record["runs"]["sftgrpo"] = r2
         save()
         print("sft+grpo:", json.dumps(r2["eval"]), "rewards", r2.get("reward_mean"), flush=True)
+    if "arms" in phases:  # sft and sftgrpo at once, one GRPO run per --grpo-lrs value
+        arms(args, record, save, runs, model_dir, files, log, sft_sets)
     if "compare" in phases:
         if args.compare_init == "auto":
             init = runs / "sft-half" / "adapters"

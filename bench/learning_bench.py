@@ -59,8 +59,10 @@ SETTINGS = {
 }
 
 
-def cli(*args: str, log: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def cli(*args: str, log: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `mathlora-daemon ARGS`; `env`: variables to set (a value of None unsets one)."""
+    env = {k: v for k, v in {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}.items()
+           if v is not None}
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "mathlora_daemon", *args], capture_output=True, text=True,
                             env=env)

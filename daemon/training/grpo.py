@@ -160,9 +160,9 @@ class GRPOStep:
         from mathlora_daemon.training.rollouts import sample_rollouts
 
         seeds = [rollout_seeds(self.train_cfg.seed, step, i, self.rl.group_size, attempt) for i in indices]
+        # The rollout batch: as many completions as ROLLOUT_CACHE_BYTES of KV cache holds.
         return sample_rollouts(self.model, self.tokenizer, [self.prompt(i) for i in indices], seeds,
-                               self.rl.max_new_tokens, temperature=self.rl.temperature, top_p=self.rl.top_p,
-                               batch_size=min(64, len(indices) * self.rl.group_size))
+                               self.rl.max_new_tokens, temperature=self.rl.temperature, top_p=self.rl.top_p)
 
     def _score(self, rollouts, indices: list[int]):
         from mathlora_daemon.training.rewards import reward, score

@@ -30,6 +30,12 @@ import mlx.nn as nn
 
 PREFILL_STEP = 512  # prompt tokens per prefill forward pass (bounds the activations' memory)
 PAD_ID = 0  # left padding; any id would do, the mask hides it
+# The KV cache one rollout batch may hold. The batch is as many completions as fit (all of
+# a step's, for a small model): every batch decodes token by token, so fewer, wider
+# batches are what makes rollouts fast, and this bound is what keeps a 7B model's
+# (~0.5 MB a token in bf16: 2 GiB is ~6 rows of 700 tokens) within a 16 GB Mac.
+ROLLOUT_CACHE_BYTES = 2 * 1024**3
+CACHE_STEP = 256  # mlx-lm's caches grow by this many positions
 
 
 @dataclass
@@ -70,6 +76,28 @@ def sample_tokens(logits: mx.array, keys: mx.array, temperature: float, top_p: f
     return mx.argmax(logprobs + _gumbel_rows(keys, logprobs.shape[-1]), axis=-1)
 
 
+def cache_bytes_per_token(model: nn.Module) -> int:
+    """The KV cache bytes one position of one row takes in this model (all layers):
+    measured with a one-token forward pass, so it holds for any architecture mlx-lm has."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([[PAD_ID]]), cache=cache)
+    layers = [c for c in cache if getattr(c, "keys", None) is not None]
+    mx.eval([(c.keys, c.values) for c in layers])
+    # A cache allocates positions ahead (keys: batch, heads, positions, head_dim).
+    return max(1, sum((c.keys.nbytes + c.values.nbytes) // c.keys.shape[-2] for c in layers))
+
+
+def rollout_batch_size(per_token: int, prompt_tokens: int, max_new_tokens: int, completions: int,
+                       budget: int = ROLLOUT_CACHE_BYTES) -> int:
+    """Given a model's cache bytes per position, the longest prompt, the completion length
+    and the number of completions, return the rows of one rollout batch: all of them when
+    their cache fits the budget, else as many as fit (at least 1)."""
+    positions = -(-(prompt_tokens + max_new_tokens) // CACHE_STEP) * CACHE_STEP
+    return max(1, min(completions, budget // (per_token * positions)))
+
+
 def _batch_cache(model: nn.Module, left_padding: list[int]) -> list:
     """A batch KV cache for the model (one per layer) with the rows' left padding."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -105,40 +133,58 @@ def _generate_batch(model, prompts: list[list[int]], seeds: list[int], max_new_t
             c.filter(index)  # a gather: repeated rows are copies
         logits = logits[index]
 
+    # The decode is pipelined as mlx-lm's generate_step is: the forward pass of token t+1
+    # is queued (mx.async_eval) before the host reads token t, so the device never waits
+    # for Python building the next graph; on a GPU that halves a small model's step. A
+    # row that ends keeps its cache row until a quarter of the rows have ended (then the
+    # batch is compacted): each compaction gathers every layer's cache, and its one extra
+    # token is computed and dropped. Neither changes a token of any row: a row's tokens
+    # depend on its prompt, its seed and the model only.
     chain = mx.stack([mx.random.key(s) for s in seeds])
-    live = list(range(len(prompts)))  # live[b]: which prompt of this batch sits at cache row b
     out: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        chain, keys = _split_rows(chain)
-        tokens = sample_tokens(logits, keys, temperature, top_p)
-        mx.eval(tokens, chain)
-        keep = []
-        for position, (i, token) in enumerate(zip(live, tokens.tolist())):
+    done = [False] * len(prompts)
+    rows = list(range(len(prompts)))  # rows[b]: which prompt of this batch sits at cache row b
+    chain, keys = _split_rows(chain)
+    tokens = sample_tokens(logits, keys, temperature, top_p)
+    mx.async_eval(tokens, chain)
+    for t in range(max_new_tokens):
+        last = t == max_new_tokens - 1
+        if not last:  # queue token t+1 before reading token t
+            logits = model(tokens[:, None], cache=cache)[:, -1, :]
+            chain, keys = _split_rows(chain)
+            upcoming = sample_tokens(logits, keys, temperature, top_p)
+            mx.async_eval(upcoming, chain)
+        for i, token in zip(rows, tokens.tolist()):
+            if done[i]:
+                continue
             out[i].append(token)
             if token in eos:
-                finished[i] = True
-            elif len(out[i]) < max_new_tokens:
-                keep.append(position)
-        if not keep:
+                finished[i] = done[i] = True
+            elif len(out[i]) >= max_new_tokens:
+                done[i] = True
+        ended = sum(done[i] for i in rows)
+        if last or ended == len(rows):
             break
-        if len(keep) < len(live):  # finished rows leave the batch (and its compute)
+        tokens = upcoming
+        if ended * 4 >= len(rows):  # ended rows leave the batch (and its compute)
+            keep = [b for b, i in enumerate(rows) if not done[i]]
             index = mx.array(keep)
             for c in cache:
                 c.filter(index)
-            live = [live[k] for k in keep]
+            rows = [rows[b] for b in keep]
             tokens, chain = tokens[index], chain[index]
-        logits = model(tokens[:, None], cache=cache)[:, -1, :]
     return list(zip(out, finished))
 
 
 def sample_rollouts(model, tokenizer, prompts: list[list[int]], seeds: list[list[int]], max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0,
-                    batch_size: int = 32) -> tuple[list[Rollout], dict]:
+                    batch_size: int | None = None) -> tuple[list[Rollout], dict]:
     """Given a model (with whatever adapters it has now), its tokenizer (mlx-lm's
     TokenizerWrapper), prompts as token ids and `seeds[i]`: one seed per completion of
     prompt i, return (the rollouts in order: prompt 0's samples, then prompt 1's ...,
-    stats: tokens generated, seconds, tokens_per_s, completions, finished).
+    stats: tokens generated, seconds, tokens_per_s, completions, finished, batch_size).
+    `batch_size`: completions decoded together (None: as many as ROLLOUT_CACHE_BYTES holds).
 
     Each completion ends at any of the tokenizer's end-of-sequence ids or after
     `max_new_tokens`. The model runs in eval mode (no dropout) and gets its previous mode
@@ -148,7 +194,7 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], seeds: list[list
         raise ValueError(f"{len(prompts)} prompts but seeds for {len(seeds)}")
     if any(not p for p in prompts):
         raise ValueError("a prompt has no tokens")
-    if max_new_tokens < 1 or batch_size < 1:
+    if max_new_tokens < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f"max_new_tokens {max_new_tokens} and batch_size {batch_size}: expected integers >= 1")
     if not temperature >= 0:
         raise ValueError(f"temperature {temperature}: expected >= 0 (0: greedy)")
@@ -163,6 +209,9 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], seeds: list[list
     was_training = model.training
     model.eval()
     try:
+        if batch_size is None:
+            batch_size = rollout_batch_size(cache_bytes_per_token(model), max(map(len, prompts)), max_new_tokens,
+                                            len(jobs))
         results = []
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
@@ -177,5 +226,5 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], seeds: list[list
                 for (i, g, _), (ids, done) in zip(jobs, results)]
     tokens = sum(len(r.completion_ids) for r in rollouts)
     stats = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-             "completions": len(rollouts), "finished": sum(r.finished for r in rollouts)}
+             "completions": len(rollouts), "finished": sum(r.finished for r in rollouts), "batch_size": batch_size}
     return rollouts, stats

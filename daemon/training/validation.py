@@ -132,7 +132,7 @@ class AccuracyValidator:
         started = time.monotonic()
         prompts = [list(self.prompt_format.prompt_ids(p["problem"])) for p in self.problems]
         rollouts, stats = sample_rollouts(self.model, self.tokenizer, prompts, [[0]] * len(prompts),
-                                          self.max_new_tokens, temperature=0.0, batch_size=32)
+                                          self.max_new_tokens, temperature=0.0)
         scores = [score(r.text, self.problems[r.row]["answer"]) for r in rollouts]
         accuracy = sum(s.correct for s in scores) / len(scores)
         return {"loss": 1.0 - accuracy, "accuracy": accuracy,

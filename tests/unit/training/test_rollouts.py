@@ -17,7 +17,14 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from mathlora_daemon.config import load_config
 from mathlora_daemon.training.model import adapters_off, apply_lora, load_base
-from mathlora_daemon.training.rollouts import Rollout, sample_rollouts, sample_tokens
+from mathlora_daemon.training.rollouts import (
+    ROLLOUT_CACHE_BYTES,
+    Rollout,
+    cache_bytes_per_token,
+    rollout_batch_size,
+    sample_rollouts,
+    sample_tokens,
+)
 from mathlora_daemon.training.template import PromptFormat
 
 PROBLEMS = ["What is 2 + 3?", "Solve for x: 3x + 4 = 19. Show every step of the working, please.",
@@ -159,6 +166,32 @@ def test_batch_split_does_not_change_any_completion(loaded, prompts):
     by_size = {size: ids_of(sample_rollouts(model, tokenizer, prompts, seeds, MAX_NEW, batch_size=size)[0])
                for size in (32, 4, 5, 1)}
     assert by_size[32] == by_size[4] == by_size[5] == by_size[1]
+
+
+def test_the_default_batch_holds_every_completion_of_a_small_model_and_changes_none(loaded, prompts):
+    model, tokenizer = loaded
+    seeds = seeds_for(len(prompts))
+    default, stats = sample_rollouts(model, tokenizer, prompts, seeds, MAX_NEW)
+    assert stats["batch_size"] == len(prompts) * G  # one batch: one decode pass for the whole step
+    assert ids_of(default) == ids_of(sample_rollouts(model, tokenizer, prompts, seeds, MAX_NEW, batch_size=1)[0])
+
+
+def test_cache_bytes_per_token_is_the_models_kv_geometry(loaded):
+    model, _ = loaded
+    args = model.args
+    kv_heads = args.num_key_value_heads or args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    dtype_bytes = model.layers[0].self_attn.k_proj.weight.dtype.size
+    assert cache_bytes_per_token(model) == 2 * args.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def test_a_large_models_rollout_batch_is_bounded_by_the_cache_budget():
+    per_token = 491_520  # deepseek-math-7b in bf16: 2 x 30 layers x 4096 x 2 bytes
+    # 200 prompt + 512 new tokens take 768 cache positions (the cache grows by 256).
+    rows = rollout_batch_size(per_token, 200, 512, completions=32)
+    assert rows == ROLLOUT_CACHE_BYTES // (per_token * 768) == 5
+    assert rollout_batch_size(23_040, 80, 64, completions=128) == 128  # SmolLM2-135M: the whole step
+    assert rollout_batch_size(per_token, 4000, 4096, completions=8) == 1  # never 0
 
 
 def test_a_rows_draws_depend_on_its_seed_only(loaded, prompts):
