@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The H200 calls of issues 21 and 22, one function per call. Run on an H100 on 2026-12-05
 # (fourth session): memory, grpo_start (WALL_S=120), grpo_wait, pack. Fifth session:
-# rollouts_then_arms (WALL_S=480), grpo_wait, pack_matched.
+# rollouts_then_arms (WALL_S=480, then --train 2500 and no --grpo-share), grpo_wait,
+# pack_matched, and the compare phase. Next: rollouts_then_arms again, now with
+# grpo_bench's defaults --train 6000 --grpo-share 0.5 (GRPO prompts the SFT half never
+# saw), about 13 minutes of device time with grpo_wait.
 # Staged here first: bash ../shared/gpu/stage.sh structlog watchdog gguf math-verify
 #   latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath mlx-lm-lora pyyaml jinja2
 #   tqdm protobuf; bash ../shared/gpu/stage-smollm2.sh
