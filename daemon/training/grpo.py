@@ -160,7 +160,7 @@ class GRPOStep:
         from mathlora_daemon.training.rollouts import sample_rollouts
 
         seeds = [rollout_seeds(self.train_cfg.seed, step, i, self.rl.group_size, attempt) for i in indices]
-        # The rollout batch: as many completions as ROLLOUT_CACHE_BYTES of KV cache holds.
+        # The rollout batch: as many completions as memory_plan.ROLLOUT_CACHE_BYTES of KV cache holds.
         return sample_rollouts(self.model, self.tokenizer, [self.prompt(i) for i in indices], seeds,
                                self.rl.max_new_tokens, temperature=self.rl.temperature, top_p=self.rl.top_p)
 

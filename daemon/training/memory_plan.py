@@ -33,6 +33,8 @@ MLX's autograd under `mx.compile`), in bytes:
   slices cost more than one, many slices less;
 - workspace: a quantized model's backward dequantizes about one and a half of a layer's
   largest weight at a time.
+GRPO steps are not planned yet (check_memory says so in the log); what is here for them is
+the rule that bounds their rollouts' KV cache (ROLLOUT_CACHE_BYTES, rollout_batch_size).
 
 The coefficients were fitted to 96 peaks measured on MLX's CPU backend
 (`mx.get_peak_memory()` over a compiled step: Llamas of hidden 32 to 576, 1 to 30 layers,
@@ -80,6 +82,12 @@ SLICED_LOGIT_BYTES = {4: (4.5, 19.2), 2: (11.9, 6.0)}
 HEAD_CHUNK_ROWS = 512  # training/step.py's: with checkpointing, the logits of about this many positions at a time
 LORA_COPIES = 6  # A and B, Adam's two moments, the new, accumulated and clipped gradients
 QUANT_WORKSPACE = 1.3  # a quantized model's backward: this many of a layer's largest weight, dequantized
+# The KV cache one GRPO rollout batch may hold. The batch is as many completions as fit
+# (all of a step's, for a small model): every batch decodes token by token, so fewer,
+# wider batches are what makes rollouts fast, and this bound is what keeps a 7B model's
+# (~0.5 MB a token in bf16: 2 GiB is ~5 rows of 700 tokens) within a 16 GB Mac.
+ROLLOUT_CACHE_BYTES = 2 * GIB
+CACHE_STEP = 256  # mlx-lm's KV caches grow by this many positions
 
 # A layer's linear modules: (input width, output width) as functions of the shape.
 _LINEARS = {
@@ -208,6 +216,20 @@ def activation_bytes(shape: ModelShape, device: str = "cpu") -> int:
     """Bytes per activation value: the model's dtype, but float32 for a quantized model
     on the CPU (its float32 scales promote everything they touch)."""
     return 4 if shape.bits and device == "cpu" else DTYPE_BYTES[shape.dtype]
+
+
+def kv_bytes_per_token(shape: ModelShape, device: str = "cpu") -> int:
+    """The KV cache bytes one position of one row takes (all layers), in the activations' dtype."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * activation_bytes(shape, device)
+
+
+def rollout_batch_size(per_token: int, prompt_tokens: int, max_new_tokens: int, completions: int,
+                       budget: int = ROLLOUT_CACHE_BYTES) -> int:
+    """Given a model's KV cache bytes per position, the longest prompt, the completion
+    length and the number of completions, return the rows of one rollout batch: all of
+    them when their cache fits the budget, else as many as fit (at least 1)."""
+    positions = -(-(prompt_tokens + max_new_tokens) // CACHE_STEP) * CACHE_STEP
+    return max(1, min(completions, budget // (per_token * positions)))
 
 
 def lora_params(shape: ModelShape, train: TrainShape) -> int:

@@ -28,14 +28,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from mathlora_daemon.training.memory_plan import rollout_batch_size
+
 PREFILL_STEP = 512  # prompt tokens per prefill forward pass (bounds the activations' memory)
 PAD_ID = 0  # left padding; any id would do, the mask hides it
-# The KV cache one rollout batch may hold. The batch is as many completions as fit (all of
-# a step's, for a small model): every batch decodes token by token, so fewer, wider
-# batches are what makes rollouts fast, and this bound is what keeps a 7B model's
-# (~0.5 MB a token in bf16: 2 GiB is ~6 rows of 700 tokens) within a 16 GB Mac.
-ROLLOUT_CACHE_BYTES = 2 * 1024**3
-CACHE_STEP = 256  # mlx-lm's caches grow by this many positions
 
 
 @dataclass
@@ -87,15 +83,6 @@ def cache_bytes_per_token(model: nn.Module) -> int:
     mx.eval([(c.keys, c.values) for c in layers])
     # A cache allocates positions ahead (keys: batch, heads, positions, head_dim).
     return max(1, sum((c.keys.nbytes + c.values.nbytes) // c.keys.shape[-2] for c in layers))
-
-
-def rollout_batch_size(per_token: int, prompt_tokens: int, max_new_tokens: int, completions: int,
-                       budget: int = ROLLOUT_CACHE_BYTES) -> int:
-    """Given a model's cache bytes per position, the longest prompt, the completion length
-    and the number of completions, return the rows of one rollout batch: all of them when
-    their cache fits the budget, else as many as fit (at least 1)."""
-    positions = -(-(prompt_tokens + max_new_tokens) // CACHE_STEP) * CACHE_STEP
-    return max(1, min(completions, budget // (per_token * positions)))
 
 
 def _batch_cache(model: nn.Module, left_padding: list[int]) -> list:
@@ -184,7 +171,8 @@ def sample_rollouts(model, tokenizer, prompts: list[list[int]], seeds: list[list
     TokenizerWrapper), prompts as token ids and `seeds[i]`: one seed per completion of
     prompt i, return (the rollouts in order: prompt 0's samples, then prompt 1's ...,
     stats: tokens generated, seconds, tokens_per_s, completions, finished, batch_size).
-    `batch_size`: completions decoded together (None: as many as ROLLOUT_CACHE_BYTES holds).
+    `batch_size`: completions decoded together (None: as many as memory_plan.ROLLOUT_CACHE_BYTES
+    holds).
 
     Each completion ends at any of the tokenizer's end-of-sequence ids or after
     `max_new_tokens`. The model runs in eval mode (no dropout) and gets its previous mode

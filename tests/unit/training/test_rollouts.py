@@ -18,10 +18,8 @@ from mlx_lm.tuner.lora import LoRALinear
 from mathlora_daemon.config import load_config
 from mathlora_daemon.training.model import adapters_off, apply_lora, load_base
 from mathlora_daemon.training.rollouts import (
-    ROLLOUT_CACHE_BYTES,
     Rollout,
     cache_bytes_per_token,
-    rollout_batch_size,
     sample_rollouts,
     sample_tokens,
 )
@@ -176,22 +174,16 @@ def test_the_default_batch_holds_every_completion_of_a_small_model_and_changes_n
     assert ids_of(default) == ids_of(sample_rollouts(model, tokenizer, prompts, seeds, MAX_NEW, batch_size=1)[0])
 
 
-def test_cache_bytes_per_token_is_the_models_kv_geometry(loaded):
+def test_cache_bytes_per_token_is_the_models_kv_geometry_and_the_plans(loaded, tiny_model_dir):
+    from mathlora_daemon.training.memory_plan import kv_bytes_per_token, model_shape
+
     model, _ = loaded
+    assert cache_bytes_per_token(model) == kv_bytes_per_token(model_shape(tiny_model_dir), "cpu")
     args = model.args
     kv_heads = args.num_key_value_heads or args.num_attention_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
     dtype_bytes = model.layers[0].self_attn.k_proj.weight.dtype.size
     assert cache_bytes_per_token(model) == 2 * args.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-
-
-def test_a_large_models_rollout_batch_is_bounded_by_the_cache_budget():
-    per_token = 491_520  # deepseek-math-7b in bf16: 2 x 30 layers x 4096 x 2 bytes
-    # 200 prompt + 512 new tokens take 768 cache positions (the cache grows by 256).
-    rows = rollout_batch_size(per_token, 200, 512, completions=32)
-    assert rows == ROLLOUT_CACHE_BYTES // (per_token * 768) == 5
-    assert rollout_batch_size(23_040, 80, 64, completions=128) == 128  # SmolLM2-135M: the whole step
-    assert rollout_batch_size(per_token, 4000, 4096, completions=8) == 1  # never 0
 
 
 def test_a_rows_draws_depend_on_its_seed_only(loaded, prompts):
