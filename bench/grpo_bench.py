@@ -301,10 +301,17 @@ def arms(args, record: dict, save, runs: Path, model_dir: Path, files: dict, log
     SFT for W/2 followed by GRPO for W/2 at each learning rate of --grpo-lrs (the GRPO
     runs start together from the same SFT adapters). Every arm shares the device with
     the others for its whole W, so none is favoured; each pays its own kernel compilation
-    (its own cache) inside its budget."""
+    (its own cache) inside its budget. Each training run gets `daemon.memory_limit_gb =
+    --arms-memory-gb` and the evaluations take turns: on 2026-12-05 an eval beside three
+    unlimited MLX processes ran out of GPU memory."""
     import threading
 
-    W, lock, errors = args.wall_s, threading.Lock(), []
+    W, lock, errors, one_eval = args.wall_s, threading.Lock(), [], threading.Lock()
+    limit = ["--set", f"daemon.memory_limit_gb={args.arms_memory_gb:g}"] if args.arms_memory_gb > 0 else []
+
+    def evaluate_in_turn(run: Path) -> dict:
+        with one_eval:
+            return evaluate(run, files["test"], args, log, adapters=True)
 
     def keep(name: str, result: dict) -> None:
         with lock:
@@ -323,16 +330,16 @@ def arms(args, record: dict, save, runs: Path, model_dir: Path, files: dict, log
     def sft():
         run = runs / "sft"
         r = train_run(run, model_dir, files["train"], log, budget_s=W, batch_size=args.sft_batch, lr=args.sft_lr,
-                      sets=sft_sets)
-        r["eval"] = evaluate(run, files["test"], args, log, adapters=True)
+                      sets=sft_sets + limit)
+        r["eval"] = evaluate_in_turn(run)
         keep("sft", r)
 
     def grpo(lr: float, name: str):
         def grpo_arm():
             run = runs / name
             r = train_run(run, model_dir, files["train_grpo"], log, budget_s=W / 2, batch_size=args.grpo_micro_batch,
-                          lr=lr, sets=grpo_sets(args, runs / "sft-half" / "adapters", lr))
-            r["eval"] = evaluate(run, files["test"], args, log, adapters=True)
+                          lr=lr, sets=grpo_sets(args, runs / "sft-half" / "adapters", lr) + limit)
+            r["eval"] = evaluate_in_turn(run)
             r["grpo_lr"] = lr
             keep(name, r)
         return grpo_arm
@@ -340,8 +347,8 @@ def arms(args, record: dict, save, runs: Path, model_dir: Path, files: dict, log
     def sft_then_grpo():
         half = runs / "sft-half"
         r = train_run(half, model_dir, files["train_sft"], log, budget_s=W / 2, batch_size=args.sft_batch,
-                      lr=args.sft_lr, sets=sft_sets)
-        r["eval"] = evaluate(half, files["test"], args, log, adapters=True)
+                      lr=args.sft_lr, sets=sft_sets + limit)
+        r["eval"] = evaluate_in_turn(half)
         keep("sft_half", r)
         lrs = [float(v) for v in args.grpo_lrs.split(",")]
         threads = [guarded(grpo(lr, "sftgrpo" if k == 0 else f"sftgrpo-lr{lr:g}")) for k, lr in enumerate(lrs)]
@@ -377,6 +384,8 @@ def main() -> int:
     parser.add_argument("--grpo-share", type=float, default=0.5,
                         help="phase arms: the share of the training rows kept from the SFT half for GRPO's "
                              "prompts (0: GRPO on the rows SFT trained on; the SFT-alone arm trains on all)")
+    parser.add_argument("--arms-memory-gb", type=float, default=12.0,
+                        help="phase arms: daemon.memory_limit_gb of each training run (0: none)")
     parser.add_argument("--grpo-lrs", default="3e-5,1e-4", help="phase arms: the GRPO learning rates, run together")
     parser.add_argument("--grpo-micro-batch", type=int, default=64, help="rows per micro-batch of the GRPO update")
     parser.add_argument("--group-size", type=int, default=8)
@@ -413,7 +422,7 @@ def main() -> int:
         "command": " ".join(sys.argv), "platform": platform.platform(), "device": str(mx.default_device()),
         "mlx": mx.__version__, "model": str(args.gguf or model_dir),
         "data": f"answer-only mathgen full range: {args.train} train, {args.test} held out (apart by problem_key)",
-        "grpo_share": args.grpo_share,
+        "grpo_share": args.grpo_share, "arms_memory_gb": args.arms_memory_gb,
         "wall_s_W": args.wall_s, "lora": "rank 16, alpha 32, dropout 0, all 7 projections, seed 0",
         "sft": {"lr": args.sft_lr, "batch": args.sft_batch, "schedule": "cosine, 20 warmup (defaults), clip 1.0"},
         "grpo": {"lr": args.grpo_lr, "schedule": "constant", "group_size": args.group_size,

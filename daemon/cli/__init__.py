@@ -22,6 +22,7 @@ import signal
 import sys
 
 from mathlora_daemon.errors import EXIT_CONFIG, InputError, TemporaryFailure, classify_os_error
+from mathlora_daemon.runtime import imports
 
 # Options that name a path: an OSError on (or below, or above) one is reported under its name.
 _PATH_OPTIONS = {"out": "--out", "adapter_path": "--adapter-path", "data": "--data", "config": "--config",
@@ -113,6 +114,7 @@ def entry() -> None:
     code. Once main() has returned, SIGINT and SIGTERM are ignored: one arriving while the
     interpreter shuts down would otherwise end the process by that signal (-2, -15) and
     lose the code main() returned (a supervisor would count a finished run as killed)."""
+    imports.hide()  # torch and wandb, before anything imports them (runtime/imports.py says why)
     if sys.argv[1:2] == ["run"]:
         # The daemon: a stop signal while it starts up (imports, lock, config) is a stop
         # like any other, never a death by signal (runtime/signals.py).

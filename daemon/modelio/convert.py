@@ -221,8 +221,10 @@ _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64":
 
 
 def _import_torch():
+    from mathlora_daemon.runtime import imports
+
     try:
-        import torch
+        torch = imports.load("torch")
     except ImportError:
         raise InputError("this model has only PyTorch .bin weights, and reading them needs PyTorch, which is not "
                          f"installed: {EXTRA_HINT}") from None

@@ -101,8 +101,9 @@ class _Wandb:
     name = "wandb"
 
     def __init__(self, run: RunDir, project: str, ids: dict, config: dict):
-        import wandb
+        from mathlora_daemon.runtime import imports
 
+        wandb = imports.load("wandb")  # the CLI keeps it out of the daemon until here
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
         ensure_private_dir(run.logs)
         # Our own id (8 lowercase hex, as W&B's are): kept before the first start ends.
