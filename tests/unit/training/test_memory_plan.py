@@ -369,6 +369,9 @@ def test_on_a_gpu_the_plan_sets_the_memory_limit_that_held_7b_4bit_under_8_gb(tm
     cfg = load_config(None, settings)
     limit = plan_memory_limit(cfg, model_dir, "gpu")
     assert limit == pytest.approx(record["memory_limit_gb"] * GIB, rel=0.02)
+    # The estimate itself against that run's peak (the bench's GB are 10^9 bytes): within 20%.
+    estimated_gb = limit / plan_module.PLAN_LIMIT_HEADROOM / 1e9
+    assert abs(estimated_gb - record["peak_gb"]) <= 0.2 * record["peak_gb"], (estimated_gb, record["peak_gb"])
     # Nothing on the CPU, with a limit of the user's, with the option off, or for GRPO.
     assert plan_memory_limit(cfg, model_dir, "cpu") is None
     for extra in ("daemon.memory_limit_gb=12", "daemon.memory_limit_from_plan=false", 'train.method="grpo"'):
