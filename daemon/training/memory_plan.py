@@ -218,11 +218,6 @@ def activation_bytes(shape: ModelShape, device: str = "cpu") -> int:
     return 4 if shape.bits and device == "cpu" else DTYPE_BYTES[shape.dtype]
 
 
-def kv_bytes_per_token(shape: ModelShape, device: str = "cpu") -> int:
-    """The KV cache bytes one position of one row takes (all layers), in the activations' dtype."""
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * activation_bytes(shape, device)
-
-
 def rollout_batch_size(per_token: int, prompt_tokens: int, max_new_tokens: int, completions: int,
                        budget: int = ROLLOUT_CACHE_BYTES) -> int:
     """Given a model's KV cache bytes per position, the longest prompt, the completion

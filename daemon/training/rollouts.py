@@ -4,7 +4,9 @@ Completions are decoded `batch_size` at a time with one forward pass per token f
 whole batch and a KV cache (mlx-lm's batch caches): the prompts are left-padded, the cache
 knows each row's padding, so the attention mask hides the padding from every row and the
 rotary positions of each row start at 0 at its first real token, as they would alone.
-A row that ends (an end-of-sequence token, or `max_new_tokens`) leaves the batch.
+A row that ends (an end-of-sequence token, or `max_new_tokens`) leaves the batch once a
+quarter of the batch has ended. A batch holds as many completions as
+memory_plan.ROLLOUT_CACHE_BYTES of KV cache does (measured per model: `cache_bytes_per_token`).
 
 Seeding: completion g of prompt i is drawn with its own seed, `seeds[i][g]` (the caller
 derives it from the run's seed, the step, the dataset index and g). Token t of that row

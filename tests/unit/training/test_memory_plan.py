@@ -176,8 +176,7 @@ def test_checkpointing_quantizing_and_shorter_batches_each_lower_a_7b_peak():
 
 
 def test_a_7b_rollout_batch_is_bounded_by_the_cache_budget_and_a_small_models_is_the_whole_step():
-    per_token = plan_module.kv_bytes_per_token(plan_module.ModelShape.from_config(DEEPSEEK_7B), "gpu")
-    assert per_token == 2 * 30 * 4096 * 2  # 30 layers, 32 KV heads of 128, bfloat16: ~0.5 MB a position
+    per_token = 2 * 30 * 4096 * 2  # DeepSeek-Math-7B: K and V, 30 layers, 32 KV heads of 128, bf16: ~0.5 MB
     # 200 prompt + 512 new tokens take 768 cache positions (a cache grows by 256).
     rows = plan_module.rollout_batch_size(per_token, 200, 512, completions=32)
     assert rows == plan_module.ROLLOUT_CACHE_BYTES // (per_token * 768) == 5
