@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fakes import RecordingLog
+import blas
+
+blas.install()  # before anything imports MLX: its matrix products on OpenBLAS (tests/blas.py)
+
+from fakes import RecordingLog  # noqa: E402
 
 # The tiny models load from local directories; make any stray hub access fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,6 +125,15 @@ def _reap_daemons():
 # start it in the background as soon as such a test is collected, so it overlaps the
 # tests that run before it (tests/artifacts.py).
 _LLAMA_CPP_BUILD: dict = {}
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most 4. Each worker mostly waits on a daemon it
+    started, which computes on one core; more workers than cores would slow every
+    daemon, and the tests of budgets and timing allow a loaded machine, not an
+    oversubscribed one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
 
 
 def pytest_collection_finish(session):

@@ -31,6 +31,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 
 from mathlora_checkpoints.fsio import atomic_write_text, ensure_private_dir
 from mathlora_checkpoints.store import read_json_object
@@ -66,31 +67,51 @@ def metrics_of(event: dict) -> tuple[int, dict[str, float]] | None:
 
 
 class _TensorBoard:
+    """tensorboardX's event files, written on the trackers' thread itself: its
+    SummaryWriter queues events for a thread of its own and its `flush()` does not wait
+    for that queue, so a checkpoint could not know its steps were on disk."""
+
     name = "tensorboard"
 
     def __init__(self, run: RunDir, start_step: int, config: dict):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-        # Events of steps after the checkpoint this start resumed from are dropped as
-        # TensorBoard reads the files: the steps are taken (and logged) again. A file is
-        # named by the second it was opened; the start's number, after it, keeps two starts
-        # of one second apart and in order (TensorBoard reads the files sorted by name).
+        self._event = Event
         folder = run.logs / "tensorboard"
-        starts = len(list(folder.glob("events.out.tfevents.*"))) if folder.is_dir() else 0
-        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1, flush_secs=10,
-                                    filename_suffix=f".{starts:06d}")
+        ensure_private_dir(folder)
+        # A file is named by the second it was opened; the start's number, after it, keeps
+        # two starts of one second apart and in order (TensorBoard reads them sorted by name).
+        starts = len(list(folder.glob("events.out.tfevents.*")))
+        self.writer = EventsWriter(str(folder / "events"), f".{starts:06d}")
+        # Events of steps after the checkpoint this start resumed from are dropped as
+        # TensorBoard reads the files (a session START purges from its step on): the steps
+        # are taken, and logged, again.
+        self.writer.write_event(Event(wall_time=time.time(), step=start_step + 1,
+                                      session_log=SessionLog(status=SessionLog.START)))
         if start_step == 0:
-            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+            self._text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        self.writer.flush()
+
+    def _write(self, step: int, summary) -> None:
+        self.writer.write_event(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def _text(self, tag: str, text: str, step: int) -> None:
+        from tensorboardX.summary import text as text_summary
+
+        self._write(step, text_summary(tag, text))
 
     def log(self, step: int, metrics: dict) -> None:
+        from tensorboardX.summary import scalar
+
         for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+            self._write(step, scalar(tag, value))
 
     def flush(self) -> None:
         self.writer.flush()
 
     def summary(self, fields: dict) -> None:
-        self.writer.add_text("report", "\n".join(f"- {k}: {v}" for k, v in fields.items()), fields.get("steps", 0))
+        self._text("report", "\n".join(f"- {k}: {v}" for k, v in fields.items()), fields.get("steps", 0))
         self.writer.flush()
 
     def close(self) -> None:
@@ -188,9 +209,16 @@ class Trackers(logging.Handler):
     turns on. The trackers run on a thread of their own, so a slow or unreachable
     service (an MLflow server, W&B online) never holds a step: `emit` only queues.
     Attach with `attach()`; `close()` sends what is queued (for at most CLOSE_WAIT_S)
-    and ends the tracker runs."""
+    and ends the tracker runs.
+
+    The one wait: a `checkpoint.saved` event holds the step until the trackers have
+    written everything before it (at most FLUSH_WAIT_S). After a SIGKILL the steps up to
+    that checkpoint are never taken again, so figures still queued would be lost for
+    good; a fast run killed right after its first checkpoint lost them while W&B was
+    still being imported."""
 
     CLOSE_WAIT_S = 30.0
+    FLUSH_WAIT_S = 15.0
 
     def __init__(self, run: RunDir, report_cfg, config: dict, start_step: int, log, step_offset: int = 0):
         super().__init__(level=logging.INFO)
@@ -231,10 +259,26 @@ class Trackers(logging.Handler):
             except OSError as exc:
                 log.warning("tracker.failed", tracker="state", error=str(exc), note="run ids not kept")
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Not logging's default, which holds the handler's lock around emit: the trackers'
+        # thread logs too (tracker.failed) and would wait for that lock while this thread
+        # waits for the flush. `emit` only touches the thread-safe queue.
+        if not self.filter(record):
+            return False
+        flushed = self._queue_event(record)
+        if flushed is not None and self.thread.is_alive():
+            flushed.wait(self.FLUSH_WAIT_S)
+        return True
+
     def emit(self, record: logging.LogRecord) -> None:
+        self._queue_event(record)
+
+    def _queue_event(self, record: logging.LogRecord) -> threading.Event | None:
+        """Queue what the record means for the trackers; for a checkpoint, return the
+        event the trackers' thread sets once everything before it is written."""
         event = record.msg if isinstance(record.msg, dict) else None
         if event is None:
-            return
+            return None
         found = metrics_of(event)
         if found and self.step_offset:
             found = (found[0] + self.step_offset, found[1])
@@ -248,7 +292,10 @@ class Trackers(logging.Handler):
         elif event.get("event") == "checkpoint.saved":
             # What a checkpoint keeps, the trackers keep: after a SIGKILL the steps up to it
             # are not taken again, so their figures must be on disk.
-            self.queue.put(("flush", None))
+            flushed = threading.Event()
+            self.queue.put(("flush", flushed))
+            return flushed
+        return None
 
     def _work(self) -> None:
         while True:
@@ -259,8 +306,11 @@ class Trackers(logging.Handler):
                 elif kind == "event":
                     self._dispatch(*body)
                 elif kind == "flush":
-                    for tracker in self.trackers:
-                        getattr(tracker, "flush", lambda: None)()
+                    try:
+                        for tracker in self.trackers:
+                            getattr(tracker, "flush", lambda: None)()
+                    finally:
+                        body.set()
                 else:
                     self._end()
                     return

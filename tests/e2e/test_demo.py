@@ -34,8 +34,12 @@ def test_the_demo_trains_a_measurably_better_model_and_says_what_to_do_next(tmp_
     record = json.loads((run / "state" / "status.json").read_text())
     assert record["report"]["final_eval"]["adapters"]["accuracy"] == tuned_acc / 100
 
-    # The SIGTERM at step 30 and the resume happened, and the best adapters were kept.
-    assert "SIGTERM at step 30" in out and "reason='signal SIGTERM'" in out and "start_step=30" in out
+    # The SIGTERM once step 30 was logged (the step it kept: 30, or a later one that ended
+    # before the signal landed, never the last) and the resume from exactly there
+    # happened; the best adapters were kept.
+    stopped = re.search(r"the daemon exited with 0 after checkpointing step (\d+)", out)
+    assert stopped and 30 <= int(stopped.group(1)) < 75, out[-4000:]
+    assert "reason='signal SIGTERM'" in out and f"start_step={stopped.group(1)}" in out
     config = json.loads((run / "adapters" / "adapter_config.json").read_text())
     assert config["selected"]["rule"] == "lowest validation loss"
     assert config["prompt_format"]["template"] == "chat"
@@ -78,7 +82,8 @@ def test_the_demo_trains_a_measurably_better_model_and_says_what_to_do_next(tmp_
     assert "Traceback" not in shown, shown[-4000:]
     assert re.search(r"starting from scratch: removed the previous demo's checkpoints, adapters, .*loss\.png",
                      shown), shown[:2000]
-    assert "the daemon exited with 0 after checkpointing step 30" in shown, shown[-4000:]
+    again_stopped = re.search(r"the daemon exited with 0 after checkpointing step (\d+)", shown)
+    assert again_stopped and 30 <= int(again_stopped.group(1)) < 75, shown[-4000:]
     assert "start_step=0" in shown, shown[-4000:]
 
 

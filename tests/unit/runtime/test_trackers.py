@@ -61,6 +61,49 @@ def test_tensorboard_keeps_each_step_once_across_a_restart(tmp_path, recording_l
     assert got["val/loss"] == [(4, 3.0)]
 
 
+def test_a_checkpoint_waits_until_the_trackers_hold_the_steps_it_keeps(tmp_path, recording_log, monkeypatch):
+    """A tracker slow to start (W&B's import takes seconds) must not lose the steps of a
+    checkpoint: after a SIGKILL they are never taken again. The checkpoint's log line
+    returns only once TensorBoard's files hold them."""
+    import threading
+
+    from mathlora_daemon.runtime import trackers as module
+
+    gate = threading.Event()
+    real_init = module._TensorBoard.__init__
+
+    def slow_init(self, *args):
+        gate.wait(30)
+        real_init(self, *args)
+
+    monkeypatch.setattr(module._TensorBoard, "__init__", slow_init)
+    run = RunDir(tmp_path)
+    live = Trackers(run, ReportConfig(tensorboard=True), {"train": {"seed": 0}}, 0, recording_log)
+    for s in range(1, 5):
+        assert live.handle(record(**step_event(s, 10.0 - s)))
+    threading.Timer(0.3, gate.set).start()  # the tracker finishes starting while the step waits
+    live.handle(record(event="checkpoint.saved", step=4, path="checkpoints/step-00000004"))
+    assert [s for s, _ in scalars(run.logs / "tensorboard")["train/loss"]] == [1, 2, 3, 4]
+    live.close()
+
+
+def test_a_checkpoint_waits_for_a_stuck_tracker_only_so_long(tmp_path, recording_log, monkeypatch):
+    import threading
+    import time
+
+    from mathlora_daemon.runtime import trackers as module
+
+    gate = threading.Event()
+    monkeypatch.setattr(module._TensorBoard, "__init__", lambda self, *args: gate.wait(30))
+    monkeypatch.setattr(Trackers, "FLUSH_WAIT_S", 0.2)
+    live = Trackers(RunDir(tmp_path), ReportConfig(tensorboard=True), {}, 0, recording_log)
+    started = time.monotonic()
+    live.handle(record(event="checkpoint.saved", step=4, path="checkpoints/step-00000004"))
+    assert time.monotonic() - started < 20  # the bound, not the stuck tracker's 30 s
+    gate.set()
+    live.close()
+
+
 def test_mlflow_and_wandb_continue_the_same_run_after_a_restart(tmp_path, recording_log, monkeypatch):
     import mlflow
 
