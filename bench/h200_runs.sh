@@ -4,7 +4,9 @@
 # rollouts_then_arms (WALL_S=480, then --train 2500 and no --grpo-share), grpo_wait,
 # pack_matched, and the compare phase. Next: rollouts_then_arms again, now with
 # grpo_bench's defaults --train 6000 --grpo-share 0.5 (GRPO prompts the SFT half never
-# saw), about 13 minutes of device time with grpo_wait.
+# saw), about 13 minutes of device time with grpo_wait; then `pack` (4,000 rows a set, the
+# packing that fills rows by subset sum; checked on the CPU: --phases base,arms and
+# --padding-only run).
 # Staged here first: bash ../shared/gpu/stage.sh structlog watchdog gguf math-verify
 #   latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath mlx-lm-lora pyyaml jinja2
 #   tqdm protobuf; bash ../shared/gpu/stage-smollm2.sh
@@ -80,7 +82,7 @@ pack() {  # issue 22.4: packing against grouped, and against the fixed-length ra
   smollm2
   local model
   model=$(pack_model) || exit 1
-  python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack \
+  python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack --rows-per-set "${ROWS_PER_SET:-4000}" \
     --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --out "$OUT/h200-pack-smollm2.json"
 }
 

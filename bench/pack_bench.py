@@ -45,7 +45,9 @@ def make_sets(work: Path, n: int, max_seq_len: int) -> dict[str, Path]:
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
-    demo = generate_problems(n, seed=1, easy=True)
+    # The easy kinds hold fewer than 2,000 distinct problems: beyond 1,500 the demo set takes
+    # further draws (other seeds, repeats allowed: lengths are what this bench is about).
+    demo = [r for seed in range(1, 2 + n // 1500) for r in generate_problems(min(n, 1500), seed=seed, easy=True)][:n]
     full = generate_problems(n, seed=2)
     rng = np.random.default_rng(0)
     sets = {
@@ -87,6 +89,32 @@ def run_one(work: Path, model_dir: Path, data: Path, name: str, sets: list[str],
             "pack": {k: pack[0][k] for k in ("rows", "sequences", "padding")} if pack else None}
 
 
+def padding_of(work: Path, model_dir: Path, data: Path, name: str, max_seq_len: int, log: Path) -> dict:
+    """`prepare` a packed run of the set and return its rows and padding, and best-fit
+    decreasing's alone (what data.pack packed before 2026-12-05, sixth session)."""
+    import numpy as np
+
+    from mathlora_daemon.training.cache import load_cache
+    from mathlora_daemon.training.packing import PackedRows, _best_fit_decreasing
+
+    run = work / "runs" / f"{name}-padding"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "mathlora.toml").write_text(f'[model]\nname = "{model_dir}"\npath = "{model_dir}"\n'
+                                       f'[data]\nname = "{data}"\nvalidation_fraction = 0.0\n'
+                                       f'max_seq_len = {max_seq_len}\npack = true\n[train]\nmask_prompt = false\n')
+    cli("prepare", "--run-dir", str(run), log=log)
+    (cache_dir,) = [d for d in (run / "cache").iterdir() if d.is_dir()]
+    cache = load_cache(cache_dir)
+    packs = PackedRows.of(cache, max_seq_len + 1)
+    lengths = np.asarray(cache.lengths)
+    best_fit = len(_best_fit_decreasing(lengths, max_seq_len + 1))
+    return {"sequences": int(len(lengths)), "mean_tokens": round(float(lengths.mean()), 1),
+            "fewest_rows": int(-(-lengths.sum() // (max_seq_len + 1))),
+            "rows": len(packs), "padding": round(packs.padding_share, 4), "best_fit_rows": best_fit,
+            "best_fit_padding": round(1 - float(lengths.sum()) / (best_fit * (max_seq_len + 1)), 4)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -97,6 +125,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=4, help="packed rows per micro-batch")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--sets", default="demo,answer-only,openr1-like,fixed")
+    parser.add_argument("--padding-only", action="store_true",
+                        help="no training: each set prepared with data.pack, the whole set's packed padding against "
+                             "best-fit decreasing alone (exact on any machine: it depends on the tokenizer only)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     import mlx.core as mx
@@ -104,6 +135,16 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "commands.log"
     data = make_sets(args.work, args.rows_per_set, args.max_seq_len)
+    if args.padding_only:
+        results = {name: padding_of(args.work, args.model_dir, data[name], name, args.max_seq_len, log)
+                   for name in args.sets.split(",")}
+        record = {"command": " ".join(sys.argv), "platform": platform.platform(), "model": str(args.model_dir),
+                  "max_seq_len": args.max_seq_len, "rows_per_set": args.rows_per_set, "results": results}
+        print(json.dumps(results, indent=1))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=2))
+        return 0
     common = ["--set", f"data.max_seq_len={args.max_seq_len}", "--set", "train.mask_prompt=false", "--set",
               "train.grad_accumulation_steps=1", "--set", f"train.max_steps={args.steps}", "--set",
               "train.eval_sequences=0", "--set", "train.final_eval=0", "--set", "train.epochs=100",

@@ -104,3 +104,19 @@ def test_train_bench_records_unavailable_loops_as_skipped(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert len(records) == 1 and "no 4-bit layers" in records[0]["skipped"]
     assert "| daemon-dequant | 1 x 1 |" in proc.stdout and "skipped" in proc.stdout
+
+
+def test_pack_bench_counts_the_packed_padding_of_each_set(template_dir, tmp_path):
+    """bench/pack_bench.py --padding-only (the padding figures of bench/RESULTS.md): each set
+    prepared with data.pack by the real CLI; the rows never more than best-fit's alone."""
+    out = tmp_path / "padding.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pack_bench.py"), "--model-dir",
+                           str(template_dir / "mlx_model"), "--work", str(tmp_path / "work"), "--rows-per-set", "200",
+                           "--max-seq-len", "512", "--sets", "demo,answer-only", "--padding-only", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"demo", "answer-only"}
+    for r in results.values():
+        assert r["sequences"] == 200 and r["fewest_rows"] <= r["rows"] <= r["best_fit_rows"]
+        assert 0 <= r["padding"] <= r["best_fit_padding"] < 1

@@ -29,6 +29,32 @@ def test_best_fit_decreasing_fills_rows_without_splitting_a_sequence():
         pack_lengths(np.array([65]), 64)
 
 
+@pytest.mark.parametrize("kind", ["short", "demo-like", "long-tailed", "full rows"])
+def test_packing_never_needs_more_rows_than_best_fit_and_closes_the_gaps_of_short_rows(kind):
+    """Best-fit decreasing leaves each row a gap smaller than the shortest sequence left:
+    ~3% of the positions with answer-only rows (69-117 tokens with SmolLM2's tokenizer).
+    No set needs more rows than best-fit; short rows need fewer, and every set here
+    stays under the 3% of padding issue 22 asks for."""
+    from mathlora_daemon.training.packing import _best_fit_decreasing
+
+    rng = np.random.default_rng(0)
+    capacity = 1025
+    lengths = {"short": rng.integers(69, 118, 3000), "demo-like": rng.integers(90, 260, 3000),
+               "long-tailed": np.clip(rng.lognormal(np.log(410), 0.8, 3000), 20, capacity).astype(np.int64),
+               "full rows": np.full(40, capacity)}[kind]
+    members, offsets = pack_lengths(lengths, capacity)
+    rows = [members[offsets[r]:offsets[r + 1]] for r in range(len(offsets) - 1)]
+    assert sorted(members.tolist()) == list(range(len(lengths)))  # every sequence once, whole
+    assert all(lengths[row].sum() <= capacity for row in rows)
+    assert len(rows) <= len(_best_fit_decreasing(lengths, capacity))
+    padding = 1 - lengths.sum() / (len(rows) * capacity)
+    assert padding <= 0.03, padding
+    if kind == "short":  # measured: 277 rows (1.2% padding) where best-fit needs 281 (2.6%)
+        assert len(rows) < len(_best_fit_decreasing(lengths, capacity))
+    again = pack_lengths(lengths, capacity)
+    assert np.array_equal(again[0], members) and np.array_equal(again[1], offsets)
+
+
 def _cache(tmp_path, sequences, prompt_lens):
     offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in sequences], out=offsets[1:])
