@@ -76,8 +76,9 @@ class _TensorBoard:
     def __init__(self, run: RunDir, start_step: int, config: dict):
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar, text
 
-        self._event = Event
+        self._event, self._scalar, self._text_summary = Event, scalar, text
         folder = run.logs / "tensorboard"
         ensure_private_dir(folder)
         # A file is named by the second it was opened; the start's number, after it, keeps
@@ -97,15 +98,11 @@ class _TensorBoard:
         self.writer.write_event(self._event(wall_time=time.time(), step=step, summary=summary))
 
     def _text(self, tag: str, text: str, step: int) -> None:
-        from tensorboardX.summary import text as text_summary
-
-        self._write(step, text_summary(tag, text))
+        self._write(step, self._text_summary(tag, text))
 
     def log(self, step: int, metrics: dict) -> None:
-        from tensorboardX.summary import scalar
-
         for tag, value in metrics.items():
-            self._write(step, scalar(tag, value))
+            self._write(step, self._scalar(tag, value))
 
     def flush(self) -> None:
         self.writer.flush()

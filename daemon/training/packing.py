@@ -77,10 +77,10 @@ def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 def _fill_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """One row at a time: the longest sequences that fit until at most FILL_WINDOW
-    positions are left, then the remaining sequences whose lengths sum closest to the
-    space left (a subset sum over lengths, exact). Of equal lengths the lowest index
-    goes first, so the rows depend on the lengths alone."""
+    """One row at a time: the longest and the shortest sequences that fit, in turn,
+    until at most FILL_WINDOW positions are left, then the remaining sequences whose
+    lengths sum closest to the space left (a subset sum over lengths, exact). Of equal
+    lengths the lowest index goes first, so the rows depend on the lengths alone."""
     if not len(lengths):
         return []
     counts = np.bincount(lengths, minlength=capacity + 1)
