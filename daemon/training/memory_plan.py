@@ -33,8 +33,11 @@ MLX's autograd under `mx.compile`), in bytes:
   slices cost more than one, many slices less;
 - workspace: a quantized model's backward dequantizes about one and a half of a layer's
   largest weight at a time.
-GRPO steps are not planned yet (check_memory says so in the log); what is here for them is
-the rule that bounds their rollouts' KV cache (ROLLOUT_CACHE_BYTES, rollout_batch_size).
+A GRPO step (grpo_estimate) peaks in one of its two phases: the rollouts (the KV cache of
+a rollout batch, bounded by ROLLOUT_CACHE_BYTES, and the logits being sampled) or the
+update, which runs uncompiled over whole groups: each prompt once and its completions
+after it (training/group_batch.py; whole sequences with checkpointing), the vocabulary only
+at completion positions (GRPO_LOGIT_BYTES), the layers as above.
 
 The coefficients were fitted to 96 peaks measured on MLX's CPU backend
 (`mx.get_peak_memory()` over a compiled step: Llamas of hidden 32 to 576, 1 to 30 layers,
@@ -88,6 +91,18 @@ QUANT_WORKSPACE = 1.3  # a quantized model's backward: this many of a layer's la
 # (~0.5 MB a token in bf16: 2 GiB is ~5 rows of 700 tokens) within a 16 GB Mac.
 ROLLOUT_CACHE_BYTES = 2 * GIB
 CACHE_STEP = 256  # mlx-lm's KV caches grow by this many positions
+# GRPO's update runs uncompiled: bytes per (completion position, vocabulary entry) at its
+# peak: the loss reads the logits in float32 on every device (log-softmax, the selected
+# log-probabilities and their gradients); a 16-bit model adds its own logits and their
+# gradient. Its layers keep less than the compiled SFT step's figures say (GRPO_ACTIVATIONS
+# of them). Fitted to 34 CPU peaks (tests/unit/training/test_memory_plan.py keeps them).
+GRPO_LOGIT_BYTES = 10.0
+GRPO_HALF_LOGIT_BYTES = 2.0  # per byte of a 16-bit logit
+GRPO_ACTIVATIONS = 0.8
+# Rollouts: the cache (allocated CACHE_STEP positions at a time) and the float32 logits
+# being sampled (fitted with the update's figures).
+ROLLOUT_CACHE_COPIES = 1
+ROLLOUT_LOGIT_BYTES = 16
 
 # A layer's linear modules: (input width, output width) as functions of the shape.
 _LINEARS = {
@@ -179,15 +194,18 @@ class Estimate:
     activations: int
     logits: int
     workspace: int
+    cache: int = 0  # GRPO: the rollouts' KV cache, when they are the step's peak
+    phase: str = "step"  # which part of the step peaks: "step" (SFT), "update" or "rollouts" (GRPO)
 
     @property
     def total(self) -> int:
-        return self.weights + self.lora + self.activations + self.logits + self.workspace
+        return self.weights + self.lora + self.activations + self.logits + self.workspace + self.cache
 
     def fields(self) -> dict:
         """The parts and the total in GiB (3 decimals), for the log."""
-        parts = ("weights", "lora", "activations", "logits", "workspace")
-        return {"peak_gb": round(self.total / GIB, 3), **{f"{p}_gb": round(getattr(self, p) / GIB, 3) for p in parts}}
+        parts = ("weights", "lora", "activations", "logits", "workspace", "cache")
+        return {"peak_gb": round(self.total / GIB, 3), **{f"{p}_gb": round(getattr(self, p) / GIB, 3) for p in parts},
+                "peak_phase": self.phase}
 
 
 def _config_dtype(config: dict) -> str:
@@ -239,16 +257,20 @@ def head_slices(batch: int, seq_len: int) -> int:
     return -(-seq_len // width)
 
 
-def _layer_kept(s: ModelShape, train: TrainShape, act: int) -> float:
-    """What one layer keeps for its backward pass, in bytes."""
+def _kept_per_position(s: ModelShape, train: TrainShape, act: int) -> float:
+    """What one layer keeps for its backward pass per position, in bytes (attention aside)."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     targets = {_leaf(t) for t in train.lora_targets}
     widths = {"attn_in": s.hidden, "attn_out": q, "mlp_in": s.hidden, "mlp_act": s.intermediate}
     lora_inputs = sum(widths[i] for i in {_LORA_INPUT.get(t, "attn_in") for t in targets})
-    per_row = (KEPT_HIDDEN * s.hidden + q + 2 * kv + KEPT_MLP * s.intermediate) * act \
+    return (KEPT_HIDDEN * s.hidden + q + 2 * kv + KEPT_MLP * s.intermediate) * act \
         + (lora_inputs + len(targets) * train.lora_rank) * 4
-    return train.batch * train.seq_len * per_row + train.batch * s.heads * train.seq_len ** 2 * act \
-        + train.seq_len ** 2
+
+
+def _layer_kept(s: ModelShape, train: TrainShape, act: int) -> float:
+    """What one layer keeps for its backward pass, in bytes."""
+    return train.batch * train.seq_len * _kept_per_position(s, train, act) \
+        + train.batch * s.heads * train.seq_len ** 2 * act + train.seq_len ** 2
 
 
 def _logit_bytes(act: int, device: str, slices: int) -> float:
@@ -263,32 +285,103 @@ def _logit_bytes(act: int, device: str, slices: int) -> float:
     return per if device == "cpu" else per * act / 4
 
 
+def _activation_parts(s: ModelShape, train: TrainShape, act: int, device: str, positions: int,
+                      attention: int, mask: int) -> tuple[float, float]:
+    """What the backward pass holds besides the head: (what the layers keep, what one
+    layer's backward adds), in bytes, for `positions` token positions, `attention`
+    attention-probability entries per layer and a `mask` of that many bytes."""
+    per_layer = positions * _kept_per_position(s, train, act) + attention * act + mask
+    hidden, qkv, mlp, probs = CHECKPOINT_TRANSIENT if train.grad_checkpoint else TRANSIENT
+    backward = positions * (hidden * s.hidden + qkv * (s.heads + 2 * s.kv_heads) * s.head_dim
+                            + mlp * s.intermediate) * act + probs * attention * act
+    if train.grad_checkpoint:
+        kept = s.layers * CHECKPOINT_HIDDEN * positions * s.hidden * act
+        backward += per_layer
+    else:
+        kept = s.layers * per_layer
+    if act == 2 and device == "cpu":
+        kept += positions * s.hidden * HALF_LAYER_BYTES * (1 if train.grad_checkpoint else s.layers)
+        backward += positions * s.hidden * HALF_ONCE_BYTES
+    return kept, backward
+
+
+def _workspace(s: ModelShape, act: int) -> int:
+    return int(QUANT_WORKSPACE * max(i * o for i, o in (s.linear(n) for n in _LINEARS)) * act) if s.bits else 0
+
+
 def estimate(shape: ModelShape, train: TrainShape, device: str = "cpu") -> Estimate:
     """Given a model shape, the training settings and the device ("cpu" or "gpu"),
     return the estimated peak of one optimizer step, by part (see the module docstring)."""
     s, act = shape, activation_bytes(shape, device)
     rows = train.batch * train.seq_len
-    layer = _layer_kept(s, train, act)
-    hidden, qkv, mlp, attention = CHECKPOINT_TRANSIENT if train.grad_checkpoint else TRANSIENT
-    backward = rows * (hidden * s.hidden + qkv * (s.heads + 2 * s.kv_heads) * s.head_dim
-                       + mlp * s.intermediate) * act + attention * train.batch * s.heads * train.seq_len ** 2 * act
-    if train.grad_checkpoint:
-        kept = s.layers * CHECKPOINT_HIDDEN * rows * s.hidden * act
-        backward += layer
-    else:
-        kept = s.layers * layer
-    if act == 2 and device == "cpu":
-        kept += rows * s.hidden * HALF_LAYER_BYTES * (1 if train.grad_checkpoint else s.layers)
-        backward += rows * s.hidden * HALF_ONCE_BYTES
+    kept, backward = _activation_parts(s, train, act, device, rows, train.batch * s.heads * train.seq_len ** 2,
+                                       train.seq_len ** 2)
     if train.packed:
         kept += train.batch * train.seq_len ** 2  # the block-diagonal mask, shared by the layers
     slices = head_slices(train.batch, train.seq_len) if train.grad_checkpoint else 1
     head = rows * s.vocab * _logit_bytes(act, device, slices) + HEAD_HIDDEN * rows * s.hidden * act
-    workspace = 0
-    if s.bits:
-        workspace = int(QUANT_WORKSPACE * max(i * o for i, o in (s.linear(n) for n in _LINEARS)) * act)
     return Estimate(weights=weight_bytes(s, device), lora=lora_params(s, train) * 4 * LORA_COPIES,
-                    activations=int(kept + backward), logits=int(max(0.0, head - backward)), workspace=workspace)
+                    activations=int(kept + backward), logits=int(max(0.0, head - backward)),
+                    workspace=_workspace(s, act))
+
+
+@dataclass(frozen=True)
+class RolloutShape:
+    """What a GRPO step adds to the TrainShape: `prompts` prompts of up to `prompt_tokens`
+    tokens, `group_size` completions of up to `max_new_tokens` each."""
+
+    group_size: int
+    prompts: int
+    prompt_tokens: int
+    max_new_tokens: int
+
+
+def grpo_update_rows(train: TrainShape, rl: RolloutShape) -> tuple[int, int]:
+    """(groups, completions) in one micro-batch of the GRPO update: whole groups, as many
+    as `train.batch_size` completions hold, at least one (training/group_batch.py)."""
+    groups = min(rl.prompts, max(1, train.batch // rl.group_size))
+    return groups, groups * rl.group_size
+
+
+def rollout_cache_bytes(shape: ModelShape, device: str = "cpu") -> int:
+    """The KV cache bytes of one position of one row, all layers (keys and values in the
+    activations' dtype: training/rollouts.py measures the same on the loaded model)."""
+    return shape.layers * 2 * shape.kv_heads * shape.head_dim * activation_bytes(shape, device)
+
+
+def grpo_estimate(shape: ModelShape, train: TrainShape, rl: RolloutShape, device: str = "cpu") -> Estimate:
+    """Given a model shape, the training settings, the GRPO step's shape and the device,
+    return the estimated peak of one GRPO step: the larger of its rollouts (the KV cache of
+    a rollout batch, training/rollouts.py) and its update (whole groups per micro-batch,
+    each prompt run once unless gradient checkpointing runs whole sequences,
+    training/group_batch.py; the vocabulary only at completion positions), with the
+    reference policy's adapters beside the trained ones."""
+    s, act = shape, activation_bytes(shape, device)
+    lp, lc = rl.prompt_tokens, rl.max_new_tokens
+    groups, rows = grpo_update_rows(train, rl)
+    if train.grad_checkpoint:  # the whole-sequence path: every completion with its prompt
+        positions, attention = rows * (lp + lc), rows * s.heads * (lp + lc) ** 2
+    else:
+        positions = groups * lp + rows * lc
+        attention = groups * s.heads * lp ** 2 + rows * s.heads * lc * (lp + lc)
+    kept, backward = (GRPO_ACTIVATIONS * part for part in
+                      _activation_parts(s, train, act, device, positions, attention, 0))
+    logit_positions = rows * lc
+    per_logit = GRPO_LOGIT_BYTES + (GRPO_HALF_LOGIT_BYTES * act if act < 4 else 0)
+    head = logit_positions * s.vocab * per_logit + HEAD_HIDDEN * logit_positions * s.hidden * act
+    update = kept + backward + max(0.0, head - backward)
+    # Rollouts: every completion of the step decodes at once unless the cache budget splits them.
+    completions = rl.prompts * rl.group_size
+    per_token = rollout_cache_bytes(s, device)
+    batch = rollout_batch_size(per_token, lp, lc, completions)
+    cache = ROLLOUT_CACHE_COPIES * batch * per_token * -(-(lp + lc) // CACHE_STEP) * CACHE_STEP \
+        + batch * s.vocab * ROLLOUT_LOGIT_BYTES
+    lora = lora_params(s, train) * 4 * (LORA_COPIES + 1)
+    if cache > update:
+        return Estimate(weights=weight_bytes(s, device), lora=lora, activations=0, logits=0,
+                        workspace=_workspace(s, act), cache=int(cache), phase="rollouts")
+    return Estimate(weights=weight_bytes(s, device), lora=lora, activations=int(kept + backward),
+                    logits=int(max(0.0, head - backward)), workspace=_workspace(s, act), phase="update")
 
 
 # --- the run's model and settings ------------------------------------------------------------
@@ -415,6 +508,8 @@ class MemoryPlan:
     shape: ModelShape
     train: TrainShape
     batch_split: int = 1
+    rl: RolloutShape | None = None  # a GRPO step's rollouts (None: SFT)
+    prompts_from: str = ""  # GRPO: where rl.prompt_tokens comes from
 
     @property
     def fits(self) -> bool:
@@ -427,9 +522,13 @@ class MemoryPlan:
                 f"logits {size(e.logits)}" + (f", quantized workspace {size(e.workspace)}" if e.workspace else "")
         offered = f"{size(self.offer.bytes)} available ({self.offer.source})" if self.offer.bytes else \
             "an unknown amount available"
+        if e.cache:
+            parts += f", rollouts' KV cache {size(e.cache)}"
         split = f"; micro-batches of {self.train.batch} rows after an out-of-memory split" \
             if self.batch_split > 1 else ""
-        return f"memory plan: ~{size(e.total)} peak ({parts}) of {offered}{split}"
+        grpo = f"GRPO, at its {e.phase}, prompts of up to {self.rl.prompt_tokens} tokens ({self.prompts_from}): " \
+            if self.rl else ""
+        return f"memory plan: {grpo}~{size(e.total)} peak ({parts}) of {offered}{split}"
 
     def fields(self) -> dict:
         """The log event's fields."""
@@ -437,10 +536,16 @@ class MemoryPlan:
                 "available_from": self.offer.source, "fits": self.fits, "device": self.offer.device,
                 "batch_size": self.train.batch, "max_seq_len": self.train.seq_len,
                 "grad_checkpoint": self.train.grad_checkpoint, "quantize_bits": self.shape.bits,
-                "dtype": self.shape.dtype, "layers": self.shape.layers, "batch_split": self.batch_split}
+                "dtype": self.shape.dtype, "layers": self.shape.layers, "batch_split": self.batch_split,
+                **({"method": "grpo", "group_size": self.rl.group_size, "prompts_per_step": self.rl.prompts,
+                    "prompt_tokens": self.rl.prompt_tokens, "prompt_tokens_from": self.prompts_from,
+                    "max_new_tokens": self.rl.max_new_tokens} if self.rl else {"method": "sft"})}
 
-    def _total(self, shape: ModelShape | None = None, **train) -> int:
-        return estimate(shape or self.shape, replace(self.train, **train), self.offer.device).total
+    def _total(self, shape: ModelShape | None = None, rl: RolloutShape | None = None, **train) -> int:
+        shape, train_ = shape or self.shape, replace(self.train, **train)
+        if self.rl is None:
+            return estimate(shape, train_, self.offer.device).total
+        return grpo_estimate(shape, train_, rl or self.rl, self.offer.device).total
 
     def remedies(self, lora_dropout: float = 0.0) -> list[tuple[str, int]]:
         """The settings that would each make the step fit, one change at a time, with
@@ -450,6 +555,8 @@ class MemoryPlan:
             extra = f" (with lora.dropout = 0, now {lora_dropout:g})" if lora_dropout > 0 else ""
             out.append((f"train.grad_checkpoint = true{extra}", total))
         batch = t.batch // 2
+        if self.rl is not None and batch < self.rl.group_size:  # a GRPO micro-batch is one group at least
+            batch = 0
         while batch >= 1:
             if (total := self._total(batch=batch)) <= budget:
                 steps = t.accumulation * t.batch // batch
@@ -458,6 +565,12 @@ class MemoryPlan:
             batch //= 2
         if self.shape.bits != 4 and (total := self._total(replace(self.shape, bits=4))) <= budget:
             out.append(("model.quantize_bits = 4 (a new model: `mathlora-daemon convert --force`)", total))
+        if self.rl is not None:  # the sequence is the prompt and its completion: shorter completions
+            new = shorter_seq_len(self.rl.max_new_tokens, lambda n: self._total(rl=replace(self.rl, max_new_tokens=n))
+                                  <= budget)
+            if new:
+                out.append((f"rl.max_new_tokens = {new}", self._total(rl=replace(self.rl, max_new_tokens=new))))
+            return out
         seq = shorter_seq_len(t.seq_len, lambda n: self._total(seq_len=n) <= budget)
         if seq:
             out.append((f"data.max_seq_len = {seq}", self._total(seq_len=seq)))
@@ -468,6 +581,8 @@ class MemoryPlan:
         micro-batch, 4 bits and the longest max_seq_len that then fits (else 64)."""
         shape = replace(self.shape, bits=4) if self.shape.bits != 4 else self.shape
         changes = {"grad_checkpoint": True, "batch": 1}
+        if self.rl is not None:
+            return self._grpo_all_at_once(shape)
         seq = shorter_seq_len(self.train.seq_len, lambda n: estimate(
             shape, replace(self.train, seq_len=n, **changes), self.offer.device).total <= self.offer.bytes) or \
             min(self.train.seq_len, 64)
@@ -492,7 +607,7 @@ class MemoryPlan:
             verdict = "fits" if total <= self.offer.bytes else "still does not fit"
             lines.append(f"No single change fits; all together: {text}: ~{size(total)} ({verdict}).")
             texts = [text]
-        new_run = [k for k in ("train.batch_size", "model.quantize_bits", "data.max_seq_len")
+        new_run = [k for k in ("train.batch_size", "model.quantize_bits", "data.max_seq_len", "rl.max_new_tokens")
                    if any(k in t for t in texts)]
         if new_run:  # in the fingerprint (config.py): checkpoints made with other values are refused
             free = "; train.grad_checkpoint can change at any start" if any("grad_checkpoint" in t for t in texts) \
@@ -507,6 +622,23 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+    def _grpo_all_at_once(self, shape: ModelShape) -> tuple[str, int]:
+        """GRPO's: checkpointing, one group per micro-batch, 4 bits and the longest
+        rl.max_new_tokens that then fits (else 64)."""
+        train = replace(self.train, grad_checkpoint=True, batch=self.rl.group_size)
+
+        def total(new: int) -> int:
+            return grpo_estimate(shape, train, replace(self.rl, max_new_tokens=new), self.offer.device).total
+
+        new = self.rl.max_new_tokens if total(self.rl.max_new_tokens) <= self.offer.bytes else \
+            shorter_seq_len(self.rl.max_new_tokens, lambda n: total(n) <= self.offer.bytes) or \
+            min(self.rl.max_new_tokens, 64)
+        text = (f"train.grad_checkpoint = true, train.batch_size = {self.rl.group_size}"
+                + (", model.quantize_bits = 4" if self.shape.bits != 4 else "")
+                + (f", rl.max_new_tokens = {new}" if new != self.rl.max_new_tokens else ""))
+        return text, total(new)
+
+
 def shorter_seq_len(seq_len: int, fits) -> int | None:
     """The longest of seq_len/2, seq_len/4, ... (down to 64, rounded to 64s) that `fits`."""
     n = seq_len // 2 // 64 * 64
@@ -517,13 +649,52 @@ def shorter_seq_len(seq_len: int, fits) -> int | None:
     return None
 
 
-def plan_for(cfg, model_dir: Path, offer: Offer, batch_split: int = 1, ranks: int = 1) -> MemoryPlan:
+def longest_prompt(cache_root: Path | None, cfg) -> int | None:
+    """The longest GRPO prompt, in tokens, of the newest token cache prepared for this
+    dataset and max_seq_len with its training problems (training/prepare.py), or None
+    when there is none yet. Read before the model loads: a few KB of meta.json and the
+    prompt lengths (memory-mapped)."""
+    import numpy as np
+
+    if cache_root is None or not Path(cache_root).is_dir():
+        return None
+    metas = sorted(Path(cache_root).glob("*/meta.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in metas:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            if not (isinstance(meta, dict) and isinstance(meta.get("identity"), dict)
+                    and meta["identity"].get("train_problems") and meta.get("dataset") == cfg.data.name
+                    and meta.get("max_seq_len") == cfg.data.max_seq_len):
+                continue
+            lengths = np.load(path.parent / "train" / "prompt_lens.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            continue
+        if lengths.size:
+            return int(lengths.max())
+    return None
+
+
+def rollout_shape(cfg, prompt_tokens: int) -> RolloutShape:
+    """Given the Config and the longest prompt, return the GRPO step's RolloutShape."""
+    rl = cfg.rl
+    return RolloutShape(rl.group_size, rl.prompts_per_step, prompt_tokens, rl.max_new_tokens)
+
+
+def plan_for(cfg, model_dir: Path, offer: Offer, batch_split: int = 1, ranks: int = 1,
+             cache_root: Path | None = None) -> MemoryPlan:
     """Given the Config, the MLX model directory, what the machine offers, the saved
-    micro-batch split and the ranks, return the plan; raise ValueError when the model
-    cannot be planned for (no config.json yet, an architecture without the usual fields)."""
+    micro-batch split, the ranks and (GRPO) the run's token caches, return the plan; raise
+    ValueError when the model cannot be planned for (no config.json yet, an architecture
+    without the usual fields). A GRPO plan takes the longest prompt of the prepared data,
+    else the bound prepare enforces (a prompt is shorter than data.max_seq_len)."""
     shape = model_shape(model_dir)
     train = train_shape(cfg, batch_split, ranks)
-    return MemoryPlan(estimate(shape, train, offer.device), offer, shape, train, batch_split)
+    if cfg.train.method != "grpo":
+        return MemoryPlan(estimate(shape, train, offer.device), offer, shape, train, batch_split)
+    prompt = longest_prompt(cache_root, cfg)
+    source = "the prepared data's longest" if prompt else "at most data.max_seq_len - 1 until the data is prepared"
+    rl = rollout_shape(cfg, prompt or cfg.data.max_seq_len - 1)
+    return MemoryPlan(grpo_estimate(shape, train, rl, offer.device), offer, shape, train, batch_split, rl, source)
 
 
 # On a GPU MLX keeps every buffer a command graph used until that graph completes, and the
@@ -556,7 +727,7 @@ def plan_memory_limit(cfg, model_dir: Path, device: str, checkpoints: Path | Non
 
 
 def check_memory(cfg, model_dir: Path, log, checkpoints: Path | None = None, enforce: bool = True,
-                 offer: Offer | None = None, ranks: int = 1) -> MemoryPlan | None:
+                 offer: Offer | None = None, ranks: int = 1, cache_root: Path | None = None) -> MemoryPlan | None:
     """Given the Config, the model directory, the log, the run's checkpoints directory
     (for a saved micro-batch split), whether to refuse a plan that does not fit and the
     ranks of a distributed job, log `memory.plan`, print its line to stderr and
@@ -568,12 +739,9 @@ def check_memory(cfg, model_dir: Path, log, checkpoints: Path | None = None, enf
     mode = getattr(cfg.daemon, "memory_plan", "enforce")
     if mode == "off":
         return None
-    if cfg.train.method != "sft":
-        log.info("memory.plan", skipped=f"train.method = {cfg.train.method!r}: the plan models SFT steps only")
-        return None
     try:
         split = saved_batch_split(checkpoints) if checkpoints is not None else 1
-        plan = plan_for(cfg, model_dir, offer or device_offer(cfg.daemon.memory_limit_gb), split, ranks)
+        plan = plan_for(cfg, model_dir, offer or device_offer(cfg.daemon.memory_limit_gb), split, ranks, cache_root)
     except ValueError as exc:
         log.info("memory.plan", skipped=f"{exc} (a model not converted yet is planned for at the next start)")
         return None

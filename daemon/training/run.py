@@ -268,8 +268,11 @@ def _run_leader(run: RunDir, config_path: Path | None, overrides: list[str], pro
             if not budget.exhausted:  # before anything heavy loads: will a step fit? (78 naming what would)
                 from mathlora_daemon.training.memory_plan import check_memory
 
-                check_memory(stage_config(cfg, run, read_stage(run)["stage"]), run.model(cfg.model.path), log,
-                             run.checkpoints, ranks=world.size)
+                stage = read_stage(run)["stage"]
+                # A two-stage night is planned for both stages: the GRPO one must fit too.
+                for planned in ([stage] if not staged(cfg) or stage == "grpo" else [stage, "grpo"]):
+                    check_memory(stage_config(cfg, run, planned), run.model(cfg.model.path), log,
+                                 run.checkpoints, ranks=world.size, cache_root=run.cache)
             # A spent budget still goes on when the adapters or the final eval of the
             # last step are missing (a kill as the budget ran out): the loop stops at
             # once and the end is written.

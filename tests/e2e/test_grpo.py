@@ -135,3 +135,21 @@ def test_a_stop_request_during_grpo_is_acted_on(grpo_template, tmp_path):
     assert cli("stop", run=run).returncode == 0
     finish(proc)
     assert events(run, "daemon.stop")[-1]["reason"] == "stopped by the user"
+
+
+def test_a_grpo_step_is_planned_from_the_prepared_prompts_and_refused_before_loading(grpo_template, tmp_path):
+    run = copy_run(grpo_template, tmp_path / "run")
+    prepared = cli("prepare", *GRPO, run=run)
+    assert prepared.returncode == 0, prepared.stderr
+    line = next(ln for ln in prepared.stderr.splitlines() if ln.startswith("memory plan:"))
+    assert line.startswith("memory plan: GRPO, at its ") and "(the prepared data's longest)" in line, line
+    plan = events(run, "memory.plan")[-1]
+    assert (plan["method"], plan["group_size"], plan["max_new_tokens"]) == ("grpo", 4, 40) and plan["fits"]
+    assert 0 < plan["prompt_tokens"] < 1024
+
+    refused = cli("run", *GRPO, "--set", "daemon.memory_limit_gb=0.001", run=run)
+    assert refused.returncode == 78, refused.stderr
+    assert "error: memory plan: GRPO, at its " in refused.stderr and "the training step will not fit" in refused.stderr
+    this_start = events(run)[max(i for i, e in enumerate(events(run)) if e["event"] == "daemon.start"):]
+    assert "model.load.start" not in [e["event"] for e in this_start]  # refused before anything heavy
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())

@@ -305,13 +305,154 @@ def test_a_plan_that_fits_prints_one_line(tmp_path, recording_log, capsys):
     assert recording_log.fields("memory.plan")["fits"] is True
 
 
-def test_a_model_not_converted_yet_or_grpo_is_skipped_with_a_log_line(tmp_path, recording_log):
+def test_a_model_not_converted_yet_is_skipped_with_a_log_line(tmp_path, recording_log):
     cfg = load_config(None, [])
     assert check_memory(cfg, tmp_path / "mlx_model", recording_log) is None
     assert "config.json" in recording_log.fields("memory.plan")["skipped"]
-    grpo = load_config(None, ["train.method=grpo"])
-    assert check_memory(grpo, plan_dir(tmp_path, SMOLLM2), recording_log) is None
-    assert "SFT" in recording_log.all("memory.plan")[-1]["skipped"]
+
+
+# --- GRPO steps ------------------------------------------------------------------------------------
+
+def prepared_cache(root: Path, key: str, prompt_lens: list[int], dataset: str = "open-r1/OpenR1-Math-220k",
+                   max_seq_len: int = 1024, problems: bool = True) -> None:
+    """A token cache's meta.json and prompt lengths, as training/prepare.py writes them."""
+    (root / key / "train").mkdir(parents=True)
+    identity = {"dataset": dataset, **({"train_problems": {"answer_field": "answer"}} if problems else {})}
+    (root / key / "meta.json").write_text(json.dumps({"identity": identity, "dataset": dataset,
+                                                      "max_seq_len": max_seq_len}))
+    np.save(root / key / "train" / "prompt_lens.npy", np.array(prompt_lens, dtype=np.int32))
+
+
+def measured_grpo_peak(model_dir: Path, prompts: int, group: int, prompt_len: int, new_tokens: int,
+                       settings) -> tuple[int, int]:
+    """Load the model as `run` does, add LoRA, and take a GRPO step's parts as GRPOStep runs
+    them: the reference pass, the update's micro-batches (forward and backward), then the
+    rollouts (sampling every completion to `new_tokens`); return the peaks (bytes) of the
+    update (with the reference pass) and of the rollouts, each from before the model
+    loaded. Prompts and completions are random tokens of exactly the given lengths."""
+    from mathlora_daemon.training.group_batch import completion_logprobs, group_batches, shares_prefix
+    from mathlora_daemon.training.grpo import grpo_loss
+    from mathlora_daemon.training.rollouts import sample_rollouts
+
+    cfg = load_config(None, settings)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    model, tokenizer, _ = load_base(model_dir)
+    mx.eval(model.parameters())
+    mx.reset_peak_memory()
+    apply_lora(model, cfg)
+    if cfg.train.grad_checkpoint:
+        use_grad_checkpoint(model)
+    rng = np.random.default_rng(0)
+    vocab = model.args.vocab_size
+    prompt_ids = [[int(t) for t in rng.integers(3, vocab, size=prompt_len)] for _ in range(prompts)]
+    completions = [[int(t) for t in rng.integers(3, vocab, size=new_tokens)] for _ in range(prompts * group)]
+    shared = shares_prefix(model)
+    batches = group_batches(prompt_ids, completions, rng.standard_normal(prompts * group).astype(np.float32),
+                            group, cfg.train.batch_size)
+    model.eval()
+    reference = [mx.stop_gradient(completion_logprobs(model, b, shared)) for b in batches]
+    mx.eval(reference)
+    model.train()
+    loss_and_grad = nn.value_and_grad(model, grpo_loss)
+    for b, ref in zip(batches, reference):
+        (loss, stats), grads = loss_and_grad(model, b, ref, None, 0.04, 0.2, "dapo", 100.0, shared)
+        mx.eval(grads, loss, stats)
+        del grads
+    update = mx.get_peak_memory() - base
+    mx.reset_peak_memory()
+    tokenizer._eos_token_ids = set()  # every completion runs to new_tokens
+    sample_rollouts(model, tokenizer, prompt_ids, [[p * group + g for g in range(group)] for p in range(prompts)],
+                    new_tokens, temperature=1.0)
+    rollouts = mx.get_peak_memory() - base
+    del model
+    mx.clear_cache()
+    return update, rollouts
+
+
+GRPO_CASES = {  # (prompts, group, prompt length, new tokens, settings)
+    "tiny-P4xG8-shared": ("tiny", 4, 8, 64, 64, ("train.batch_size=32",)),
+    "tiny-P2xG8-long-prompts-checkpointed": ("tiny", 2, 8, 200, 128, ("train.batch_size=16",
+                                                                      "train.grad_checkpoint=true")),
+    "tiny-P4xG8-short-answers-rollouts-peak": ("tiny", 4, 8, 80, 16, ("train.batch_size=8",)),
+    "smollm2-bf16-P1xG8-checkpointed": ("bf16", 1, 8, 120, 64, ("train.batch_size=8", "train.grad_checkpoint=true")),
+    "smollm2-4bit-P1xG8-shared": ("4bit", 1, 8, 100, 64, ("train.batch_size=8",)),
+}
+
+
+@pytest.mark.parametrize("case", GRPO_CASES, ids=list(GRPO_CASES))
+def test_the_grpo_estimate_is_within_20_percent_of_a_measured_grpo_step(case, tiny_model_dir, smollm2_dirs):
+    kind, prompts, group, prompt_len, new_tokens, settings = GRPO_CASES[case]
+    model_dir = tiny_model_dir if kind == "tiny" else smollm2_dirs[kind]
+    settings = ("train.method=grpo", f"rl.group_size={group}", f"rl.prompts_per_step={prompts}",
+                f"rl.max_new_tokens={new_tokens}", *settings)
+    update, rollouts = measured_grpo_peak(model_dir, prompts, group, prompt_len, new_tokens, settings)
+    cfg = load_config(None, list(settings))
+    est = plan_module.grpo_estimate(model_shape(model_dir), train_shape(cfg),
+                                    plan_module.rollout_shape(cfg, prompt_len))
+    assert est.phase == ("update" if update >= rollouts else "rollouts")
+    peak = max(update, rollouts)
+    assert abs(est.total / peak - 1) <= TOLERANCE, \
+        f"estimate {est.total / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB ({est.phase})"
+
+
+def test_a_grpo_plan_takes_the_longest_prompt_of_the_prepared_data_else_the_bound(tmp_path, recording_log, capsys):
+    model_dir = plan_dir(tmp_path, SMOLLM2)
+    cfg = load_config(None, ["train.method=grpo", "rl.max_new_tokens=256"])
+    offer = Offer(64 * GIB, "available RAM", "cpu")
+    unprepared = check_memory(cfg, model_dir, recording_log, offer=offer, cache_root=tmp_path / "cache")
+    assert unprepared.rl.prompt_tokens == 1023  # nothing prepared: prepare's bound (max_seq_len - 1)
+    assert "prompts of up to 1023 tokens (at most data.max_seq_len - 1 until the data is prepared)" \
+        in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    prepared_cache(cache, "sft-only", [900], problems=False)  # an SFT cache: not GRPO's prompts
+    prepared_cache(cache, "other-set", [700], dataset="gsm8k")
+    prepared_cache(cache, "this-one", [12, 180, 0, 95])  # 0: a later chunk of a long row
+    plan = check_memory(cfg, model_dir, recording_log, offer=offer, cache_root=cache)
+    assert plan.rl.prompt_tokens == 180 and plan.estimate.total < unprepared.estimate.total
+    line = capsys.readouterr().err
+    assert line.startswith("memory plan: GRPO, at its update, prompts of up to 180 tokens (the prepared data's "
+                           "longest): ~")
+    fields = recording_log.all("memory.plan")[-1]
+    assert (fields["method"], fields["prompt_tokens"], fields["group_size"], fields["max_new_tokens"]) == \
+        ("grpo", 180, 8, 256)
+    assert fields["peak_phase"] == "update" and fields["fits"] is True
+
+
+def test_a_7b_grpo_plan_that_does_not_fit_names_shorter_completions_and_checkpointing(tmp_path, recording_log):
+    model_dir = plan_dir(tmp_path, DEEPSEEK_7B)
+    prepared_cache(tmp_path / "cache", "k", [300])
+    cfg = load_config(None, ["train.method=grpo", "model.quantize_bits=4"])
+    shape = plan_module.ModelShape.from_config(DEEPSEEK_7B)
+    rl = plan_module.RolloutShape(8, 4, 300, 512)
+    as_is = plan_module.grpo_estimate(shape, train_shape(cfg), rl, "gpu")
+    assert as_is.phase == "update" and as_is.logits > 0
+    offer = Offer(int(as_is.total * 0.6), "MLX's recommended working set", "gpu")
+    with pytest.raises(InputError) as info:
+        check_memory(cfg, model_dir, recording_log, offer=offer, cache_root=tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith(f"memory plan: GRPO, at its update, prompts of up to 300 tokens (the prepared data's "
+                              f"longest): ~{size(as_is.total)} peak")
+    shorter = [n for n in (256, 128, 64) if plan_module.grpo_estimate(
+        shape, train_shape(cfg), plan_module.RolloutShape(8, 4, 300, n), "gpu").total <= offer.bytes]
+    assert shorter and f"rl.max_new_tokens = {shorter[0]}: ~" in message
+    checkpointed = plan_module.grpo_estimate(shape, train_shape(load_config(
+        None, ["train.method=grpo", "train.grad_checkpoint=true"])), rl, "gpu")
+    assert (f"train.grad_checkpoint = true: ~{size(checkpointed.total)}" in message) == \
+        (checkpointed.total <= offer.bytes)
+    assert "data.max_seq_len" not in message  # a GRPO sequence is its prompt and completion
+    assert "rl.max_new_tokens" in message.split("(Changing", 1)[1].split("starts a new run")[0]
+
+
+def test_a_grpo_steps_rollouts_peak_when_their_cache_outgrows_the_update():
+    """Many prompts, small groups: the rollouts' KV cache (the step's completions at once, up
+    to the cache budget) outgrows an update of one small group per micro-batch."""
+    shape = plan_module.ModelShape.from_config(SMOLLM2)
+    train = train_shape(load_config(None, ["train.batch_size=1"]))
+    wide = plan_module.grpo_estimate(shape, train, plan_module.RolloutShape(2, 256, 200, 512))
+    assert wide.phase == "rollouts" and wide.cache > 0 and wide.activations == 0
+    narrow = plan_module.grpo_estimate(shape, train, plan_module.RolloutShape(8, 2, 200, 64))
+    assert narrow.phase == "update" and narrow.cache == 0
 
 
 def test_a_config_without_the_usual_fields_is_skipped(tmp_path, recording_log):
