@@ -187,13 +187,31 @@ def _whole_logprobs(model: nn.Module, batch: GroupBatch) -> mx.array:
     start = min(len(p) for p in batch.prompts) - 1
     index = np.array([[min(len(batch.prompts[i // g]) - 1 + j, width - 2) - start for j in range(lc)]
                       for i in range(len(sequences))], dtype=np.int32)
-    from mathlora_daemon.training.model import body_and_head
+    from mathlora_daemon.training.model import body_and_head, grad_checkpointed
 
-    split = body_and_head(model) if start > 0 else None
-    if split is not None:  # the prompts' positions get no logits (a vocabulary each)
+    split = body_and_head(model) if start > 0 or grad_checkpointed(model) else None
+    if split is None:
+        lp = _select(model(tokens[:, :-1])[:, start:], tokens[:, start + 1:])
+    else:  # the prompts' positions get no logits (a vocabulary each)
         body, head = split
-        logits = head(body(tokens[:, :-1])[:, start:])
-    else:
-        logits = model(tokens[:, :-1])[:, start:]
-    lp = _select(logits, tokens[:, start + 1:])
+        lp = _head_logprobs(head, body(tokens[:, :-1])[:, start:], tokens[:, start + 1:], grad_checkpointed(model))
     return mx.take_along_axis(lp, mx.array(index), axis=1) * batch.mask
+
+
+def _head_logprobs(head, hidden: mx.array, targets: mx.array, sliced: bool) -> mx.array:
+    """The targets' log-probabilities from the body's output. `sliced` (gradient
+    checkpointing): a slice of about HEAD_CHUNK_ROWS positions at a time inside
+    mx.checkpoint, as the SFT step's head (training/step.py), so the backward recomputes
+    each slice's float32 logits instead of keeping them all (8 completions of 512 tokens
+    over a 102,400-token vocabulary: 1.7 GB each copy). The values are the same."""
+    if not sliced:
+        return _select(head(hidden), targets)
+    from mathlora_daemon.training.step import HEAD_CHUNK_ROWS
+
+    width = max(1, HEAD_CHUNK_ROWS // max(hidden.shape[0], 1))
+
+    def piece(t):  # the targets are closed over: the checkpoint differentiates only its input
+        return mx.checkpoint(lambda h: _select(head(h), t))
+
+    parts = [piece(targets[:, s:s + width])(hidden[:, s:s + width]) for s in range(0, hidden.shape[1], width)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)

@@ -95,8 +95,11 @@ CACHE_STEP = 256  # mlx-lm's KV caches grow by this many positions
 # peak: the loss reads the logits in float32 on every device (log-softmax, the selected
 # log-probabilities and their gradients); a 16-bit model adds its own logits and their
 # gradient. Its layers keep less than the compiled SFT step's figures say (GRPO_ACTIVATIONS
-# of them). Fitted to 34 CPU peaks (tests/unit/training/test_memory_plan.py keeps them).
+# of them). Fitted to 39 CPU peaks of the tiny Llama and SmolLM2-135M's shapes (2 and 6
+# layers, float32 and bfloat16, with and without checkpointing): 0.78-1.20 of the measured;
+# tests/unit/training/test_memory_plan.py measures six of them again.
 GRPO_LOGIT_BYTES = 10.0
+GRPO_SLICED_LOGIT_BYTES = 8.0  # with gradient checkpointing: the head in slices
 GRPO_HALF_LOGIT_BYTES = 2.0  # per byte of a 16-bit logit
 GRPO_ACTIVATIONS = 0.8
 # Rollouts: the cache (allocated CACHE_STEP positions at a time) and the float32 logits
@@ -367,7 +370,10 @@ def grpo_estimate(shape: ModelShape, train: TrainShape, rl: RolloutShape, device
     kept, backward = (GRPO_ACTIVATIONS * part for part in
                       _activation_parts(s, train, act, device, positions, attention, 0))
     logit_positions = rows * lc
-    per_logit = GRPO_LOGIT_BYTES + (GRPO_HALF_LOGIT_BYTES * act if act < 4 else 0)
+    # With checkpointing the head runs in slices (training/group_batch.py) recomputed in the
+    # backward; at the peak MLX still holds about four fifths of what the whole head does.
+    per_logit = (GRPO_SLICED_LOGIT_BYTES if train.grad_checkpoint else GRPO_LOGIT_BYTES) \
+        + (GRPO_HALF_LOGIT_BYTES * act if act < 4 else 0)
     head = logit_positions * s.vocab * per_logit + HEAD_HIDDEN * logit_positions * s.hidden * act
     update = kept + backward + max(0.0, head - backward)
     # Rollouts: every completion of the step decodes at once unless the cache budget splits them.

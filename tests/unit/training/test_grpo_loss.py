@@ -182,6 +182,36 @@ def test_a_groups_prompt_runs_once_with_the_whole_sequences_values_and_gradients
         assert np.allclose(np.array(flat1[name]), np.array(flat2[name]), atol=1e-4 * scale), name
 
 
+def test_with_checkpointing_the_head_runs_in_slices_with_the_same_values_and_gradients(arch_model, monkeypatch):
+    """Gradient checkpointing takes the whole-sequence path and makes the completions'
+    logits a slice of positions at a time (recomputed in the backward, not kept): the
+    log-probabilities, the loss and the LoRA gradients are those of the unsliced head."""
+    from mathlora_daemon.training import step
+    from mathlora_daemon.training.group_batch import shares_prefix
+    from mathlora_daemon.training.model import use_grad_checkpoint
+
+    model = arch_model
+    prompts, completions, advantages = _groups(np.random.default_rng(1))
+    batch = group_batches(prompts, completions, advantages, group_size=4, rows=64)[0]
+
+    def value_and_grads():
+        fn = nn.value_and_grad(model, lambda m: grpo_loss(m, batch, None, None, 0.0, 0.2, "dapo", 30.0, False)[0])
+        return completion_logprobs(model, batch, shared=False), *fn(model)
+
+    lp1, v1, g1 = value_and_grads()
+    use_grad_checkpoint(model)
+    monkeypatch.setattr(step, "HEAD_CHUNK_ROWS", 24)  # 12 rows: slices of 2 positions
+    assert not shares_prefix(model)  # checkpointed layers take whole sequences
+    lp2, v2, g2 = value_and_grads()
+    assert np.allclose(np.array(lp1), np.array(lp2), atol=2e-5)
+    assert v1.item() == pytest.approx(v2.item(), abs=1e-5)
+    flat1, flat2 = dict(_flat(g1)), dict(_flat(g2))
+    assert flat1.keys() == flat2.keys()
+    for name in flat1:
+        scale = float(np.abs(np.array(flat1[name])).max()) + 1e-6
+        assert np.allclose(np.array(flat1[name]), np.array(flat2[name]), atol=1e-4 * scale), name
+
+
 def test_micro_batches_hold_whole_groups():
     prompts, completions, advantages = _groups(np.random.default_rng(1))
     batches = group_batches(prompts, completions, advantages, group_size=4, rows=8)
