@@ -178,7 +178,10 @@ def _shared_logprobs(model: nn.Module, batch: GroupBatch) -> mx.array:
     return mx.concatenate(parts, axis=0)[inverse] * batch.mask
 
 
-def _whole_logprobs(model: nn.Module, batch: GroupBatch) -> mx.array:
+def _whole_inputs(batch: GroupBatch) -> tuple[mx.array, int, mx.array]:
+    """The whole-sequence path's (tokens (rows, width), the first position whose logits are
+    needed, index (rows, Lc): where each completion token's log-probability sits among
+    the positions from there)."""
     g, lc = batch.group_size, batch.completion_width
     sequences = [batch.prompts[i // g] + c for i, c in enumerate(batch.completions)]
     width = max(len(s) for s in sequences)
@@ -187,6 +190,11 @@ def _whole_logprobs(model: nn.Module, batch: GroupBatch) -> mx.array:
     start = min(len(p) for p in batch.prompts) - 1
     index = np.array([[min(len(batch.prompts[i // g]) - 1 + j, width - 2) - start for j in range(lc)]
                       for i in range(len(sequences))], dtype=np.int32)
+    return tokens, start, mx.array(index)
+
+
+def _whole_logprobs(model: nn.Module, batch: GroupBatch) -> mx.array:
+    tokens, start, index = _whole_inputs(batch)
     from mathlora_daemon.training.model import body_and_head, grad_checkpointed
 
     split = body_and_head(model) if start > 0 or grad_checkpointed(model) else None
@@ -195,7 +203,109 @@ def _whole_logprobs(model: nn.Module, batch: GroupBatch) -> mx.array:
     else:  # the prompts' positions get no logits (a vocabulary each)
         body, head = split
         lp = _head_logprobs(head, body(tokens[:, :-1])[:, start:], tokens[:, start + 1:], grad_checkpointed(model))
-    return mx.take_along_axis(lp, mx.array(index), axis=1) * batch.mask
+    return mx.take_along_axis(lp, index, axis=1) * batch.mask
+
+
+def _head_slices(positions: int, rows: int) -> list[tuple[int, int]]:
+    from mathlora_daemon.training.step import HEAD_CHUNK_ROWS
+
+    width = max(1, HEAD_CHUNK_ROWS // max(rows, 1))
+    return [(s, min(s + width, positions)) for s in range(0, positions, width)]
+
+
+def head_apart(model: nn.Module) -> bool:
+    """Whether `whole_value_and_grad` applies: gradient checkpointing on, a separate head
+    without trainable parameters, and no active dropout (its masks would differ between
+    the two forward passes)."""
+    from mlx.utils import tree_flatten
+
+    from mathlora_daemon.training.model import body_and_head, grad_checkpointed
+
+    split = body_and_head(model) if grad_checkpointed(model) else None
+    head_module = getattr(split[1], "__self__", split[1]) if split else None  # tied: the embedding's as_linear
+    if split is None or tree_flatten(head_module.trainable_parameters()):
+        return False
+    return not (model.training and any(isinstance(m, nn.Dropout) and getattr(m, "_p_1", 1.0) < 1.0
+                                       for _, m in model.named_modules()))
+
+
+def _sliced_head(body, head, inputs: mx.array, targets: mx.array, start: int):
+    """(the body's output from `start` on, without gradients; the targets' log-probabilities
+    made a slice of positions at a time, each evaluated before the next; the slices)."""
+    hidden = mx.stop_gradient(body(inputs)[:, start:])
+    mx.eval(hidden)
+    slices = _head_slices(hidden.shape[1], hidden.shape[0])
+    parts = []
+    for a, b in slices:
+        parts.append(_select(head(hidden[:, a:b]), targets[:, a:b]))
+        mx.eval(parts[-1])
+    return hidden, parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1), slices
+
+
+def evaluated_logprobs(model: nn.Module, batch: GroupBatch, shared: bool | None = None) -> mx.array:
+    """completion_logprobs without gradients, evaluated (the reference policy's and the
+    rollouts' own): where the head stands apart (head_apart), a slice of logits at a
+    time, so they never all exist at once."""
+    if shared is None:
+        shared = shares_prefix(model)
+    if shared or not head_apart(model):
+        lp = mx.stop_gradient(completion_logprobs(model, batch, shared))
+    else:
+        from mathlora_daemon.training.model import body_and_head
+
+        body, head = body_and_head(model)
+        tokens, start, index = _whole_inputs(batch)
+        _, lp_all, _ = _sliced_head(body, head, tokens[:, :-1], tokens[:, start + 1:], start)
+        lp = mx.take_along_axis(lp_all, index, axis=1) * batch.mask
+    mx.eval(lp)
+    return lp
+
+
+def whole_value_and_grad(model: nn.Module, batch: GroupBatch, objective):
+    """The GRPO loss and its gradients for the whole-sequence path with the head kept out
+    of the autograd graph (gradient checkpointing; see head_apart), for a 7B model's
+    completions: 8 of 512 tokens make 1.7 GB of float32 logits, which MLX keeps through
+    a differentiated head even in checkpointed slices. In three passes:
+
+    1. the body's output, without gradients;
+    2. the head a slice of positions at a time, each evaluated before the next: the
+       log-probabilities, then (after the objective's gradient with respect to them) each
+       slice's gradient with respect to the body's output (a vector-Jacobian product);
+    3. the body again under mx.vjp with that gradient: the trainable parameters' gradients.
+
+    `objective(lp)` takes the completions' log-probabilities (rows, Lc) and returns (loss,
+    aux). Return ((loss, aux), gradients) as nn.value_and_grad(model, ...) does: the same
+    values, an extra forward of the body, no logits beyond one slice."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mathlora_daemon.training.model import body_and_head
+
+    body, head = body_and_head(model)
+    tokens, start, index = _whole_inputs(batch)
+    inputs, targets = tokens[:, :-1], tokens[:, start + 1:]
+    hidden, lp_all, slices = _sliced_head(body, head, inputs, targets, start)
+
+    def on_logprobs(lp_all):
+        return objective(mx.take_along_axis(lp_all, index, axis=1) * batch.mask)
+
+    (loss, aux), d_lp = mx.value_and_grad(on_logprobs)(lp_all)
+    mx.eval(loss, aux, d_lp)
+    d_hidden = []
+    for a, b in slices:
+        _, (d,) = mx.vjp(lambda h, t=targets[:, a:b]: _select(head(h), t), [hidden[:, a:b]], [d_lp[:, a:b]])
+        mx.eval(d)
+        d_hidden.append(d)
+    d_hidden = d_hidden[0] if len(d_hidden) == 1 else mx.concatenate(d_hidden, axis=1)
+    del hidden
+
+    names, arrays = zip(*tree_flatten(model.trainable_parameters()))
+
+    def forward(*params):
+        model.update(tree_unflatten(list(zip(names, params))))
+        return body(inputs)[:, start:]
+
+    _, grads = mx.vjp(forward, list(arrays), [d_hidden])
+    return (loss, aux), tree_unflatten(list(zip(names, grads)))
 
 
 def _head_logprobs(head, hidden: mx.array, targets: mx.array, sliced: bool) -> mx.array:

@@ -134,6 +134,23 @@ def grpo_loss(model: nn.Module, batch, ref: mx.array | None, old: mx.array | Non
     return grpo_objective(lp, batch.mask, mx.array(batch.advantages), ref, old, beta, epsilon, loss, norm)
 
 
+def grpo_value_and_grad(model: nn.Module):
+    """nn.value_and_grad(model, grpo_loss), but with gradient checkpointing the head stays
+    out of the autograd graph (training/group_batch.py's whole_value_and_grad: one slice of
+    logits at a time instead of all of them); the same values and gradients."""
+    plain = nn.value_and_grad(model, grpo_loss)
+
+    def value_and_grad(model_, batch, ref, old, beta, epsilon, loss, norm, shared=None):
+        from mathlora_daemon.training.group_batch import head_apart, whole_value_and_grad
+
+        if shared or not head_apart(model_):
+            return plain(model_, batch, ref, old, beta, epsilon, loss, norm, shared)
+        return whole_value_and_grad(model_, batch, lambda lp: grpo_objective(
+            lp, batch.mask, mx.array(batch.advantages), ref, old, beta, epsilon, loss, norm))
+
+    return value_and_grad
+
+
 class GRPOStep:
     """The GRPO optimizer step, called by the loop like training/step.py's train_step.
 
@@ -148,7 +165,7 @@ class GRPOStep:
         self.problems, self.rl, self.train_cfg = problems, rl_cfg, train_cfg
         self.interruptible, self.should_abort, self.update = interruptible, should_abort, update
         self._prompts: dict[int, list[int]] = {}
-        self.loss_and_grad = nn.value_and_grad(model, grpo_loss)
+        self.loss_and_grad = grpo_value_and_grad(model)
 
     def prompt(self, index: int) -> list[int]:
         if index not in self._prompts:
@@ -209,7 +226,7 @@ class GRPOStep:
     def __call__(self, step: int, indices: list[int], lr: float, max_grad_norm: float,
                  rows: int | None = None) -> GRPOResult | None:
         from mathlora_daemon.runtime.signals import Interrupted
-        from mathlora_daemon.training.group_batch import completion_logprobs, group_batches, shares_prefix
+        from mathlora_daemon.training.group_batch import evaluated_logprobs, group_batches, shares_prefix
         from mathlora_daemon.training.model import adapters_as, adapters_off
 
         try:
@@ -234,14 +251,13 @@ class GRPOStep:
         was_training, reference_started = self.model.training, time.monotonic()
         self.model.eval()  # the reference and the rollouts' own log-probabilities: no dropout
         ref = old = None
+        # One micro-batch at a time, evaluated: their logits never all exist at once.
         if self.rl.beta > 0:
             reference = adapters_off(self.model) if self.reference is None else adapters_as(self.model, self.reference)
             with reference:
-                ref = [mx.stop_gradient(completion_logprobs(self.model, b, shared)) for b in batch]
-                mx.eval(ref)
+                ref = [evaluated_logprobs(self.model, b, shared) for b in batch]
         if self.rl.updates_per_batch > 1:
-            old = [mx.stop_gradient(completion_logprobs(self.model, b, shared)) for b in batch]
-            mx.eval(old)
+            old = [evaluated_logprobs(self.model, b, shared) for b in batch]
         self.model.train(was_training)
         reference_s = time.monotonic() - reference_started
         if self.should_abort():

@@ -36,8 +36,9 @@ MLX's autograd under `mx.compile`), in bytes:
 A GRPO step (grpo_estimate) peaks in one of its two phases: the rollouts (the KV cache of
 a rollout batch, bounded by ROLLOUT_CACHE_BYTES, and the logits being sampled) or the
 update, which runs uncompiled over whole groups: each prompt once and its completions
-after it (training/group_batch.py; whole sequences with checkpointing), the vocabulary only
-at completion positions (GRPO_LOGIT_BYTES), the layers as above.
+after it (training/group_batch.py), the vocabulary only at completion positions
+(GRPO_LOGIT_BYTES), the layers as above; with checkpointing, whole sequences with the head
+apart from the autograd graph, one slice of logits at a time (GRPO_SLICE_LOGIT_BYTES).
 
 The coefficients were fitted to 96 peaks measured on MLX's CPU backend
 (`mx.get_peak_memory()` over a compiled step: Llamas of hidden 32 to 576, 1 to 30 layers,
@@ -95,11 +96,11 @@ CACHE_STEP = 256  # mlx-lm's KV caches grow by this many positions
 # peak: the loss reads the logits in float32 on every device (log-softmax, the selected
 # log-probabilities and their gradients); a 16-bit model adds its own logits and their
 # gradient. Its layers keep less than the compiled SFT step's figures say (GRPO_ACTIVATIONS
-# of them). Fitted to 39 CPU peaks of the tiny Llama and SmolLM2-135M's shapes (2 and 6
-# layers, float32 and bfloat16, with and without checkpointing): 0.78-1.20 of the measured;
-# tests/unit/training/test_memory_plan.py measures six of them again.
+# of them). Fitted to 31 CPU peaks of the tiny Llama and SmolLM2-135M's shapes (2 and 6
+# layers, float32 and bfloat16, with and without checkpointing): 0.85-1.20 of the measured;
+# tests/unit/training/test_memory_plan.py measures five such steps again.
 GRPO_LOGIT_BYTES = 10.0
-GRPO_SLICED_LOGIT_BYTES = 8.0  # with gradient checkpointing: the head in slices
+GRPO_SLICE_LOGIT_BYTES = 14.0  # with checkpointing, per entry of the one slice at a time
 GRPO_HALF_LOGIT_BYTES = 2.0  # per byte of a 16-bit logit
 GRPO_ACTIVATIONS = 0.8
 # Rollouts: the cache (allocated CACHE_STEP positions at a time) and the float32 logits
@@ -370,12 +371,18 @@ def grpo_estimate(shape: ModelShape, train: TrainShape, rl: RolloutShape, device
     kept, backward = (GRPO_ACTIVATIONS * part for part in
                       _activation_parts(s, train, act, device, positions, attention, 0))
     logit_positions = rows * lc
-    # With checkpointing the head runs in slices (training/group_batch.py) recomputed in the
-    # backward; at the peak MLX still holds about four fifths of what the whole head does.
-    per_logit = (GRPO_SLICED_LOGIT_BYTES if train.grad_checkpoint else GRPO_LOGIT_BYTES) \
-        + (GRPO_HALF_LOGIT_BYTES * act if act < 4 else 0)
-    head = logit_positions * s.vocab * per_logit + HEAD_HIDDEN * logit_positions * s.hidden * act
-    update = kept + backward + max(0.0, head - backward)
+    per_logit = GRPO_SLICE_LOGIT_BYTES if train.grad_checkpoint else \
+        GRPO_LOGIT_BYTES + (GRPO_HALF_LOGIT_BYTES * act if act < 4 else 0)
+    # With checkpointing the head stands apart from the autograd graph and runs a slice of
+    # about HEAD_CHUNK_ROWS positions at a time (training/group_batch.py's
+    # whole_value_and_grad): one slice's logits exist at once.
+    sliced = rows * min(lc, max(1, HEAD_CHUNK_ROWS // rows)) if train.grad_checkpoint else logit_positions
+    head = sliced * s.vocab * per_logit + HEAD_HIDDEN * logit_positions * s.hidden * act
+    # The head's peak comes on top of what the layers keep for the backward, but the
+    # sliced head runs between the body's passes, with nothing of theirs alive.
+    beside = backward + (kept if train.grad_checkpoint else 0.0)
+    logits = max(0.0, head - beside)
+    update = kept + backward + logits
     # Rollouts: every completion of the step decodes at once unless the cache budget splits them.
     completions = rl.prompts * rl.group_size
     per_token = rollout_cache_bytes(s, device)
@@ -387,7 +394,7 @@ def grpo_estimate(shape: ModelShape, train: TrainShape, rl: RolloutShape, device
         return Estimate(weights=weight_bytes(s, device), lora=lora, activations=0, logits=0,
                         workspace=_workspace(s, act), cache=int(cache), phase="rollouts")
     return Estimate(weights=weight_bytes(s, device), lora=lora, activations=int(kept + backward),
-                    logits=int(max(0.0, head - backward)), workspace=_workspace(s, act), phase="update")
+                    logits=int(logits), workspace=_workspace(s, act), phase="update")
 
 
 # --- the run's model and settings ------------------------------------------------------------

@@ -212,6 +212,43 @@ def test_with_checkpointing_the_head_runs_in_slices_with_the_same_values_and_gra
         assert np.allclose(np.array(flat1[name]), np.array(flat2[name]), atol=1e-4 * scale), name
 
 
+@pytest.mark.parametrize("loss", ["dapo", "grpo"])
+def test_with_checkpointing_the_head_stays_out_of_the_graph_with_the_same_values_and_gradients(
+        arch_model, monkeypatch, loss):
+    """The three-pass gradient (the body without gradients, the head slice by slice with
+    vector-Jacobian products, the body again under mx.vjp) gives the loss, the metrics and
+    the LoRA gradients of plain autograd, for a policy against a reference and old
+    log-probabilities (the clipped ratios)."""
+    from mathlora_daemon.training import step
+    from mathlora_daemon.training.group_batch import evaluated_logprobs, head_apart
+    from mathlora_daemon.training.grpo import grpo_value_and_grad
+    from mathlora_daemon.training.model import use_grad_checkpoint
+
+    model = arch_model
+    rng = np.random.default_rng(2)
+    prompts, completions, advantages = _groups(rng)
+    batch = group_batches(prompts, completions, advantages, group_size=4, rows=64)[0]
+    ref = completion_logprobs(model, batch, shared=False) + mx.array(rng.normal(0, 0.1, batch.mask.shape)
+                                                                     .astype(np.float32))
+    old = completion_logprobs(model, batch, shared=False) + mx.array(rng.normal(0, 0.3, batch.mask.shape)
+                                                                     .astype(np.float32))
+    args = (batch, ref * batch.mask, old * batch.mask, 0.04, 0.2, loss, 30.0, False)
+    (v1, (kl1, clip1)), g1 = nn.value_and_grad(model, grpo_loss)(model, *args)
+    use_grad_checkpoint(model)
+    monkeypatch.setattr(step, "HEAD_CHUNK_ROWS", 24)  # 12 rows: slices of 2 positions
+    assert head_apart(model)
+    (v2, (kl2, clip2)), g2 = grpo_value_and_grad(model)(model, *args)
+    lp = completion_logprobs(model, batch, shared=False)
+    assert np.allclose(np.array(evaluated_logprobs(model, batch, False)), np.array(lp), atol=2e-5)
+    assert v1.item() == pytest.approx(v2.item(), abs=1e-5)
+    assert kl1.item() == pytest.approx(kl2.item(), rel=1e-4) and clip1.item() == clip2.item() > 0
+    flat1, flat2 = dict(_flat(g1)), dict(_flat(g2))
+    assert flat1.keys() == flat2.keys()
+    for name in flat1:
+        scale = float(np.abs(np.array(flat1[name])).max()) + 1e-6
+        assert np.allclose(np.array(flat1[name]), np.array(flat2[name]), atol=1e-4 * scale), name
+
+
 def test_micro_batches_hold_whole_groups():
     prompts, completions, advantages = _groups(np.random.default_rng(1))
     batches = group_batches(prompts, completions, advantages, group_size=4, rows=8)

@@ -330,8 +330,8 @@ def measured_grpo_peak(model_dir: Path, prompts: int, group: int, prompt_len: in
     rollouts (sampling every completion to `new_tokens`); return the peaks (bytes) of the
     update (with the reference pass) and of the rollouts, each from before the model
     loaded. Prompts and completions are random tokens of exactly the given lengths."""
-    from mathlora_daemon.training.group_batch import completion_logprobs, group_batches, shares_prefix
-    from mathlora_daemon.training.grpo import grpo_loss
+    from mathlora_daemon.training.group_batch import evaluated_logprobs, group_batches, shares_prefix
+    from mathlora_daemon.training.grpo import grpo_value_and_grad
     from mathlora_daemon.training.rollouts import sample_rollouts
 
     cfg = load_config(None, settings)
@@ -351,10 +351,9 @@ def measured_grpo_peak(model_dir: Path, prompts: int, group: int, prompt_len: in
     batches = group_batches(prompt_ids, completions, rng.standard_normal(prompts * group).astype(np.float32),
                             group, cfg.train.batch_size)
     model.eval()
-    reference = [mx.stop_gradient(completion_logprobs(model, b, shared)) for b in batches]
-    mx.eval(reference)
+    reference = [evaluated_logprobs(model, b, shared) for b in batches]
     model.train()
-    loss_and_grad = nn.value_and_grad(model, grpo_loss)
+    loss_and_grad = grpo_value_and_grad(model)
     for b, ref in zip(batches, reference):
         (loss, stats), grads = loss_and_grad(model, b, ref, None, 0.04, 0.2, "dapo", 100.0, shared)
         mx.eval(grads, loss, stats)
