@@ -313,15 +313,14 @@ def _head_logprobs(head, hidden: mx.array, targets: mx.array, sliced: bool) -> m
     checkpointing): a slice of about HEAD_CHUNK_ROWS positions at a time inside
     mx.checkpoint, as the SFT step's head (training/step.py), so the backward recomputes
     each slice's float32 logits instead of keeping them all (8 completions of 512 tokens
-    over a 102,400-token vocabulary: 1.7 GB each copy). The values are the same."""
+    over a 102,400-token vocabulary: 1.7 GB each copy), though MLX still holds most of them
+    at the peak: whole_value_and_grad is the path that does not (this one serves where it
+    cannot: active dropout, a trained head). The values are the same."""
     if not sliced:
         return _select(head(hidden), targets)
-    from mathlora_daemon.training.step import HEAD_CHUNK_ROWS
-
-    width = max(1, HEAD_CHUNK_ROWS // max(hidden.shape[0], 1))
 
     def piece(t):  # the targets are closed over: the checkpoint differentiates only its input
         return mx.checkpoint(lambda h: _select(head(h), t))
 
-    parts = [piece(targets[:, s:s + width])(hidden[:, s:s + width]) for s in range(0, hidden.shape[1], width)]
+    parts = [piece(targets[:, a:b])(hidden[:, a:b]) for a, b in _head_slices(hidden.shape[1], hidden.shape[0])]
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
