@@ -130,8 +130,13 @@ def grpo_loss(model: nn.Module, batch, ref: mx.array | None, old: mx.array | Non
     """grpo_objective over one micro-batch of whole groups (training/group_batch.py)."""
     from mathlora_daemon.training.group_batch import completion_logprobs
 
-    lp = completion_logprobs(model, batch, shared)
-    return grpo_objective(lp, batch.mask, mx.array(batch.advantages), ref, old, beta, epsilon, loss, norm)
+    return batch_objective(batch, ref, old, beta, epsilon, loss, norm)(completion_logprobs(model, batch, shared))
+
+
+def batch_objective(batch, ref: mx.array | None, old: mx.array | None, beta: float, epsilon: float, loss: str,
+                    norm: float):
+    """grpo_objective for one micro-batch, as a function of its log-probabilities."""
+    return lambda lp: grpo_objective(lp, batch.mask, mx.array(batch.advantages), ref, old, beta, epsilon, loss, norm)
 
 
 def grpo_value_and_grad(model: nn.Module):
@@ -145,8 +150,7 @@ def grpo_value_and_grad(model: nn.Module):
 
         if shared or not head_apart(model_):
             return plain(model_, batch, ref, old, beta, epsilon, loss, norm, shared)
-        return whole_value_and_grad(model_, batch, lambda lp: grpo_objective(
-            lp, batch.mask, mx.array(batch.advantages), ref, old, beta, epsilon, loss, norm))
+        return whole_value_and_grad(model_, batch, batch_objective(batch, ref, old, beta, epsilon, loss, norm))
 
     return value_and_grad
 

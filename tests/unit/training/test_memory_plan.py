@@ -70,18 +70,25 @@ def model_dir_from(config: dict, out: Path, tokenizer_from: Path, dtype=mx.float
     return out
 
 
-def measured_peak(model_dir: Path, cfg, steps: int = 1) -> int:
-    """Load the model as `run` does, add LoRA, take real optimizer steps of full-length
-    micro-batches with the daemon's compiled step; return MLX's peak memory (bytes) from
-    before the model was loaded."""
+def loaded_with_lora(model_dir: Path, cfg):
+    """Load the model as `run` does, evaluate its weights, reset MLX's peak and add LoRA
+    (and checkpointing, when set): (model, tokenizer, the active memory before loading)."""
     mx.clear_cache()
     base = mx.get_active_memory()
-    model, _, _ = load_base(model_dir)
+    model, tokenizer, _ = load_base(model_dir)
     mx.eval(model.parameters())
     mx.reset_peak_memory()
     apply_lora(model, cfg)
     if cfg.train.grad_checkpoint:
         use_grad_checkpoint(model)
+    return model, tokenizer, base
+
+
+def measured_peak(model_dir: Path, cfg, steps: int = 1) -> int:
+    """Load the model as `run` does, add LoRA, take real optimizer steps of full-length
+    micro-batches with the daemon's compiled step; return MLX's peak memory (bytes) from
+    before the model was loaded."""
+    model, _, base = loaded_with_lora(model_dir, cfg)
     model.train()
     t, b, accumulation = cfg.data.max_seq_len, cfg.train.batch_size, cfg.train.grad_accumulation_steps
     rng = np.random.default_rng(0)
@@ -335,14 +342,7 @@ def measured_grpo_peak(model_dir: Path, prompts: int, group: int, prompt_len: in
     from mathlora_daemon.training.rollouts import sample_rollouts
 
     cfg = load_config(None, settings)
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    model, tokenizer, _ = load_base(model_dir)
-    mx.eval(model.parameters())
-    mx.reset_peak_memory()
-    apply_lora(model, cfg)
-    if cfg.train.grad_checkpoint:
-        use_grad_checkpoint(model)
+    model, tokenizer, base = loaded_with_lora(model_dir, cfg)
     rng = np.random.default_rng(0)
     vocab = model.args.vocab_size
     prompt_ids = [[int(t) for t in rng.integers(3, vocab, size=prompt_len)] for _ in range(prompts)]
