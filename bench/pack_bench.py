@@ -150,6 +150,9 @@ def main() -> int:
               "train.eval_sequences=0", "--set", "train.final_eval=0", "--set", "train.epochs=100",
               "--set", "daemon.checkpoint_every_steps=0"]
     results = {}
+    record = {"command": " ".join(sys.argv), "platform": platform.platform(), "device": str(mx.default_device()),
+              "mlx": mx.__version__, "model": str(args.model_dir), "max_seq_len": args.max_seq_len,
+              "batch": args.batch, "rows": args.rows, "steps": args.steps, "results": results}
     for name in args.sets.split(","):
         # The fixed set's rows are all full: its grouped run takes as many rows as a packed
         # micro-batch, so it is the fixed-length rate at the same positions per micro-batch.
@@ -161,18 +164,19 @@ def main() -> int:
                          common + ["--set", "data.pack=true", "--set", f"train.batch_size={args.rows}"], log)
         results[name] = {"grouped": grouped, "packed": packed,
                          "packed_over_grouped": round(packed["tokens_per_s"] / grouped["tokens_per_s"], 3)}
+        if "fixed" in results:
+            rate = results["fixed"]["grouped"]["tokens_per_s"]
+            for r in results.values():
+                r["packed_over_fixed"] = round(r["packed"]["tokens_per_s"] / rate, 3)
         print(name, json.dumps(results[name]), flush=True)
-    if "fixed" in results:
-        rate = results["fixed"]["grouped"]["tokens_per_s"]
-        for name, r in results.items():
-            r["packed_over_fixed"] = round(r["packed"]["tokens_per_s"] / rate, 3)
-    record = {"command": " ".join(sys.argv), "platform": platform.platform(), "device": str(mx.default_device()),
-              "mlx": mx.__version__, "model": str(args.model_dir), "max_seq_len": args.max_seq_len,
-              "batch": args.batch, "rows": args.rows, "steps": args.steps, "results": results}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2))
+        write(args.out, record)  # each set as it ends: a run cut short by a device limit keeps what it measured
     return 0
+
+
+def write(out: Path | None, record: dict) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

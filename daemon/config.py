@@ -263,8 +263,9 @@ class RLConfig:
                                     "1.0 for a correct one")
     skip_flat_groups: int = key(0, fingerprint=True, check=lambda v: 0 <= v <= 16, allowed="0 to 16",
                                 expected="an integer from 0 to 16",
-                                help="resample a group whose rewards are all equal (no signal) up to this many times "
-                                     "(DAPO's dynamic sampling; 0 = keep them, counted as zero_advantage_share)")
+                                help="replace a group whose rewards are all equal (no signal) by a group of another "
+                                     "training problem, up to this many rounds a step (DAPO's dynamic sampling; "
+                                     "0 = keep them, counted as zero_advantage_share)")
     init_adapters: str = key("", fingerprint=True, allowed='`""` or a path',
                              help="start GRPO from these (SFT) adapters; \"\" = fresh LoRA")
     sft_share: float = key(0.5, check=lambda v: 0 < v < 1, allowed="(0, 1)", expected="a number > 0 and < 1",

@@ -5,8 +5,9 @@ One optimizer step of `train.method = "grpo"`:
 1. rollouts: for each of the step's `rl.prompts_per_step` problems, `rl.group_size`
    completions sampled under the current adapters (training/rollouts.py), each seeded from
    (train.seed, step, problem index, sample), so a resumed run samples exactly the same
-   completions; groups whose rewards are all equal carry no signal and may be resampled
-   (`rl.skip_flat_groups`, DAPO's dynamic sampling, with the attempt in the seed);
+   completions; groups whose rewards are all equal carry no signal and may be replaced by
+   groups of other problems (`rl.skip_flat_groups`, DAPO's dynamic sampling: the problems
+   drawn from (seed, step, attempt), so a resumed run draws the same);
 2. rewards (training/rewards.py): 1 for a final answer math-verify finds equal to the
    reference, plus `rl.format_weight` for one given boxed or on a "Final Answer" line;
 3. advantages: each reward against its group's mean (divided by the group's std for
@@ -89,6 +90,20 @@ def rollout_seeds(seed: int, step: int, index: int, group_size: int, attempt: in
     these numbers only: the same after a resume, whatever else shares the batch)."""
     ss = np.random.SeedSequence([seed, step, index, attempt])
     return [int(v) % SEED_SPACE for v in ss.generate_state(group_size, dtype=np.uint64)]
+
+
+def replacement_problems(seed: int, step: int, attempt: int, count: int, taken: list[int], wanted: int) -> list[int]:
+    """Up to `wanted` problem indices (of `count`) not in `taken`, drawn for flat groups
+    from (seed, step, attempt) only, so a resumed run draws the same ones."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, step, attempt, 0xF1A7]))
+    busy = set(taken)
+    out: list[int] = []
+    for i in rng.permutation(count).tolist():
+        if len(out) == wanted:
+            break
+        if i not in busy:
+            out.append(i)
+    return out
 
 
 def group_advantages(rewards: np.ndarray, loss: str) -> np.ndarray:
@@ -200,31 +215,37 @@ class GRPOStep:
         return scores, rewards.reshape(len(indices), self.rl.group_size)
 
     def rollouts(self, step: int, indices: list[int]):
-        """Sample, score, and resample flat groups: (rollouts, scores, rewards (P, G),
-        generated tokens, generation seconds, groups resampled)."""
+        """Sample, score, and replace flat groups: (rollouts, scores, rewards (P, G),
+        generated tokens, generation seconds, groups resampled, the problems trained on)."""
         rollouts, stats = self._sample(step, indices, 0)
         scored = time.monotonic()
         scores, rewards = self._score(rollouts, indices)
         self.reward_s = time.monotonic() - scored
-        tokens, seconds, resampled = stats["tokens"], stats["seconds"], 0
+        tokens, seconds, resampled, indices = stats["tokens"], stats["seconds"], 0, list(indices)
         for attempt in range(1, self.rl.skip_flat_groups + 1):
             flat = [p for p in range(len(indices)) if np.ptp(rewards[p]) == 0]
             if not flat:
                 break
-            again, stats = self._sample(step, [indices[p] for p in flat], attempt)
+            # Other problems, not the same ones again: a problem the policy answered the
+            # same way G times (all right or all wrong) is likely to do so again.
+            drawn = replacement_problems(self.train_cfg.seed, step, attempt, len(self.problems), indices, len(flat))
+            if not drawn:
+                break
+            flat = flat[:len(drawn)]
+            again, stats = self._sample(step, drawn, attempt)
             tokens, seconds, resampled = tokens + stats["tokens"], seconds + stats["seconds"], resampled + len(flat)
             scored = time.monotonic()
-            again_scores, again_rewards = self._score(again, [indices[p] for p in flat])
+            again_scores, again_rewards = self._score(again, drawn)
             self.reward_s += time.monotonic() - scored
             g = self.rl.group_size
             for k, p in enumerate(flat):
-                if np.ptp(again_rewards[k]) > 0:  # keep a group that now has a signal
+                if np.ptp(again_rewards[k]) > 0:  # keep a group that has a signal
                     for j in range(g):
                         r = again[k * g + j]
                         r.row = p
                         rollouts[p * g + j], scores[p * g + j] = r, again_scores[k * g + j]
-                    rewards[p] = again_rewards[k]
-        return rollouts, scores, rewards, tokens, seconds, resampled
+                    rewards[p], indices[p] = again_rewards[k], drawn[k]
+        return rollouts, scores, rewards, tokens, seconds, resampled, indices
 
     # -- 3. to 5. the update ----------------------------------------------------------------
     def __call__(self, step: int, indices: list[int], lr: float, max_grad_norm: float,
@@ -235,7 +256,7 @@ class GRPOStep:
 
         try:
             with self.interruptible():
-                rollouts, scores, rewards, gen_tokens, gen_s, resampled = self.rollouts(step, indices)
+                rollouts, scores, rewards, gen_tokens, gen_s, resampled, indices = self.rollouts(step, indices)
                 testhooks.hold_point("rollout", step + 1)  # the crash tests' "mid-rollout"
         except Interrupted:
             return None  # nothing applied: the resumed run samples the very same completions
