@@ -33,6 +33,12 @@ memory() {  # issue 22.1 / 22.2: 7B 4-bit peak, what the in-flight work holds, t
   timeout 100 $b --grad-checkpoint --out "$OUT/h200-7b-bf16-gc.json" 2>&1 | tail -n 15
 }
 
+memory_bf16_limit() {  # issue 22.2: 7B bf16 + checkpointing under the plan's own limit (15.48 GB x 1.2 = 17.3 GiB)
+  env_setup
+  timeout 200 python3 bench/train_bench.py --shape deepseek-7b --batch 1 --steps 5 --warmup 2 --which daemon \
+    --prep-rows 0 --grad-checkpoint --memory-limit-gb 17.3 --out "$OUT/h100-7b-bf16-gc-limit.json" 2>&1 | tail -n 15
+}
+
 grpo_start() {  # issue 21.7: base, SFT W, SFT W/2 + GRPO W/2, then the side-by-side with mlx-lm-lora
   env_setup
   smollm2

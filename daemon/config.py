@@ -162,8 +162,8 @@ class TrainConfig:
                               help="validation sequences whose loss is measured at every checkpoint (a fixed subset; "
                                    "the time counts against the budget)")
     select: str = key("best", check=lambda v: v in ("best", "last"), allowed="best, last", expected='"best" or "last"',
-                      help="what adapters/ holds at the end: the checkpoint with the lowest validation loss, or the "
-                           "last one")
+                      help="what adapters/ holds at the end: the checkpoint with the lowest validation loss (GRPO "
+                           "from adapters: those adapters when no checkpoint beat them), or the last one")
     early_stop_evals: int = key(0, check=lambda v: 0 <= v <= 10000, allowed=">= 0 (0 = off)",
                                 expected="an integer >= 0 (0 = off)",
                                 help="stop after this many validation evaluations without a new best")

@@ -286,8 +286,10 @@ def _warnings(report: dict | None) -> list[str]:
     best_acc, base_acc = json_number(report.get("best_val_accuracy")), json_number(report.get("base_val_accuracy"))
     if best_acc is not None:
         if base_acc is not None and best_acc <= base_acc:
-            return ["No checkpoint beat the starting point on validation accuracy: keep the adapters GRPO "
-                    "started from (try a lower train.learning_rate or more steps)."]
+            kept = ("adapters/ holds the adapters GRPO started from" if json_int(report.get("selected_step")) == 0
+                    else "the adapters GRPO started from may be better")
+            return [f"No checkpoint beat the starting point on validation accuracy: {kept} (try a lower "
+                    "train.learning_rate or more steps)."]
         return []
     best, base = json_number(report.get("best_val_loss")), json_number(report.get("base_val_loss"))
     if best is not None and base is not None and best >= base:

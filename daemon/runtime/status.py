@@ -447,8 +447,10 @@ def report_lines(report: dict) -> list[str]:
             text += f" vs {100 * base_acc:.1f}% at step 0 (where GRPO started)"
         rows.append(("val acc", text))
         if base_acc is not None and best_acc <= base_acc:
-            rows.append(("warning", "no checkpoint beat the starting point on validation accuracy: keep the "
-                                    "adapters GRPO started from (try a lower train.learning_rate or more steps)"))
+            kept = ("adapters/ holds the adapters GRPO started from" if json_int(report.get("selected_step")) == 0
+                    else "the adapters GRPO started from may be better")
+            rows.append(("warning", f"no checkpoint beat the starting point on validation accuracy: {kept} (try a "
+                                    "lower train.learning_rate or more steps)"))
         first_r, recent_r = json_number(report.get("first_reward")), json_number(report.get("recent_reward"))
         if first_r is not None and recent_r is not None:
             rows.append(("reward", f"{first_r:.3f} at step 1 -> {recent_r:.3f} (mean of the last 10 steps)"))

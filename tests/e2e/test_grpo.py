@@ -24,7 +24,10 @@ GRPO = ("--set", 'train.method="grpo"', "--set", 'rl.init_adapters="sft/adapters
         "--set", "rl.prompts_per_step=2", "--set", "rl.max_new_tokens=40", "--set", f"train.max_steps={STEPS}",
         "--set", "daemon.checkpoint_every_steps=2", "--set", "train.learning_rate=5e-4", "--set",
         "train.warmup_steps=0", "--set", "train.eval_sequences=8", "--set", "train.final_eval=0",
-        "--set", "daemon.keep_checkpoints=10")
+        "--set", "daemon.keep_checkpoints=10",
+        # The last step's adapters: what the resume tests compare bit for bit. With "best",
+        # six steps that never beat the start would all end with the start's adapters.
+        "--set", 'train.select="last"')
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +119,27 @@ def test_the_budget_ends_a_grpo_run(grpo_template, tmp_path):
     assert 0 < len(steps) < 400
     assert sum(e["step_s"] for e in steps) <= 6 + max(e["step_s"] for e in steps)
     assert json.loads((run / "report.json").read_text())["state"] == "budget_exhausted"
+
+
+def test_when_no_checkpoint_beats_its_start_adapters_holds_the_adapters_grpo_started_from(grpo_template,
+                                                                                             tmp_path):
+    """A rate that wrecks the policy: no checkpoint reaches the SFT start's validation
+    accuracy, so the morning's adapters are the SFT adapters, not the least bad wreck."""
+    import mlx.core as mx
+    import numpy as np
+
+    run = copy_run(grpo_template, tmp_path / "run")
+    finish(start(run, *GRPO, "--set", "train.learning_rate=0.5", "--set", "train.eval_sequences=60",
+                 "--set", 'train.select="best"'))
+    evals = events(run, "train.eval")
+    assert evals[0]["step"] == 0 and evals[0]["val_accuracy"] > 0, evals
+    assert max(e["val_accuracy"] for e in evals[1:]) < evals[0]["val_accuracy"], evals
+    kept, started = (mx.load(str(d / "adapters.safetensors")) for d in (run / "adapters", run / "sft" / "adapters"))
+    assert kept.keys() == started.keys()
+    assert all(np.array_equal(np.array(kept[k]), np.array(started[k])) for k in kept)
+    selected = json.loads((run / "adapters" / "adapter_config.json").read_text())["selected"]
+    assert selected["step"] == 0 and "started from" in selected["rule"]
+    assert "adapters/ holds the adapters GRPO started from" in cli("status", run=run).stdout
 
 
 def test_grpo_adapters_are_ordinary_lora_adapters(grpo_reference, tmp_path):

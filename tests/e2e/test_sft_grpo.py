@@ -21,7 +21,10 @@ STAGED = ("--set", 'train.method="sft+grpo"', "--set", "rl.group_size=4", "--set
           "--set", "rl.max_new_tokens=32", "--set", f"train.max_steps={STEPS}", "--set",
           "daemon.checkpoint_every_steps=2", "--set", "train.learning_rate=5e-4", "--set", "rl.learning_rate=2e-4",
           "--set", "train.warmup_steps=0", "--set", "train.eval_sequences=8", "--set", "train.final_eval=0",
-          "--set", "daemon.keep_checkpoints=10")
+          "--set", "daemon.keep_checkpoints=10",
+          # The last steps' adapters, compared bit for bit after a kill: with "best", a GRPO
+          # stage that never beat its start would end with the SFT stage's adapters.
+          "--set", 'train.select="last"')
 
 
 @pytest.fixture(scope="session")

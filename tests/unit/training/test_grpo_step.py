@@ -1,9 +1,10 @@
-"""rl.skip_flat_groups (training/grpo.py): a group whose rewards are all equal carries no
-signal, so it is replaced by a group of another training problem (DAPO's dynamic
-sampling). The replacements are drawn from (seed, step, attempt) only, so a resumed run
-trains on the very same groups. Sampling is real (the tiny model); the verdicts come from
-the problems' references: "never" is never right, "live" is right for completions of even
-length, so a "never" group is always flat and a "live" group has a signal."""
+"""GRPOStep (training/grpo.py) on the tiny model, sampling for real: an update moves
+probability toward the completions that beat their group; `rl.skip_flat_groups` replaces
+a group whose rewards are all equal (no signal) by a group of another training problem
+(DAPO's dynamic sampling), drawn from (seed, step, attempt) only, so a resumed run trains
+on the very same groups. The verdicts come from the problems' references: "never" is
+never right, "live" is right for completions of even length, so a "never" group is
+always flat and a "live" group has a signal."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 from mathlora_daemon.config import load_config
 from mathlora_daemon.runtime.signals import Flags
 from mathlora_daemon.training import rewards
+from mathlora_daemon.training.group_batch import completion_logprobs, group_batches
 from mathlora_daemon.training.grpo import GRPOStep, replacement_problems
-from mathlora_daemon.training.model import load_base
+from mathlora_daemon.training.model import apply_lora, load_base
 from mathlora_daemon.training.step import _update, make_optimizer
 from mathlora_daemon.training.template import PromptFormat
 
@@ -41,10 +43,14 @@ def loaded(tiny_model_dir):
 
 def grpo_step(loaded, skip: int) -> GRPOStep:
     model, tokenizer = loaded
-    cfg = load_config(None, ['train.method="grpo"', f"rl.group_size={G}", "rl.max_new_tokens=12",
-                             "rl.format_weight=0", f"rl.skip_flat_groups={skip}"])
+    cfg = settings(skip)
     return GRPOStep(model, make_optimizer(1e-4), tokenizer, PromptFormat.of("tutor", tokenizer), PROBLEMS, cfg.rl,
                     cfg.train, interruptible=Flags().interruptible, should_abort=lambda: False, update=_update)
+
+
+def settings(skip: int = 0):
+    return load_config(None, ['train.method="grpo"', f"rl.group_size={G}", "rl.max_new_tokens=12",
+                              "rl.format_weight=0", f"rl.skip_flat_groups={skip}"])
 
 
 def flat(rewards_: np.ndarray) -> list[bool]:
@@ -91,3 +97,30 @@ def test_replacements_depend_on_seed_step_and_attempt_and_avoid_the_steps_proble
     assert drawn != replacement_problems(0, 3, 2, 40, [0, 1, 2, 3], 5)
     assert drawn != replacement_problems(0, 4, 1, 40, [0, 1, 2, 3], 5)
     assert replacement_problems(0, 3, 1, 5, [0, 1, 2, 3], 5) == [4]  # no more than there are
+
+
+def test_an_update_moves_probability_toward_the_completions_that_beat_their_group(tiny_model_dir,
+                                                                                  judged_by_reference):
+    model, tokenizer, _ = load_base(tiny_model_dir)  # its own copy: this test trains it
+    cfg = settings()
+    apply_lora(model, cfg)
+    step = GRPOStep(model, make_optimizer(1e-3), tokenizer, PromptFormat.of("tutor", tokenizer), PROBLEMS, cfg.rl,
+                    cfg.train, interruptible=Flags().interruptible, should_abort=lambda: False, update=_update)
+    indices = [2, 3, 4, 5]
+    rollouts, _scores, rewards_, *_ = step.rollouts(1, indices)  # what the step samples: the same seeds
+    assert not all(flat(rewards_))
+    wins = (rewards_ - rewards_.mean(axis=1, keepdims=True)).reshape(-1)
+    [batch] = group_batches([rollouts[p * G].prompt_ids for p in range(len(indices))],
+                            [r.completion_ids for r in rollouts], wins, G, len(rollouts))
+
+    def loglik() -> np.ndarray:
+        model.eval()
+        lp = completion_logprobs(model, batch)
+        return np.array((lp * batch.mask).sum(axis=1))
+
+    before = loglik()
+    result = step(1, indices, 1e-3, 1.0)
+    assert result is not None and result.reward_mean == pytest.approx(rewards_.mean())
+    moved = loglik() - before
+    assert moved[wins > 0].mean() > 0 > moved[wins < 0].mean()
+    assert float((moved * wins).sum()) > 0
