@@ -231,8 +231,13 @@ def test_gradient_accumulation_equals_a_larger_batch(tiny_model_dir, make_token_
     assert batched.keys() == accumulated.keys()
     moved = max(np.abs(batched[k] - start[k]).max() for k in start)
     assert moved > 1e-3  # the step really changed the weights
+    # Summed in another order, the gradients differ in their last bits. SGD passes that on
+    # as it is; Adam's first step is lr * g / (|g| + eps), which for an element whose |g|
+    # is near eps turns those bits into up to ~1e-4 of lr (seen on an AMD EPYC). A lost or
+    # doubled micro-batch moves elements by O(lr).
+    atol = 1e-6 if optimizer_name == "sgd" else 1e-3 * 0.01
     for key in batched:
-        np.testing.assert_allclose(accumulated[key], batched[key], rtol=0, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(accumulated[key], batched[key], rtol=0, atol=atol, err_msg=key)
     assert abs(r_batched.loss - r_accumulated.loss) < 1e-5
     assert r_batched.tokens == r_accumulated.tokens == 2 * 13
 

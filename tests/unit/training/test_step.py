@@ -232,6 +232,9 @@ def test_grad_checkpoint_changes_memory_not_results(tiny_model_dir, make_token_c
 
     plain_losses, plain = steps(False)
     losses, weights = steps(True)
-    assert losses == plain_losses
+    # The recomputed forward may round differently in the last bit on some CPUs (an AMD
+    # EPYC did), and Adam turns that into up to ~1e-4 of lr for an element whose gradient
+    # is near eps; a checkpoint that changed what is computed moves losses and weights far more.
+    assert losses == pytest.approx(plain_losses, rel=1e-6, abs=0)
     for key in plain:
-        assert np.array_equal(weights[key], plain[key]), key
+        np.testing.assert_allclose(weights[key], plain[key], rtol=0, atol=1e-3 * 0.005, err_msg=key)
