@@ -34,6 +34,10 @@ from mathlora_daemon import testhooks
 from mathlora_daemon.config import FINGERPRINT_KEYS, Config
 from mathlora_daemon.errors import InputError, TemporaryFailure
 
+# adapters/ of a GRPO run that no checkpoint improved on (the rule in adapter_config.json
+# and the morning report; its step is 0)
+STARTING_ADAPTERS = "the adapters GRPO started from (no checkpoint beat them on validation)"
+
 RECENT_LOSSES = 100
 RECENT_MEAN_STEPS = 10  # "the mean of the last 10 steps" in status and the morning report
 
@@ -351,11 +355,16 @@ class Checkpointer:
         prune(self.root, self.settings().keep_checkpoints, protect=protect, on_pruned=pruned.append)
         self.reporter.on_checkpoint(info, time.monotonic() - t0, pruned)
 
-    def best_adapters(self) -> tuple[dict | None, dict | None]:
+    def best_adapters(self, start: dict | None = None) -> tuple[dict | None, dict | None]:
         """(the adapters of the checkpoint with the lowest validation loss, what it was),
         or (None, None) when there is none better than the current state or it cannot
-        be read (then the current adapters stand)."""
+        be read (then the current adapters stand). `start`: the adapters training began
+        from (GRPO from adapters), the best when validation found no checkpoint better
+        than them (step 0)."""
         p = self.progress
+        if start is not None and p.base_eval_loss is not None and p.best_eval_loss is not None \
+                and p.best_eval_loss >= p.base_eval_loss:
+            return dict(start), {"rule": STARTING_ADAPTERS, "step": 0, "val_loss": p.base_eval_loss}
         if p.best_eval_step is None or p.best_eval_step == p.global_step:
             return None, None
         from mathlora_checkpoints.store import step_dir_name, verify_checkpoint

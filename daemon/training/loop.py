@@ -44,10 +44,6 @@ from mathlora_daemon.training.reporter import Reporter, show_progress_bar
 from mathlora_daemon.training.session import setup_session
 from mathlora_daemon.training.validation import Evaluator, Validator
 
-# adapters/ of a GRPO run that no checkpoint improved on (the rule in adapter_config.json
-# and the morning report; its step is 0)
-STARTING_ADAPTERS = "the adapters GRPO started from (no checkpoint beat them on validation)"
-
 
 @dataclass
 class RunResult:
@@ -252,10 +248,8 @@ def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop
     last_loss = reporter.last_loss if reporter.last_loss is not None else (
         p.recent_losses[-1] if p.recent_losses else None)  # a start that resumed at the final step took none
     if s.world.leader:
-        weights, selected = checkpointer.best_adapters() if cfg.train.select == "best" else (None, None)
-        start = unbeaten_start(s, p) if cfg.train.select == "best" else None
-        if start is not None:
-            weights, selected = start
+        start = s.grpo.reference if s.grpo is not None else None  # GRPO from adapters: a candidate too
+        weights, selected = checkpointer.best_adapters(start) if cfg.train.select == "best" else (None, None)
         if weights is not None:
             s.model.load_weights(list(weights.items()), strict=False)
         else:  # the current state: the last step, which may be the best too
@@ -306,17 +300,6 @@ def _finish(s, run: RunDir, log, heartbeat, budget, reporter, checkpointer, stop
     heartbeat.update(state=final_state, phase="done", reason=reason, step=step,
                      budget_used_s=round(budget.used_s, 1), budget_left_s=round(budget.left_s, 1), report=report)
     return RunResult(EXIT_OK, step, p.first_loss, last_loss, run.adapters, final_state, report)
-
-
-def unbeaten_start(s, p) -> tuple[dict, dict] | None:
-    """GRPO from adapters (rl.init_adapters, or the SFT stage's): when validation found no
-    checkpoint better than those adapters, they are the run's best, and adapters/ gets
-    them rather than a checkpoint that is worse (None otherwise)."""
-    reference = s.grpo.reference if getattr(s, "grpo", None) is not None else None
-    if reference is None or p.base_eval_loss is None or p.best_eval_loss is None \
-            or p.best_eval_loss < p.base_eval_loss:
-        return None
-    return dict(reference), {"rule": STARTING_ADAPTERS, "step": 0, "val_loss": p.base_eval_loss}
 
 
 def morning_report(p, adapters: Path, selected: dict, step: int) -> dict:
