@@ -30,7 +30,7 @@ from mathlora_checkpoints.store import manifested_newest_first
 from mathlora_daemon.rundir import RunDir
 from mathlora_daemon.runtime.heartbeat import json_int, json_number
 from mathlora_daemon.runtime.humanize import duration
-from mathlora_daemon.runtime.status import _parse_iso, read_status
+from mathlora_daemon.runtime.status import _parse_iso, read_status, validation_warning
 
 PLOT_EVERY_S = 60.0  # while training; an end always redraws
 
@@ -281,21 +281,8 @@ def _history_rows(status: dict, history: dict) -> list[tuple[str, str]]:
 
 
 def _warnings(report: dict | None) -> list[str]:
-    if report is None:
-        return []
-    best_acc, base_acc = json_number(report.get("best_val_accuracy")), json_number(report.get("base_val_accuracy"))
-    if best_acc is not None:
-        if base_acc is not None and best_acc <= base_acc:
-            kept = ("adapters/ holds the adapters GRPO started from" if json_int(report.get("selected_step")) == 0
-                    else "the adapters GRPO started from may be better")
-            return [f"No checkpoint beat the starting point on validation accuracy: {kept} (try a lower "
-                    "train.learning_rate or more steps)."]
-        return []
-    best, base = json_number(report.get("best_val_loss")), json_number(report.get("base_val_loss"))
-    if best is not None and base is not None and best >= base:
-        return ["No checkpoint beat the base model on validation loss: the adapters may be worse than no "
-                "adapters (try a lower train.learning_rate; check the data)."]
-    return []
+    warning = validation_warning(report) if report is not None else None
+    return [f"{warning[0].upper()}{warning[1:]}."] if warning else []
 
 
 # --------------------------------------------------------------------------- helpers

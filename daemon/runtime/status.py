@@ -446,11 +446,8 @@ def report_lines(report: dict) -> list[str]:
         if base_acc is not None:
             text += f" vs {100 * base_acc:.1f}% at step 0 (where GRPO started)"
         rows.append(("val acc", text))
-        if base_acc is not None and best_acc <= base_acc:
-            kept = ("adapters/ holds the adapters GRPO started from" if json_int(report.get("selected_step")) == 0
-                    else "the adapters GRPO started from may be better")
-            rows.append(("warning", f"no checkpoint beat the starting point on validation accuracy: {kept} (try a "
-                                    "lower train.learning_rate or more steps)"))
+        if warning := validation_warning(report):
+            rows.append(("warning", warning))
         first_r, recent_r = json_number(report.get("first_reward")), json_number(report.get("recent_reward"))
         if first_r is not None and recent_r is not None:
             rows.append(("reward", f"{first_r:.3f} at step 1 -> {recent_r:.3f} (mean of the last 10 steps)"))
@@ -460,9 +457,8 @@ def report_lines(report: dict) -> list[str]:
         if base is not None:
             text += f" vs {base:.4f} for the base model ({100 * (best - base) / base:+.1f}%)"
         rows.append(("val loss", text))
-        if base is not None and best >= base:
-            rows.append(("warning", "no checkpoint beat the base model on validation loss: the adapters may be "
-                                    "worse than no adapters (try a lower train.learning_rate; check the data)"))
+        if warning := validation_warning(report):
+            rows.append(("warning", warning))
     first, recent = json_number(report.get("first_loss")), json_number(report.get("recent_loss"))
     if first is not None and recent is not None:
         rows.append(("train loss", f"{first:.4f} at step 1 -> {recent:.4f} (mean of the last 10 steps)"))
@@ -483,6 +479,24 @@ def report_lines(report: dict) -> list[str]:
         rows.append(("try", f"mathlora-daemon generate {where} --prompt \"...\"  "
                             f"(or: mathlora-daemon eval {where})"))
     return [f"{label:<10} {value}" for label, value in rows]
+
+
+def validation_warning(report: dict) -> str | None:
+    """The morning's warning when validation found no checkpoint better than where training
+    started (the base model; for GRPO, its starting adapters), for status and the report page."""
+    best_acc, base_acc = json_number(report.get("best_val_accuracy")), json_number(report.get("base_val_accuracy"))
+    if best_acc is not None:  # GRPO: selected by greedy accuracy
+        if base_acc is None or best_acc > base_acc:
+            return None
+        kept = ("adapters/ holds the adapters GRPO started from" if json_int(report.get("selected_step")) == 0
+                else "the adapters GRPO started from may be better")
+        return (f"no checkpoint beat the starting point on validation accuracy: {kept} (try a lower "
+                "train.learning_rate or more steps)")
+    best, base = json_number(report.get("best_val_loss")), json_number(report.get("base_val_loss"))
+    if best is None or base is None or best < base:
+        return None
+    return ("no checkpoint beat the base model on validation loss: the adapters may be worse than no adapters "
+            "(try a lower train.learning_rate; check the data)")
 
 
 def _service_text(service: dict) -> str:
