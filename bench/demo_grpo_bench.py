@@ -29,16 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from grpo_bench import events as all_events  # noqa: E402  the run's log, read as grpo_bench reads it
 from learning_bench import cli  # noqa: E402  the same CLI runner and log
 
 
 def events(run: Path, name: str) -> list[dict]:
-    out = []
-    for line in (run / "logs" / "daemon.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if e.get("event") == name:
-            out.append(e)
-    return out
+    return [e for e in all_events(run) if e.get("event") == name]
 
 
 def held_out(run: Path, adapters: Path, log: Path) -> dict:
@@ -63,14 +59,14 @@ def arm(work: Path, sft: Path, name: str, lr: float, skip: int, steps: int, log:
         "--set", f"rl.skip_flat_groups={skip}", "--set", f"train.max_steps={steps}",
         "--set", "daemon.checkpoint_every_steps=25", log=log)
     rl = events(run, "rl.step")
-    tenth = max(1, len(rl) // 5)
+    fifth = max(1, len(rl) // 5)
 
     def mean(key: str, part: list[dict]) -> float:
         return round(statistics.mean(e[key] for e in part), 4)
 
     return {"lr": lr, "skip_flat_groups": skip, "steps": len(rl),
-            "first_fifth": {k: mean(k, rl[:tenth]) for k in ("reward_mean", "sample_accuracy", "zero_advantage_share")},
-            "last_fifth": {k: mean(k, rl[-tenth:]) for k in ("reward_mean", "sample_accuracy", "zero_advantage_share")},
+            "first_fifth": {k: mean(k, rl[:fifth]) for k in ("reward_mean", "sample_accuracy", "zero_advantage_share")},
+            "last_fifth": {k: mean(k, rl[-fifth:]) for k in ("reward_mean", "sample_accuracy", "zero_advantage_share")},
             "kl_max": max(e["kl"] for e in rl), "resampled_groups_mean": mean("resampled_groups", rl),
             "step_s_mean": round(statistics.mean(e["rollout_s"] + e["reward_s"] + e["reference_s"] + e["update_s"]
                                                  for e in rl), 3),
