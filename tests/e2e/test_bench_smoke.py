@@ -120,3 +120,36 @@ def test_pack_bench_counts_the_packed_padding_of_each_set(template_dir, tmp_path
     for r in results.values():
         assert r["sequences"] == 200 and r["fewest_rows"] <= r["rows"] <= r["best_fit_rows"]
         assert 0 <= r["padding"] <= r["best_fit_padding"] < 1
+
+
+def test_passk_bench_pass_at_is_the_chance_that_a_draw_of_k_holds_a_right_answer():
+    """bench/passk_bench.py's estimator against counting every draw of k of the n samples."""
+    import itertools
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from passk_bench import pass_at
+
+    for n, c in [(8, 0), (8, 1), (8, 3), (8, 8), (5, 2)]:
+        samples = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            draws = list(itertools.combinations(samples, k))
+            assert pass_at(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws)), (n, c, k)
+
+
+def test_passk_bench_measures_the_base_model_and_trained_adapters(reference, tmp_path):
+    """bench/passk_bench.py on the tiny run's trained adapters and the base model: one
+    summary each, pass@1 the sampled accuracy, pass@j never falling as j grows."""
+    run, out = reference["dir"], tmp_path / "passk.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "passk_bench.py"), "--model-dir",
+                           str(run / "mlx_model"), "--test", str(run / "data" / "train.jsonl"), "--limit", "6",
+                           "--k", "4", "--max-new-tokens", "12", "--adapters", f"base,{run / 'adapters'}",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"base", run.name}
+    for summary in runs.values():
+        assert summary["n"] == 6 and summary["k"] == 4
+        assert summary["pass@1"] == pytest.approx(summary["sampled"])
+        assert summary["pass@1"] <= summary["pass@2"] <= summary["pass@4"] <= 1
+        assert 0 <= summary["all_right"] <= summary["flat"] <= 1
+        assert sum(kind["n"] for kind in summary["by_kind"].values()) == 6
