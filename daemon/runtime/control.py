@@ -286,8 +286,12 @@ class FileWatcher:
             self._config_changed()
 
     def _control_changed(self) -> None:
-        request, reason = read_request(self.run)
+        # Read, compare and acknowledge under one lock: watchdog's thread and the main
+        # loop's poll() both come here. A read done outside it could be handed the lock
+        # after a newer request was delivered, and deliver its older request a second
+        # time (the file only ever moves forward, so serialized reads never go back).
         with self._lock:
+            request, reason = read_request(self.run)
             if request is not None:
                 if request["id"] == self._last_id:
                     return
@@ -302,15 +306,13 @@ class FileWatcher:
             else:  # the file went away between the event and the read
                 return
             self._pending.append((request, reason))
-        if request is not None:
-            self._acknowledge(request)
-            self.on_control(request["command"])
-        else:
-            self.on_control(None)
+            if request is not None:
+                self._acknowledge(request)
+        self.on_control(request["command"] if request is not None else None)
 
     def _config_changed(self) -> None:
-        digest = _content_hash(self.config_file)
-        with self._lock:
+        with self._lock:  # as above: a stale hash must not replace a newer one
+            digest = _content_hash(self.config_file)
             if digest is None or digest == self._config_hash:
                 return
             self._config_hash = digest

@@ -283,6 +283,58 @@ def test_reload_returns_error_for_malformed_or_missing_file(tmp_path):
 
 # --- addressed, acknowledged requests (no request lost) -------------------------------------
 
+class _ContentionLock:
+    """A lock that tells when a second thread has to wait for it (no timing involved)."""
+
+    def __init__(self, contended: threading.Event) -> None:
+        self._lock, self.contended = threading.Lock(), contended
+
+    def __enter__(self):
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+def test_a_stale_read_never_delivers_an_older_request_again(watched, monkeypatch):
+    """The race the thousand-request test found: watchdog's thread reads request A, and
+    before it acts, the main loop's poll delivers A, the CLI writes B and a poll delivers
+    B. The stale A must not then be delivered (and acknowledged) a second time."""
+    from mathlora_daemon.runtime import control
+
+    run_dir, _, rec, watcher = watched
+    run, pid = RunDir(run_dir), os.getpid()
+    progress = threading.Event()  # the main loop's polls finished, or had to wait for the lock
+    watcher._lock = _ContentionLock(progress)
+    first = write_request(run, "pause", to_pid=pid)
+    real_read, stalled = control.read_request, threading.current_thread()
+
+    def main_loop():
+        watcher.poll()
+        write_request(run, "resume", to_pid=pid)
+        watcher.poll()
+        progress.set()
+
+    other = threading.Thread(target=main_loop)
+
+    def read_then_stall(run_):
+        got = real_read(run_)
+        if threading.current_thread() is stalled and not other.is_alive() and not progress.is_set():
+            other.start()  # the main loop runs while this read is still in hand
+            progress.wait(DEADLINE_S)
+        return got
+
+    monkeypatch.setattr(control, "read_request", read_then_stall)
+    watcher._control_changed()  # watchdog's thread, with A read
+    other.join(DEADLINE_S)
+    assert not other.is_alive()
+    delivered = [request["id"] for request, _ in watcher.take_control()]
+    assert delivered == [first["id"], read_ack(run)["id"]] and rec.commands == ["pause", "resume"]
+
+
 def test_prime_delivers_a_request_addressed_to_this_daemon_and_acknowledges_it(watched):
     """A `stop` written between the daemon's lock and its watcher is this daemon's: it is
     delivered, not taken for a stale one (the lost-stop race at start-up)."""
