@@ -41,11 +41,11 @@ def pass_at(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def measure(model_dir: Path, adapters: Path | None, problems: list[dict], k: int, temperature: float,
+def measure(model_dir: Path, adapters: Path | None, problems: list[dict], limit: int, k: int, temperature: float,
             max_new_tokens: int, seed: int) -> dict:
     import mlx.core as mx
 
-    from mathlora_daemon.evaluation.evaluate import answer_and_score, recorded_template, reference_answer
+    from mathlora_daemon.evaluation.evaluate import answer_and_score, recorded_template, scorable_problems
     from mathlora_daemon.modelio.loading import load_model
     from mathlora_daemon.training.grpo import rollout_seeds
     from mathlora_daemon.training.rewards import score
@@ -54,7 +54,7 @@ def measure(model_dir: Path, adapters: Path | None, problems: list[dict], k: int
 
     model, tokenizer = load_model(model_dir, adapters)
     template = recorded_template(adapters, "chat")
-    scorable = [(i, p, reference_answer(p)) for i, p in enumerate(problems)]
+    scorable, _ = scorable_problems(problems, limit)  # as `eval` takes them: a text and a reference
     greedy = answer_and_score(model, tokenizer, template, scorable, max_new_tokens)
     fmt = PromptFormat.of(template, tokenizer)
     started = time.monotonic()
@@ -99,7 +99,7 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--test", type=Path, required=True, help="held-out problems (.jsonl: problem, answer, kind)")
     parser.add_argument("--adapters", required=True, help="comma-separated adapter directories; 'base' for none")
-    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--limit", type=int, default=300, help="the first N scorable problems (0 = all), as eval")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=0.9)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -109,7 +109,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     import mlx.core as mx
 
-    problems = [json.loads(line) for line in args.test.read_text().splitlines() if line.strip()][:args.limit]
+    problems = [json.loads(line) for line in args.test.read_text().splitlines() if line.strip()]
     record = {"header": {"command": " ".join(["bench/passk_bench.py", *sys.argv[1:]]), "platform": platform.platform(),
                          "device": str(mx.default_device()), "mlx": mx.__version__, "model": str(args.model_dir),
                          "test": str(args.test)},
@@ -119,7 +119,8 @@ def main() -> int:
         if adapters is not None and not adapters.exists():
             print(f"{name}: missing, skipped", flush=True)
             continue
-        summary = measure(args.model_dir, adapters, problems, args.k, args.temperature, args.max_new_tokens, args.seed)
+        summary = measure(args.model_dir, adapters, problems, args.limit, args.k, args.temperature,
+                          args.max_new_tokens, args.seed)
         label = "base" if adapters is None else adapters.parent.name
         record["runs"][label] = summary
         print(label, json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
